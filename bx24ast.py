@@ -1,0 +1,2170 @@
+#!/usr/bin/env python3
+# -*- coding: utf-8 -*-
+"""bx24ast: report every external call of an Asterisk PBX into Bitrix24.
+
+One self-contained program for Python 3.6+ with the standard library only, so that
+it runs on old PBX hosts (CentOS 7, FreePBX SNG7) without installing anything.
+
+Sections, in the order data flows:
+
+    Compatibility    shims and small helpers for Python 3.6
+    Configuration    the INI file: schema, validation, ConfigError
+    AMI              wire format (build_action, AmiParser), AmiStream, AmiConnection
+    Calls            phone numbers, channel names, CallTracker (events -> calls)
+    Captures         record-ami / replay: AMI byte streams with their timing sidecar
+    Service          the foreground daemon: threads, signals, logging
+    Command line     main()
+
+Importing this module runs nothing.
+"""
+
+import argparse
+import collections
+import configparser
+import errno
+import hashlib
+import json
+import logging
+import os
+import re
+import select
+import signal
+import socket
+import sys
+import threading
+import time
+
+__version__ = "0.1.0"
+
+log = logging.getLogger("bx24ast")
+
+
+###############################################################################
+# Compatibility ###############################################################
+###############################################################################
+
+if sys.version_info < (3, 6):  # pragma: no cover - refuses to run at all
+    sys.stderr.write("bx24ast needs Python 3.6 or newer\n")
+    sys.exit(3)
+
+monotonic = time.monotonic
+
+
+def iso_time(ts):
+    """ISO 8601 in UTC with milliseconds, or None; Bitrix24 and humans both read it."""
+    if ts is None:
+        return None
+    whole = int(ts)
+    ms = int(round((ts - whole) * 1000))
+    if ms == 1000:
+        whole, ms = whole + 1, 0
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + ".%03dZ" % ms
+
+
+def parse_iso_time(text):
+    """Seconds since the epoch from Asterisk's EventTV (2026-11-26T04:23:23.109+0000)."""
+    m = re.match(r"(\d{4})-(\d\d)-(\d\d)[T ](\d\d):(\d\d):(\d\d)(\.\d+)?\s*(Z|[+-]\d\d:?\d\d)?$",
+                 text.strip())
+    if not m:
+        raise ValueError("not an ISO 8601 time: %r" % text)
+    import calendar
+    fields = [int(x) for x in m.groups()[:6]]
+    ts = calendar.timegm(tuple(fields) + (0, 0, 0))
+    if m.group(7):
+        ts += float(m.group(7))
+    zone = m.group(8)
+    if zone and zone != "Z":
+        sign = -1 if zone[0] == "+" else 1
+        digits = zone[1:].replace(":", "")
+        ts += sign * (int(digits[:2]) * 3600 + int(digits[2:]) * 60)
+    return ts
+
+
+###############################################################################
+# Configuration ###############################################################
+###############################################################################
+
+DEFAULT_CONFIG_PATH = "/etc/bx24ast/bx24ast.conf"
+
+
+class ConfigError(Exception):
+    """A configuration value that bx24ast cannot use; names section, key and value."""
+
+    def __init__(self, message, section=None, key=None, value=None):
+        Exception.__init__(self, message)
+        self.section = section
+        self.key = key
+        self.value = value
+
+
+def _as_int(lo, hi):
+    def convert(text):
+        try:
+            value = int(text.strip())
+        except ValueError:
+            raise ValueError("a whole number from %d to %d" % (lo, hi))
+        if not lo <= value <= hi:
+            raise ValueError("a whole number from %d to %d" % (lo, hi))
+        return value
+    return convert
+
+
+def _as_float(lo, hi):
+    def convert(text):
+        try:
+            value = float(text.strip())
+        except ValueError:
+            raise ValueError("a number from %g to %g" % (lo, hi))
+        if not lo <= value <= hi:
+            raise ValueError("a number from %g to %g" % (lo, hi))
+        return value
+    return convert
+
+
+_TRUE = {"1", "yes", "true", "on"}
+_FALSE = {"0", "no", "false", "off"}
+
+
+def _as_bool(text):
+    low = text.strip().lower()
+    if low in _TRUE:
+        return True
+    if low in _FALSE:
+        return False
+    raise ValueError("yes or no")
+
+
+def _as_str(text):
+    return text.strip()
+
+
+def _as_regex(text):
+    """A regular expression matched against the whole value; empty means 'never'."""
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        return re.compile(r"(?:%s)\Z" % text)
+    except re.error as exc:
+        raise ValueError("a valid regular expression (%s)" % exc)
+
+
+def _as_pattern_text(text):
+    """A regular expression kept as text, for callers that anchor it themselves."""
+    text = text.strip()
+    try:
+        re.compile(text)
+    except re.error as exc:
+        raise ValueError("a valid regular expression (%s)" % exc)
+    return text
+
+
+def _as_choice(*choices):
+    def convert(text):
+        low = text.strip().lower()
+        if low not in choices:
+            raise ValueError("one of: %s" % ", ".join(choices))
+        return low
+    return convert
+
+
+def _as_host(text):
+    text = text.strip()
+    if not text or not re.match(r"^[A-Za-z0-9.:\-\[\]_]+$", text):
+        raise ValueError("a host name or IP address")
+    return text.strip("[]")
+
+
+def _as_webhook_url(text):
+    text = text.strip()
+    if not text:
+        return ""
+    if not re.match(r"^https?://[^/\s]+/rest/\d+/[^/\s]+/?$", text):
+        raise ValueError("empty, or an inbound webhook URL like https://<portal>/rest/<user>/<token>/")
+    return text if text.endswith("/") else text + "/"
+
+
+def _as_dir(text):
+    text = text.strip()
+    if not text or "\0" in text:
+        raise ValueError("a directory path")
+    return text
+
+
+# (section, key, default, converter, documentation). bx24ast.conf.example is
+# written from the same facts; tests check that the two agree.
+CONFIG_SCHEMA = [
+    ("ami", "host", "127.0.0.1", _as_host, "Asterisk Manager Interface address."),
+    ("ami", "port", "5038", _as_int(1, 65535), "AMI TCP port (manager.conf [general] port)."),
+    ("ami", "username", "", _as_str, "AMI user from manager.conf; needs read = call,dialplan,agent and write = originate,call,system."),
+    ("ami", "secret", "", _as_str, "That user's secret."),
+    ("ami", "auth", "plain", _as_choice("plain", "md5"), "plain sends the secret; md5 answers a Challenge instead."),
+    ("ami", "connect_timeout", "5", _as_float(0.5, 120), "Seconds to wait for the TCP connection and the login answer."),
+    ("ami", "ping_interval", "20", _as_float(1, 3600), "Seconds of silence after which a Ping checks that Asterisk is alive."),
+    ("ami", "reconnect_max_delay", "30", _as_float(1, 3600), "Upper bound of the reconnect back-off, seconds."),
+    ("ami", "max_message_bytes", "1048576", _as_int(4096, 64 * 1024 * 1024), "Larger AMI messages are logged and skipped."),
+    ("bitrix24", "webhook_url", "", _as_webhook_url, "Inbound webhook, https://<portal>/rest/<user>/<token>/ (scopes telephony, crm, user, task)."),
+    ("bitrix24", "verify_tls", "yes", _as_bool, "Check the portal's TLS certificate."),
+    ("bitrix24", "timeout", "15", _as_float(1, 300), "Seconds before a REST request is abandoned and retried."),
+    ("pbx", "inbound_contexts", "from-trunk.*|from-pstn.*|from-did.*|ext-did.*|from-external.*|incoming.*|inbound.*",
+     _as_regex, "Regex: dialplan contexts in which calls from trunks start (the channel's first context)."),
+    ("pbx", "internal_contexts", "from-internal.*|from-phones?.*|internal.*|ext-local|from-extensions?|default",
+     _as_regex, "Regex: dialplan contexts in which calls placed by phones start."),
+    ("pbx", "trunk_channels", "", _as_regex, "Regex: channel names of trunks (e.g. PJSIP/trunk-.*); such channels are never extensions."),
+    ("pbx", "extension_pattern", "[0-9]{2,5}", _as_regex, "Regex: what an internal extension number looks like."),
+    ("pbx", "external_min_length", "6", _as_int(3, 20), "A dialled number with at least this many digits is external."),
+    ("pbx", "extension_variables", "AMPUSER", _as_str, "Comma list of channel variables that name the extension placing a call (FreePBX sets AMPUSER)."),
+    ("pbx", "did_variables", "FROM_DID", _as_str, "Comma list of channel variables that hold the called line when the trunk leg's extension is 's'."),
+    ("pbx", "recording_variables", "MIXMONITOR_FILENAME, CALLFILENAME", _as_str, "Comma list of variables naming the call recording, first found wins."),
+    ("pbx", "recording_format", "wav", _as_choice("wav", "mp3", "gsm", "wav49", "ogg"), "Extension added when a recording variable has none (CALLFILENAME)."),
+    ("pbx", "country_code", "7", _as_str, "Country calling code used to write numbers as +<country><number>."),
+    ("pbx", "national_prefix", "8", _as_str, "Trunk prefix of national numbers (8 in Russia, 0 in most of Europe, 1 in NANP)."),
+    ("pbx", "national_number_length", "10", _as_int(4, 15), "Digits of a national number without prefix and country code."),
+    ("pbx", "international_prefix", "810|00", _as_pattern_text, "Regex: prefix dialled before a country code (810 and 00 in Russia)."),
+    ("pbx", "ignore_numbers", "", _as_regex, "Regex: external numbers never reported (voicemail, feature codes, test lines)."),
+    ("pbx", "call_max_hours", "12", _as_float(0.1, 24 * 30), "A call with no AMI event for this long is closed (its Hangup was lost)."),
+    ("storage", "state_dir", "/var/lib/bx24ast", _as_dir, "Directory for the state database (outbox, checkpoints)."),
+    ("log", "level", "info", _as_choice("debug", "info", "warning", "error"), "Log verbosity."),
+    ("log", "file", "", _as_str, "Log file; empty logs to stderr."),
+]
+
+
+class Config(object):
+    """Validated settings: config.get('ami', 'port') -> 5038."""
+
+    def __init__(self, values, path=None):
+        self._values = values
+        self.path = path
+
+    def get(self, section, key):
+        return self._values[(section, key)]
+
+    def section(self, section):
+        return dict((k, v) for (s, k), v in self._values.items() if s == section)
+
+    @classmethod
+    def defaults(cls):
+        return cls.from_text("")
+
+    @classmethod
+    def from_text(cls, text, path="<text>", overrides=None):
+        parser = configparser.ConfigParser(interpolation=None, strict=True,
+                                           inline_comment_prefixes=None)
+        parser.optionxform = str.lower
+        try:
+            parser.read_string(text, source=path)
+        except configparser.Error as exc:
+            raise ConfigError("%s: cannot be read as an INI file: %s"
+                              % (path, " ".join(str(exc).split())))
+        known = collections.OrderedDict()
+        for section, key, default, convert, _doc in CONFIG_SCHEMA:
+            known.setdefault(section, {})[key] = (default, convert)
+        for section in parser.sections():
+            if section not in known:
+                raise ConfigError("%s: unknown section [%s]; known sections: %s"
+                                  % (path, section, ", ".join("[%s]" % s for s in known)),
+                                  section=section)
+            for key in parser.options(section):
+                if key not in known[section]:
+                    raise ConfigError("%s: unknown key '%s' in [%s]; known keys: %s"
+                                      % (path, key, section, ", ".join(sorted(known[section]))),
+                                      section=section, key=key)
+        values = {}
+        overrides = overrides or {}
+        for section, key, default, convert, _doc in CONFIG_SCHEMA:
+            raw = default
+            if parser.has_option(section, key):
+                raw = parser.get(section, key)
+            raw = overrides.get((section, key), raw)
+            try:
+                values[(section, key)] = convert(raw)
+            except ValueError as exc:
+                raise ConfigError("%s: [%s] %s = %r is not allowed: expected %s"
+                                  % (path, section, key, raw, exc),
+                                  section=section, key=key, value=raw)
+        return cls(values, path)
+
+    @classmethod
+    def load(cls, path, overrides=None):
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except (IOError, OSError) as exc:
+            raise ConfigError("%s: cannot read the configuration file: %s"
+                              % (path, exc.strerror or exc))
+        except UnicodeDecodeError:
+            raise ConfigError("%s: the configuration file is not UTF-8 text" % path)
+        return cls.from_text(text, path, overrides)
+
+    def require(self, section, key, why):
+        if not self.get(section, key):
+            raise ConfigError("%s: [%s] %s is empty; %s" % (self.path, section, key, why),
+                              section=section, key=key, value="")
+
+
+def comma_list(text):
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def example_config_text():
+    """The documented example configuration, every key with its default."""
+    out = ["# bx24ast configuration. Every key is shown with its default value.",
+           "# Lines starting with '#' are comments; a key left out takes its default.", ""]
+    current = None
+    for section, key, default, _convert, doc in CONFIG_SCHEMA:
+        if section != current:
+            if current is not None:
+                out.append("")
+            out.append("[%s]" % section)
+            current = section
+        out.append("# %s" % doc)
+        out.append("%s = %s" % (key, default) if default else "%s =" % key)
+    return "\n".join(out) + "\n"
+
+
+###############################################################################
+# AMI #########################################################################
+###############################################################################
+# The Asterisk Manager Interface is a line protocol: "Key: Value\r\n" headers, a
+# blank line ends a message. Only build_action() writes it and only AmiParser
+# reads it.
+
+class AmiError(Exception):
+    """Anything that went wrong talking to Asterisk."""
+
+
+class AmiDisconnected(AmiError):
+    """The socket is closed or the connection never came up."""
+
+
+class AmiLoginFailed(AmiError):
+    """Asterisk refused the username/secret, or the banner was not AMI."""
+
+
+class AmiActionFailed(AmiError):
+    """An action was answered with Response: Error (the Message header says why)."""
+
+    def __init__(self, message, response=None):
+        AmiError.__init__(self, message)
+        self.response = response
+
+
+class AmiInjectionError(AmiError, ValueError):
+    """A header name or value would break the AMI framing (CR, LF, or a bad name)."""
+
+
+_HEADER_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_()\-]*\Z")
+
+
+def build_action(action, action_id, headers=()):
+    """The bytes of one AMI action. The only place that writes AMI.
+
+    headers is a list of (name, value) pairs or a dict; a list value repeats the
+    header (Variable: a=1, Variable: b=2). Any CR or LF in a name or value is
+    refused before anything is written: a value from Bitrix24 or a web form
+    containing "\\r\\nAction: Command" would otherwise become a second action.
+    """
+    if isinstance(headers, dict):
+        headers = list(headers.items())
+    pairs = [("Action", action), ("ActionID", action_id)]
+    for name, value in headers:
+        if isinstance(value, (list, tuple)):
+            pairs.extend((name, v) for v in value)
+        else:
+            pairs.append((name, value))
+    lines = []
+    for name, value in pairs:
+        if not isinstance(name, str) or not _HEADER_NAME.match(name):
+            raise AmiInjectionError("AMI action %r: header name %r is not allowed" % (action, name))
+        if value is None:
+            value = ""
+        if not isinstance(value, str):
+            value = str(value)
+        if "\r" in value or "\n" in value or "\0" in value:
+            raise AmiInjectionError("AMI action %r: value of header '%s' contains CR, LF or NUL"
+                                    % (action, name))
+        lines.append("%s: %s\r\n" % (name, value))
+    lines.append("\r\n")
+    return "".join(lines).encode("utf-8")
+
+
+class Message(dict):
+    """One AMI message: headers by name; a repeated header (ChanVariable, Output) is a list.
+
+    name is the event name for events and the Response value for responses;
+    time is when it arrived (or the event's own time in a replay).
+    """
+
+    __slots__ = ("is_event", "name", "time", "output")
+
+    def __init__(self, headers, is_event, name, when=None):
+        dict.__init__(self, headers)
+        self.is_event = is_event
+        self.name = name
+        self.time = when
+        self.output = None
+
+    @property
+    def success(self):
+        return not self.is_event and self.name in ("Success", "Follows", "Goodbye")
+
+    def get(self, key, default=None):
+        value = dict.get(self, key, None)
+        if value is not None:
+            return value
+        # Asterisk is not consistent about case (Uniqueid vs UniqueID).
+        low = key.lower()
+        for k, v in self.items():
+            if k.lower() == low:
+                return v
+        return default
+
+    def first(self, key, default=None):
+        value = self.get(key, default)
+        if isinstance(value, list):
+            return value[0]
+        return value
+
+    def all(self, key):
+        value = self.get(key)
+        if value is None:
+            return []
+        return value if isinstance(value, list) else [value]
+
+
+_SEP = b"\r\n\r\n"
+
+
+class AmiParser(object):
+    """Cuts an AMI byte stream into Messages, whatever the read boundaries.
+
+    Robust against hostile or broken input: a message larger than
+    max_message_bytes is skipped whole (memory stays bounded), lines that are
+    not "Key: Value" are dropped, and two messages glued together without the
+    blank line are split at the second Event:/Response: header.
+
+    wanted_events / wanted_variables (sets of bytes) let a consumer skip the
+    events it ignores before they are decoded: a live PBX sends mostly
+    Newexten, VarSet, RTCP and device state events.
+    """
+
+    def __init__(self, max_message_bytes=1048576, wanted_events=None, wanted_variables=None):
+        self.max_message_bytes = max_message_bytes
+        self.wanted_events = wanted_events
+        self.wanted_variables = wanted_variables
+        self.banner = None
+        self._expect_banner = True
+        self._buf = b""
+        self._skipping = False
+        self.skipped_oversize = 0
+        self.skipped_garbage = 0
+        self.filtered = 0
+
+    def reset(self, expect_banner=True):
+        self.banner = None
+        self._expect_banner = expect_banner
+        self._buf = b""
+        self._skipping = False
+
+    def feed(self, data, when=None):
+        """Messages completed by data, in order."""
+        if self._skipping:
+            end = data.find(_SEP)
+            if end < 0:
+                return []
+            data = data[end + 4:]
+            self._skipping = False
+        if self._buf:
+            data = self._buf + data
+        if self._expect_banner:
+            eol = data.find(b"\r\n")
+            if eol < 0:
+                self._buf = data[-self.max_message_bytes:]
+                return []
+            self.banner = data[:eol].decode("utf-8", "replace")
+            self._expect_banner = False
+            data = data[eol + 2:]
+        parts = data.split(_SEP)
+        tail = parts.pop()
+        if len(tail) > self.max_message_bytes:
+            log.warning("AMI: dropped a message over %d bytes (max_message_bytes)",
+                        self.max_message_bytes)
+            self.skipped_oversize += 1
+            tail = b""
+            self._skipping = True
+        self._buf = tail
+        out = []
+        for raw in parts:
+            if raw:
+                self._parse_into(raw, when, out)
+        return out
+
+    def _parse_into(self, raw, when, out):
+        if len(raw) > self.max_message_bytes:
+            self.skipped_oversize += 1
+            log.warning("AMI: dropped a message of %d bytes (max_message_bytes = %d)",
+                        len(raw), self.max_message_bytes)
+            return
+        if b"\r\nEvent: " in raw or b"\r\nResponse: " in raw:
+            pieces = re.split(b"\r\n(?=Event: |Response: )", raw)
+            if len(pieces) > 1:
+                for piece in pieces:
+                    self._parse_one(piece, when, out)
+                return
+        self._parse_one(raw, when, out)
+
+    def _parse_one(self, raw, when, out):
+        if raw.startswith(b"\r\n"):
+            raw = raw.lstrip(b"\r\n")
+            if not raw:
+                return
+        if raw.startswith(b"Event: "):
+            eol = raw.find(b"\r\n")
+            name = raw[7:eol] if eol >= 0 else raw[7:]
+            wanted = self.wanted_events
+            if wanted is not None and name not in wanted:
+                self.filtered += 1
+                return
+            if name == b"VarSet" and self.wanted_variables is not None:
+                at = raw.find(b"\r\nVariable: ")
+                if at >= 0:
+                    end = raw.find(b"\r\n", at + 12)
+                    var = raw[at + 12:end] if end >= 0 else raw[at + 12:]
+                    if var not in self.wanted_variables:
+                        self.filtered += 1
+                        return
+            is_event = True
+        elif raw.startswith(b"Response: "):
+            is_event = False
+        else:
+            self.skipped_garbage += 1
+            log.warning("AMI: skipped %d bytes that are not an AMI message: %r",
+                        len(raw), raw[:60])
+            return
+        text = raw.decode("utf-8", "replace")
+        lines = text.split("\r\n")
+        pairs = [line.split(": ", 1) for line in lines]
+        try:
+            headers = dict(pairs)
+        except ValueError:
+            headers = None
+        if headers is None or len(headers) != len(pairs):
+            headers, output = self._slow_headers(pairs)
+        else:
+            output = None
+        msg = Message(headers, is_event,
+                      headers["Event"] if is_event else headers["Response"], when)
+        if output is not None:
+            msg.output = output
+        elif not is_event and "Output" in headers:
+            msg.output = msg.all("Output")
+        out.append(msg)
+
+    def _slow_headers(self, pairs):
+        """Repeated headers become lists; lines without ': ' are command output or junk."""
+        headers = {}
+        output = None
+        for pair in pairs:
+            if len(pair) != 2:
+                line = pair[0]
+                if line.endswith(":") and _HEADER_NAME.match(line[:-1]):
+                    pair = [line[:-1], ""]
+                else:
+                    # Asterisk <= 13 answers Command with "Response: Follows" and raw
+                    # output lines ending in "--END COMMAND--".
+                    if line and line != "--END COMMAND--":
+                        if output is None:
+                            output = []
+                        output.append(line)
+                    continue
+            key, value = pair
+            if key in headers:
+                old = headers[key]
+                if isinstance(old, list):
+                    old.append(value)
+                else:
+                    headers[key] = [old, value]
+            else:
+                headers[key] = value
+        if "Output" in headers:
+            lines = headers["Output"] if isinstance(headers["Output"], list) else [headers["Output"]]
+            output = (output or []) + lines
+        return headers, output
+
+
+class PendingAction(object):
+    """An action sent and waiting for its response (and, for lists, its events)."""
+
+    def __init__(self, action, action_id, callback=None):
+        self.action = action
+        self.action_id = action_id
+        self.callback = callback
+        self.response = None
+        self.events = []
+        self.collecting = False
+        self.error = None
+        self.done = threading.Event()
+        self.sent_at = monotonic()
+
+    def finish(self, error=None):
+        self.error = error
+        self.done.set()
+        if self.callback is not None:
+            try:
+                self.callback(self)
+            except Exception:
+                log.exception("AMI: callback of %s failed", self.action)
+
+
+class AmiStream(object):
+    """Messages in, events out: responses are matched back to their actions.
+
+    The same object serves a live socket (AmiConnection feeds what recv()
+    returns) and a capture file (replay feeds the recorded reads), so a
+    customer's capture exercises exactly the code a live PBX does.
+    """
+
+    def __init__(self, on_event, parser=None):
+        self.on_event = on_event
+        self.parser = parser or AmiParser()
+        self._pending = {}
+        self._lock = threading.Lock()
+        self.last_received = None
+
+    def expect(self, pending):
+        with self._lock:
+            self._pending[pending.action_id] = pending
+
+    def forget(self, action_id):
+        with self._lock:
+            return self._pending.pop(action_id, None)
+
+    def fail_all(self, error):
+        with self._lock:
+            pending, self._pending = list(self._pending.values()), {}
+        for p in pending:
+            p.finish(error)
+
+    def feed(self, data, when):
+        self.last_received = when
+        for msg in self.parser.feed(data, when):
+            self.dispatch(msg)
+
+    def dispatch(self, msg):
+        action_id = dict.get(msg, "ActionID")
+        if action_id is not None and self._pending:
+            if isinstance(action_id, list):
+                action_id = action_id[0]
+            with self._lock:
+                pending = self._pending.get(action_id)
+            if pending is not None:
+                if not msg.is_event:
+                    pending.response = msg
+                    if (msg.get("EventList") or "").lower() == "start" and msg.success:
+                        pending.collecting = True
+                        return
+                    self.forget(action_id)
+                    pending.finish()
+                    return
+                if pending.collecting:
+                    if (msg.get("EventList") or "").lower() == "complete" or msg.name.endswith("Complete"):
+                        self.forget(action_id)
+                        pending.finish()
+                    else:
+                        pending.events.append(msg)
+                    return
+        if msg.is_event:
+            try:
+                self.on_event(msg)
+            except Exception:
+                # A bug in one handler must not take the AMI connection down.
+                log.exception("AMI: handling event %s failed", msg.name)
+
+
+class AmiConnection(object):
+    """A logged-in AMI session that stays up: reconnects with capped back-off.
+
+    Verbs are named after AMI actions (login, ping, command, originate, setvar,
+    core_show_channels). Blocking verbs must not be called from the reader
+    thread (the one that runs on_event); use send() with a callback there.
+    """
+
+    BANNER_PREFIX = "Asterisk Call Manager/"
+
+    def __init__(self, host, port, username, secret, on_event, auth="plain",
+                 connect_timeout=5.0, ping_interval=20.0, reconnect_max_delay=30.0,
+                 max_message_bytes=1048576, wanted_events=None, wanted_variables=None,
+                 events=True, on_connect=None, on_disconnect=None, raw_tap=None):
+        self.host = host
+        self.port = port
+        self.username = username
+        self.secret = secret
+        self.auth = auth
+        self.connect_timeout = connect_timeout
+        self.ping_interval = ping_interval
+        self.reconnect_max_delay = reconnect_max_delay
+        self.events = events
+        self.on_connect = on_connect
+        self.on_disconnect = on_disconnect
+        self.raw_tap = raw_tap
+        self.parser = AmiParser(max_message_bytes, wanted_events, wanted_variables)
+        self.stream = AmiStream(on_event, self.parser)
+        self._sock = None
+        self._send_lock = threading.Lock()
+        self._ids = 0
+        self._id_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = None
+        self._reader_ident = None
+        self.connected = threading.Event()
+        self.banner = None
+        self.connects = 0
+        self.disconnected_at = None
+        self.fully_booted_uptime = None
+
+    # -- actions ------------------------------------------------------------
+    def next_action_id(self):
+        with self._id_lock:
+            self._ids += 1
+            return "bx24ast-%d-%d" % (os.getpid(), self._ids)
+
+    def send(self, action, headers=(), callback=None):
+        """Send without waiting; callback(pending) runs in the reader thread."""
+        action_id = self.next_action_id()
+        data = build_action(action, action_id, headers)
+        pending = PendingAction(action, action_id, callback)
+        sock = self._sock
+        if sock is None:
+            raise AmiDisconnected("AMI: not connected to %s:%s" % (self.host, self.port))
+        self.stream.expect(pending)
+        try:
+            with self._send_lock:
+                sock.sendall(data)
+        except (OSError, socket.error) as exc:
+            self.stream.forget(action_id)
+            raise AmiDisconnected("AMI: sending %s failed: %s" % (action, exc))
+        return pending
+
+    def action(self, action, headers=(), timeout=10.0):
+        """Send and wait for the response; AmiActionFailed on Response: Error."""
+        if threading.get_ident() == self._reader_ident:
+            raise AmiError("AMI: %s would wait for itself in the reader thread" % action)
+        pending = self.send(action, headers)
+        if not pending.done.wait(timeout):
+            self.stream.forget(pending.action_id)
+            raise AmiError("AMI: no answer to %s within %.0f s" % (action, timeout))
+        if pending.error is not None:
+            raise pending.error
+        if not pending.response.success:
+            raise AmiActionFailed("AMI: %s failed: %s"
+                                  % (action, pending.response.get("Message", "no reason given")),
+                                  pending.response)
+        return pending
+
+    def ping(self, timeout=10.0):
+        return self.action("Ping", timeout=timeout)
+
+    def command(self, cli, timeout=10.0):
+        """Run a CLI command; returns its output lines."""
+        pending = self.action("Command", [("Command", cli)], timeout)
+        return pending.response.output or []
+
+    def setvar(self, channel, variable, value, timeout=10.0):
+        return self.action("Setvar", [("Channel", channel), ("Variable", variable),
+                                      ("Value", value)], timeout)
+
+    def originate(self, channel, context, exten, priority=1, caller_id=None,
+                  variables=None, timeout_ms=30000, callback=None):
+        headers = [("Channel", channel), ("Context", context), ("Exten", exten),
+                   ("Priority", priority), ("Timeout", timeout_ms), ("Async", "true")]
+        if caller_id:
+            headers.append(("CallerID", caller_id))
+        if variables:
+            headers.append(("Variable", ["%s=%s" % (k, v) for k, v in sorted(variables.items())]))
+        return self.send("Originate", headers, callback)
+
+    def core_show_channels(self, callback):
+        return self.send("CoreShowChannels", (), callback)
+
+    # -- connection -----------------------------------------------------------
+    def start(self):
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="ami", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout=5.0):
+        self._stop.set()
+        sock = self._sock
+        if sock is not None:
+            try:
+                with self._send_lock:
+                    sock.sendall(build_action("Logoff", self.next_action_id()))
+            except (OSError, socket.error):
+                pass
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except (OSError, socket.error):
+                pass
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run(self):
+        self._reader_ident = threading.get_ident()
+        delay = 1.0
+        while not self._stop.is_set():
+            try:
+                self._connect_and_login()
+            except AmiLoginFailed as exc:
+                log.error("%s", exc)
+                delay = self.reconnect_max_delay
+            except (AmiError, OSError, socket.error) as exc:
+                log.warning("AMI: cannot connect to %s:%s: %s; next try in %.0f s",
+                            self.host, self.port, exc, delay)
+            else:
+                delay = 1.0
+                self._read_loop()
+                if self._stop.is_set():
+                    break
+                log.warning("AMI: connection to %s:%s lost; reconnecting", self.host, self.port)
+            self._close()
+            if self._stop.wait(delay):
+                break
+            delay = min(delay * 2, self.reconnect_max_delay)
+        self._close()
+
+    def _close(self):
+        was_connected = self.connected.is_set()
+        self.connected.clear()
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            try:
+                sock.close()
+            except (OSError, socket.error):
+                pass
+        self.stream.fail_all(AmiDisconnected("AMI: connection closed"))
+        if was_connected:
+            self.disconnected_at = time.time()
+            if self.on_disconnect is not None:
+                try:
+                    self.on_disconnect()
+                except Exception:
+                    log.exception("AMI: on_disconnect failed")
+
+    def _recv(self, sock):
+        data = sock.recv(65536)
+        if not data:
+            raise AmiDisconnected("AMI: Asterisk closed the connection")
+        if self.raw_tap is not None:
+            self.raw_tap(data)
+        return data
+
+    def _connect_and_login(self):
+        sock = socket.create_connection((self.host, self.port), self.connect_timeout)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        self._sock = sock
+        self.parser.reset(expect_banner=True)
+        deadline = monotonic() + self.connect_timeout
+        early = []  # events that arrive before the login answer, kept in order
+
+        def wait_for(action_id):
+            while True:
+                left = deadline - monotonic()
+                if left <= 0:
+                    raise AmiError("no answer from Asterisk within %.0f s" % self.connect_timeout)
+                sock.settimeout(left)
+                try:
+                    data = self._recv(sock)
+                except socket.timeout:
+                    continue
+                if self.parser.banner is None:
+                    msgs = self.parser.feed(data, time.time())
+                    if self.parser.banner is not None:
+                        self.banner = self.parser.banner
+                        if not self.banner.startswith(self.BANNER_PREFIX):
+                            raise AmiLoginFailed("AMI: %s:%s is not an Asterisk Manager Interface "
+                                                 "(banner %r)" % (self.host, self.port, self.banner[:60]))
+                else:
+                    msgs = self.parser.feed(data, time.time())
+                for msg in msgs:
+                    if not msg.is_event and dict.get(msg, "ActionID") == action_id:
+                        return msg
+                    early.append(msg)
+
+        def login_action(action, headers):
+            action_id = self.next_action_id()
+            with self._send_lock:
+                sock.sendall(build_action(action, action_id, headers))
+            return wait_for(action_id)
+
+        events = "on" if self.events else "off"
+        if self.auth == "md5":
+            challenge = login_action("Challenge", [("AuthType", "MD5")])
+            if not challenge.success or not challenge.get("Challenge"):
+                raise AmiLoginFailed("AMI: %s:%s refused the MD5 challenge: %s"
+                                     % (self.host, self.port, challenge.get("Message", "")))
+            key = hashlib.md5((challenge.get("Challenge") + self.secret).encode("utf-8")).hexdigest()
+            answer = login_action("Login", [("AuthType", "MD5"), ("Username", self.username),
+                                            ("Key", key), ("Events", events)])
+        else:
+            answer = login_action("Login", [("Username", self.username), ("Secret", self.secret),
+                                            ("Events", events)])
+        if not answer.success:
+            raise AmiLoginFailed("AMI: login as '%s' to %s:%s refused: %s (check [ami] username "
+                                 "and secret against manager.conf)"
+                                 % (self.username, self.host, self.port,
+                                    answer.get("Message", "no reason given")))
+        sock.settimeout(None)
+        self.connects += 1
+        self.connected.set()
+        log.info("AMI: logged in to %s:%s as %s (%s)", self.host, self.port, self.username,
+                 self.banner)
+        for msg in early:
+            self.stream.dispatch(msg)
+        if self.on_connect is not None:
+            self.on_connect(self)
+
+    def _read_loop(self):
+        sock = self._sock
+        last_rx = monotonic()
+        ping = None
+        while not self._stop.is_set():
+            try:
+                ready, _, _ = select.select([sock], [], [], 1.0)
+            except (OSError, ValueError, select.error):
+                return
+            now = monotonic()
+            if ready:
+                try:
+                    data = self._recv(sock)
+                except (AmiDisconnected, OSError, socket.error):
+                    return
+                last_rx = now
+                ping = None
+                self.stream.feed(data, time.time())
+                continue
+            if ping is not None:
+                if now - ping > self.ping_interval:
+                    log.warning("AMI: no answer to Ping for %.0f s; the connection is dead",
+                                self.ping_interval)
+                    return
+            elif now - last_rx > self.ping_interval:
+                try:
+                    self.send("Ping")
+                except AmiError:
+                    return
+                ping = now
+
+
+###############################################################################
+# Calls #######################################################################
+###############################################################################
+# Pure logic, no I/O: AMI events in, calls and their lifecycle out. The rules
+# that classify channels and numbers live in PbxRules so that the CEL recovery
+# reads calls exactly as the live engine does.
+
+class NumberPlan(object):
+    """Writes a client's number one way: +79161234567 for 89161234567 and 79161234567."""
+
+    _FORMATTING = re.compile(r"[\s\-().]")
+
+    def __init__(self, country_code="7", national_prefix="8", national_number_length=10,
+                 international_prefix="810|00"):
+        self.country_code = country_code
+        self.national_prefix = national_prefix
+        self.national_number_length = national_number_length
+        self._intl = re.compile(r"^(?:%s)(\d{8,})$" % international_prefix) if international_prefix else None
+
+    def normalize(self, number):
+        """The client's number in international form, or the digits as dialled when the
+        number is not a full national one (short numbers, unknown formats)."""
+        if number is None:
+            return None
+        text = self._FORMATTING.sub("", number)
+        if not text:
+            return None
+        if text.startswith("+"):
+            return "+" + text[1:] if text[1:].isdigit() else None
+        if not text.isdigit():
+            return None  # "anonymous", "<unknown>", SIP URIs: no number to report
+        if self._intl is not None:
+            m = self._intl.match(text)
+            if m:
+                return "+" + m.group(1)
+        n = self.national_number_length
+        cc, np = self.country_code, self.national_prefix
+        if np and len(text) == len(np) + n and text.startswith(np):
+            return "+" + cc + text[len(np):]
+        if cc and len(text) == len(cc) + n and text.startswith(cc):
+            return "+" + text
+        if len(text) == n:
+            return "+" + cc + text
+        return text
+
+
+_CHANNEL_SUFFIX = re.compile(r"-[0-9a-fA-F]+$")
+_NUMBER_RUN = re.compile(r"\+?\d+")
+_RECORDING_EXT = re.compile(r"\.(wav|WAV|mp3|MP3|gsm|GSM|ogg|wav49|WAV49|g722|sln\d*)$")
+
+
+def local_channel_parts(name):
+    """('101', 'from-internal', ';1') for Local/101@from-internal-0000001a;1, else None."""
+    if not name.startswith("Local/"):
+        return None
+    rest = name[6:]
+    at = rest.find("@")
+    if at < 0:
+        return None
+    exten = rest[:at]
+    context, _, half = rest[at + 1:].rpartition(";")
+    context = _CHANNEL_SUFFIX.sub("", context)
+    return exten, context, half
+
+
+def channel_endpoint(name):
+    """The device part of a channel name: '101' for PJSIP/101-0000001a, 'trunk-x' for
+    PJSIP/trunk-x-00000003; for Local channels the extension they dial."""
+    local = local_channel_parts(name)
+    if local is not None:
+        return local[0].rstrip("#")
+    slash = name.find("/")
+    if slash < 0:
+        return None
+    resource = name[slash + 1:]
+    return _CHANNEL_SUFFIX.sub("", resource) if "-" in resource else resource
+
+
+class PbxRules(object):
+    """How this PBX's dialplan is laid out: which contexts are trunks and phones, what
+    an extension looks like, which variables carry the DID, the recording and so on."""
+
+    def __init__(self, inbound_contexts=None, internal_contexts=None, trunk_channels=None,
+                 extension_pattern=None, external_min_length=6, extension_variables=("AMPUSER",),
+                 did_variables=("FROM_DID",), recording_variables=("MIXMONITOR_FILENAME", "CALLFILENAME"),
+                 recording_format="wav", number_plan=None, ignore_numbers=None,
+                 call_max_seconds=12 * 3600, call_id_variable="BX24_CALL_ID"):
+        self.inbound_contexts = inbound_contexts
+        self.internal_contexts = internal_contexts
+        self.trunk_channels = trunk_channels
+        self.extension_pattern = extension_pattern or re.compile(r"[0-9]{2,5}\Z")
+        self.external_min_length = external_min_length
+        self.extension_variables = list(extension_variables)
+        self.did_variables = list(did_variables)
+        self.recording_variables = list(recording_variables)
+        self.recording_format = recording_format
+        self.number_plan = number_plan or NumberPlan()
+        self.ignore_numbers = ignore_numbers
+        self.call_max_seconds = call_max_seconds
+        self.call_id_variable = call_id_variable
+
+    @classmethod
+    def from_config(cls, config):
+        pbx = config.section("pbx")
+        return cls(
+            inbound_contexts=pbx["inbound_contexts"],
+            internal_contexts=pbx["internal_contexts"],
+            trunk_channels=pbx["trunk_channels"],
+            extension_pattern=pbx["extension_pattern"],
+            external_min_length=pbx["external_min_length"],
+            extension_variables=comma_list(pbx["extension_variables"]),
+            did_variables=comma_list(pbx["did_variables"]),
+            recording_variables=comma_list(pbx["recording_variables"]),
+            recording_format=pbx["recording_format"],
+            number_plan=NumberPlan(pbx["country_code"], pbx["national_prefix"],
+                                   pbx["national_number_length"], pbx["international_prefix"]),
+            ignore_numbers=pbx["ignore_numbers"],
+            call_max_seconds=pbx["call_max_hours"] * 3600)
+
+    @classmethod
+    def defaults(cls):
+        return cls.from_config(Config.defaults())
+
+    def variable_names(self):
+        """Every spelling of the variables the engine reads (inherited ones start with _ or __)."""
+        names = set()
+        for var in (self.extension_variables + self.did_variables + self.recording_variables
+                    + [self.call_id_variable]):
+            names.update((var, "_" + var, "__" + var))
+        return names
+
+    def is_extension(self, text):
+        return bool(text) and self.extension_pattern.match(text) is not None
+
+    def is_external_number(self, text):
+        if not text:
+            return False
+        digits = text[1:] if text.startswith("+") else text
+        return digits.isdigit() and len(digits) >= self.external_min_length
+
+    def is_trunk_channel(self, name):
+        return self.trunk_channels is not None and self.trunk_channels.match(name) is not None
+
+    def is_inbound_context(self, context):
+        return bool(context) and self.inbound_contexts is not None and \
+            self.inbound_contexts.match(context) is not None
+
+    def is_internal_context(self, context):
+        return bool(context) and self.internal_contexts is not None and \
+            self.internal_contexts.match(context) is not None
+
+    def extension_of_channel(self, name):
+        """The extension a dialled channel rings, or None for trunks and helpers."""
+        if not name or self.is_trunk_channel(name):
+            return None
+        endpoint = channel_endpoint(name)
+        return endpoint if self.is_extension(endpoint) else None
+
+    def is_external_leg(self, name):
+        """A dialled channel that reaches outside: a trunk, or a Local channel dialling a
+        full number (Local/89161234567@from-internal)."""
+        if not name:
+            return False
+        if self.is_trunk_channel(name):
+            return True
+        if self.extension_of_channel(name) is not None:
+            return False
+        local = local_channel_parts(name)
+        if local is not None:
+            return self.is_external_number(local[0])
+        return "/" in name
+
+    def dialled_number(self, *candidates):
+        """The longest run of digits that looks like an external number."""
+        best = None
+        for text in candidates:
+            if not text:
+                continue
+            for run in _NUMBER_RUN.findall(text):
+                if self.is_external_number(run) and (best is None or len(run) > len(best)):
+                    best = run
+            if best:
+                return best
+        return best
+
+    def recording_name(self, variable, value):
+        value = (value or "").strip()
+        if not value:
+            return None
+        name = value.replace("\\", "/").rsplit("/", 1)[-1]
+        if variable != "MIXMONITOR_FILENAME" and not _RECORDING_EXT.search(name):
+            name = "%s.%s" % (name, self.recording_format)
+        return name
+
+    def is_ignored_number(self, number, normalized=None):
+        if self.ignore_numbers is None:
+            return False
+        return any(n and self.ignore_numbers.match(n) for n in (number, normalized))
+
+
+DIAL_NO_ANSWER = {"NOANSWER", "CANCEL", "RINGING", "ANSWER", ""}
+DIAL_FAILED = {"CHANUNAVAIL", "CONGESTION", "INVALIDARGS", "DONTCALL", "TORTURE"}
+
+
+def decide_disposition(answered, dial_statuses, direction):
+    """CDR-style disposition: ANSWERED only when an employee talked to the client."""
+    if answered:
+        return "ANSWERED"
+    statuses = set(dial_statuses)
+    if statuses & DIAL_NO_ANSWER:
+        return "NO ANSWER"
+    if "BUSY" in statuses:
+        return "BUSY"
+    if statuses & DIAL_FAILED:
+        return "FAILED"
+    return "FAILED" if direction == "outbound" else "NO ANSWER"
+
+
+class Channel(object):
+    __slots__ = ("uniqueid", "name", "linkedid", "context", "exten", "cid", "extension",
+                 "origin", "party", "external_leg", "bridge", "bridged_at", "hungup_at",
+                 "created_at", "dial_status", "pair_key")
+
+    def __init__(self, uniqueid, name, linkedid, when):
+        self.uniqueid = uniqueid
+        self.name = name
+        self.linkedid = linkedid
+        self.context = None
+        self.exten = None
+        self.cid = None
+        self.extension = None   # the employee on this channel, if any
+        self.origin = None      # 'trunk' or 'phone' for the channel that started the call
+        self.party = False      # the client's side of the call
+        self.external_leg = False
+        self.bridge = None
+        self.bridged_at = None
+        self.hungup_at = None
+        self.created_at = when
+        self.dial_status = None
+        local = local_channel_parts(name) if name else None
+        self.pair_key = name[:-2] if local is not None and name[-2:] in (";1", ";2") else None
+
+
+class Call(object):
+    """One call as the client lived it, across ring groups, queues and transfers."""
+
+    def __init__(self, linkedid, when):
+        self.linkedid = linkedid
+        self.started_at = when
+        self.last_event_at = when
+        self.direction = None
+        self.external_number = None
+        self.did = None
+        self.did_from_variable = False
+        self.rang = []
+        self.placer = None          # the extension that placed an outbound/internal call
+        self.originated = False     # started by an AMI Originate that rang a phone first
+        self.answered_by = None
+        self.answered_at = None
+        self.talking_with = None
+        self.ended_with = None
+        self.ended_at = None
+        self.transfers = []
+        self.pending_transfer = None
+        self.recording = None
+        self._recording_rank = None
+        self.call_id = None         # Bitrix24 CALL_ID carried in by click-to-call
+        self.channels = {}
+        self.dial_statuses = []
+        self.notified_ringing = set()
+        self.expired = False
+
+    @property
+    def billsec(self):
+        if self.answered_at is None or self.ended_at is None:
+            return 0
+        return max(0, int(self.ended_at - self.answered_at + 0.5))
+
+    @property
+    def disposition(self):
+        return decide_disposition(self.answered_at is not None, self.dial_statuses, self.direction)
+
+    def as_dict(self, number_plan):
+        return collections.OrderedDict([
+            ("linkedid", self.linkedid),
+            ("direction", self.direction),
+            ("external_number", number_plan.normalize(self.external_number)
+             if self.direction != "internal" else None),
+            ("did", self.did if self.direction == "inbound" else None),
+            ("rang", list(self.rang)),
+            ("answered_by", self.answered_by),
+            ("ended_with", self.ended_with),
+            ("transfers", [dict(t) for t in self.transfers]),
+            ("disposition", self.disposition),
+            ("billsec", self.billsec),
+            ("started_at", iso_time(self.started_at)),
+            ("answered_at", iso_time(self.answered_at)),
+            ("ended_at", iso_time(self.ended_at)),
+            ("recording", self.recording),
+            ("click_to_call", self.originated),
+            ("call_id", self.call_id),
+        ])
+
+
+class CallTracker(object):
+    """Groups AMI events into calls by Linkedid and tells the CRM side what happens.
+
+    on_call_event(kind, call, extension) is called with kind one of:
+      'ringing'     extension's phone should show the card now (inbound: a phone
+                    rings; outbound: the placing phone, when the client is dialled)
+      'answered'    an employee (extension) is connected to the client
+      'transferred' the client is now with extension after a transfer
+      'ended'       the call is over (extension is None); its state is dropped next
+    Internal calls are tracked and reported with direction 'internal'.
+    """
+
+    WANTED_EVENTS = frozenset(name.encode() for name in (
+        "Newchannel", "NewCallerid", "VarSet", "DialBegin", "DialEnd", "BridgeEnter",
+        "BridgeLeave", "BridgeMerge", "BlindTransfer", "AttendedTransfer", "Hangup", "Rename"))
+
+    def __init__(self, rules=None, on_call_event=None):
+        self.rules = rules or PbxRules()
+        self.on_call_event = on_call_event or (lambda kind, call, extension: None)
+        self.calls = {}
+        self.channels = {}
+        self.bridges = {}
+        self.local_pairs = {}
+        # Channels hung up recently: a late event about one must not bring it back.
+        self._gone = collections.OrderedDict()
+        self._variables = {}
+        for kind, names in (("extension", self.rules.extension_variables),
+                            ("did", self.rules.did_variables),
+                            ("recording", self.rules.recording_variables),
+                            ("call_id", [self.rules.call_id_variable])):
+            for rank, var in enumerate(names):
+                for spelling in (var, "_" + var, "__" + var):
+                    self._variables[spelling] = (kind, var, rank)
+        self._handlers = {
+            "Newchannel": self._newchannel, "NewCallerid": self._newcallerid,
+            "VarSet": self._varset, "DialBegin": self._dialbegin, "DialEnd": self._dialend,
+            "BridgeEnter": self._bridgeenter, "BridgeLeave": self._bridgeleave,
+            "BridgeMerge": self._bridgemerge, "BlindTransfer": self._blindtransfer,
+            "AttendedTransfer": self._attendedtransfer, "Hangup": self._hangup,
+            "Rename": self._rename,
+        }
+
+    def wanted_variables(self):
+        return frozenset(v.encode() for v in self._variables)
+
+    # -- input ----------------------------------------------------------------
+    def handle(self, msg):
+        handler = self._handlers.get(msg.name)
+        if handler is not None:
+            handler(msg, msg.time)
+
+    def _channel(self, msg, when, uid_key="Uniqueid", create=True):
+        """The tracked channel an event is about; adopts channels first seen mid-call."""
+        uid = msg.get(uid_key)
+        if not uid:
+            return None
+        chan = self.channels.get(uid)
+        prefix = uid_key[:-len("Uniqueid")]
+        linkedid = msg.get(prefix + "Linkedid")
+        if chan is None:
+            if not create or not linkedid or uid in self._gone:
+                return None
+            chan = self._add_channel(uid, msg.get(prefix + "Channel"), linkedid, when,
+                                     msg.get(prefix + "Context"), msg.get(prefix + "Exten"),
+                                     msg.get(prefix + "CallerIDNum"),
+                                     msg.get(prefix + "ChannelState"), adopted=True)
+        elif linkedid and linkedid != chan.linkedid:
+            self._move_channel(chan, linkedid, when)
+        call = self.calls.get(chan.linkedid)
+        if call is not None and when is not None:
+            call.last_event_at = when
+        return chan
+
+    def _add_channel(self, uid, name, linkedid, when, context, exten, cid, state, adopted=False):
+        call = self.calls.get(linkedid)
+        if call is None:
+            call = self.calls[linkedid] = Call(linkedid, when)
+        chan = Channel(uid, name or "", linkedid, when)
+        chan.context, chan.exten, chan.cid = context, exten, cid
+        call.channels[uid] = chan
+        self.channels[uid] = chan
+        if chan.pair_key:
+            self.local_pairs.setdefault(chan.pair_key, set()).add(uid)
+        # A channel that starts in state Ring is the calling side; one created Down was
+        # dialled or originated. When adopting mid-call the first channel of the linkedid
+        # is the calling side whatever its state.
+        calling = state == "4" or (adopted and uid == linkedid)
+        if calling and call.direction is None and not any(
+                c.origin for c in call.channels.values() if c is not chan):
+            self._classify_origin(call, chan)
+        elif chan.extension is None and not calling:
+            chan.extension = self.rules.extension_of_channel(chan.name)
+        return chan
+
+    def _classify_origin(self, call, chan):
+        rules = self.rules
+        if rules.is_trunk_channel(chan.name) or rules.is_inbound_context(chan.context):
+            chan.origin = "trunk"
+            chan.party = True
+            call.direction = "inbound"
+            call.external_number = self._cid(chan.cid)
+            if chan.exten and chan.exten != "s" and not call.did_from_variable:
+                call.did = chan.exten
+        elif rules.is_internal_context(chan.context) or rules.is_extension(self._cid(chan.cid)):
+            chan.origin = "phone"
+            chan.party = True
+            # A Local channel's name holds the number it dials, not the phone behind it.
+            if not chan.name.startswith("Local/"):
+                chan.extension = rules.extension_of_channel(chan.name)
+            if chan.extension is None and rules.is_extension(self._cid(chan.cid)):
+                chan.extension = chan.cid
+            call.placer = chan.extension
+
+    @staticmethod
+    def _cid(cid):
+        if not cid or cid == "<unknown>":
+            return None
+        return cid
+
+    def _move_channel(self, chan, linkedid, when):
+        """Asterisk re-links channels when calls are joined (phone-driven transfers)."""
+        old = self.calls.get(chan.linkedid)
+        if old is not None:
+            old.channels.pop(chan.uniqueid, None)
+        new = self.calls.get(linkedid)
+        if new is None:
+            new = self.calls[linkedid] = Call(linkedid, when)
+        chan.linkedid = linkedid
+        if chan.origin and new.direction is not None:
+            chan.origin = None
+            chan.party = chan.external_leg
+        new.channels[chan.uniqueid] = chan
+        if old is not None and not old.channels:
+            del self.calls[old.linkedid]
+            if old.direction not in (None, "internal"):
+                self._finish(old, when)
+
+    def _newchannel(self, msg, when):
+        uid = msg.get("Uniqueid")
+        if not uid or uid in self.channels:
+            return
+        self._add_channel(uid, msg.get("Channel"), msg.get("Linkedid") or uid, when,
+                          msg.get("Context"), msg.get("Exten"), msg.get("CallerIDNum"),
+                          msg.get("ChannelState"))
+
+    def _newcallerid(self, msg, when):
+        chan = self._channel(msg, when)
+        if chan is None:
+            return
+        cid = self._cid(msg.get("CallerIDNum"))
+        chan.cid = cid
+        call = self.calls[chan.linkedid]
+        if chan.origin == "phone" and chan.extension is None and self.rules.is_extension(cid):
+            chan.extension = cid
+            call.placer = call.placer or cid
+        elif chan.origin == "trunk" and cid and not call.notified_ringing and call.answered_at is None:
+            call.external_number = cid
+
+    def _varset(self, msg, when):
+        known = self._variables.get(msg.get("Variable"))
+        if known is None:
+            return
+        chan = self._channel(msg, when)
+        if chan is None:
+            return
+        kind, var, rank = known
+        value = msg.get("Value") or ""
+        call = self.calls[chan.linkedid]
+        if kind == "recording":
+            name = self.rules.recording_name(var, value)
+            if name and (call._recording_rank is None or rank < call._recording_rank):
+                call.recording, call._recording_rank = name, rank
+        elif kind == "did":
+            if value and value != "s" and chan.origin == "trunk" and (call.did is None or not call.notified_ringing):
+                call.did, call.did_from_variable = value, True
+        elif kind == "extension":
+            if chan.origin == "phone" and self.rules.is_extension(value):
+                if chan.extension is None or chan.name.startswith("Local/"):
+                    chan.extension = value
+                if call.placer is None or call.direction is None:
+                    call.placer = value
+        elif kind == "call_id":
+            if value and re.match(r"^[A-Za-z0-9._\-]{1,100}$", value):
+                call.call_id = value
+
+    def _dialbegin(self, msg, when):
+        dest = self._channel(msg, when, "DestUniqueid")
+        if dest is None:
+            return
+        src = self._channel(msg, when)
+        call = self.calls[dest.linkedid]
+        if src is None and call.direction is None and not any(c.origin for c in call.channels.values()):
+            # Dialled by nobody: an AMI Originate (click-to-call) or a call file.
+            if dest.extension is not None:
+                call.originated = True
+        if dest.extension is not None and not dest.origin:
+            ext = dest.extension
+            if src is not None and src.extension == ext and src.origin == "phone":
+                return
+            if call.direction is None and any(c.origin == "phone" for c in call.channels.values()):
+                call.direction = "internal"
+            if ext not in call.rang:
+                call.rang.append(ext)
+            if call.direction is not None and ext not in call.notified_ringing:
+                call.notified_ringing.add(ext)
+                self.on_call_event("ringing", call, ext)
+            return
+        if src is not None and src.extension is not None and self.rules.is_external_leg(dest.name):
+            dest.external_leg = True
+            if call.direction in (None, "internal") and call.answered_at is None:
+                src_is_origin = src.origin == "phone" or call.originated
+                if src_is_origin or call.direction is None:
+                    call.direction = "outbound"
+                    call.placer = src.extension
+                    number = self.rules.dialled_number(msg.get("DialString"), src.exten,
+                                                       msg.get("Exten"), msg.get("DestExten"),
+                                                       msg.get("DestCallerIDNum"))
+                    call.external_number = number
+                    for c in call.channels.values():
+                        c.party = False
+            if call.direction == "outbound":
+                dest.party = True
+                if call.placer and call.placer not in call.notified_ringing:
+                    call.notified_ringing.add(call.placer)
+                    self.on_call_event("ringing", call, call.placer)
+
+    def _dialend(self, msg, when):
+        dest = self._channel(msg, when, "DestUniqueid", create=False)
+        if dest is None:
+            return
+        status = msg.get("DialStatus") or ""
+        dest.dial_status = status
+        call = self.calls.get(dest.linkedid)
+        if call is None:
+            return
+        if dest.extension is not None and call.direction == "inbound":
+            call.dial_statuses.append(status)
+        elif dest.external_leg and call.direction == "outbound":
+            call.dial_statuses.append(status)
+
+    # -- bridges and who talks to whom -------------------------------------------
+    def _bridgeenter(self, msg, when):
+        chan = self._channel(msg, when)
+        bridge = msg.get("BridgeUniqueid")
+        if chan is None or not bridge:
+            return
+        self._leave(chan)
+        chan.bridge = bridge
+        chan.bridged_at = when
+        self.bridges.setdefault(bridge, set()).add(chan.uniqueid)
+        self._update_talk(self.calls[chan.linkedid], when)
+
+    def _bridgeleave(self, msg, when):
+        chan = self._channel(msg, when)
+        if chan is None:
+            return
+        self._leave(chan)
+
+    def _leave(self, chan):
+        if chan.bridge is not None:
+            members = self.bridges.get(chan.bridge)
+            if members is not None:
+                members.discard(chan.uniqueid)
+                if not members:
+                    del self.bridges[chan.bridge]
+            chan.bridge = None
+
+    def _bridgemerge(self, msg, when):
+        src = msg.get("FromBridgeUniqueid")
+        dst = msg.get("ToBridgeUniqueid")
+        moved = self.bridges.pop(src, None) if src else None
+        if not moved or not dst:
+            return
+        target = self.bridges.setdefault(dst, set())
+        touched = set()
+        for uid in moved:
+            chan = self.channels.get(uid)
+            if chan is not None:
+                chan.bridge = dst
+                chan.bridged_at = when
+                target.add(uid)
+                touched.add(chan.linkedid)
+        for linkedid in touched:
+            call = self.calls.get(linkedid)
+            if call is not None:
+                self._update_talk(call, when)
+
+    def _component(self, start):
+        """Channels joined to start through bridges and the halves of Local channels."""
+        seen = {start.uniqueid}
+        todo = [start]
+        while todo:
+            chan = todo.pop()
+            linked = []
+            if chan.bridge is not None:
+                linked.extend(self.bridges.get(chan.bridge, ()))
+            if chan.pair_key is not None:
+                linked.extend(self.local_pairs.get(chan.pair_key, ()))
+            for uid in linked:
+                if uid not in seen:
+                    other = self.channels.get(uid)
+                    if other is not None and other.hungup_at is None:
+                        seen.add(uid)
+                        todo.append(other)
+        return seen
+
+    def _update_talk(self, call, when):
+        if call.direction is None:
+            return
+        best = None
+        for party in call.channels.values():
+            if not party.party or party.hungup_at is not None or party.bridge is None:
+                continue
+            for uid in self._component(party):
+                chan = self.channels[uid]
+                if chan.party or chan.extension is None:
+                    continue
+                if chan.origin == "phone" and call.direction != "outbound":
+                    continue
+                key = (chan.bridged_at is not None, chan.bridged_at or 0)
+                if best is None or key > best[0]:
+                    best = (key, chan)
+        if best is None:
+            return
+        chan = best[1]
+        ext = chan.extension
+        if call.direction == "outbound":
+            ext = chan.extension if chan.origin != "phone" else (call.placer or chan.extension)
+        if call.answered_at is None:
+            call.answered_at = when
+            call.answered_by = ext
+            call.talking_with = ext
+            call.ended_with = ext
+            self.on_call_event("answered", call, ext)
+            return
+        if ext == call.talking_with:
+            return
+        previous = call.talking_with
+        call.talking_with = ext
+        call.ended_with = ext
+        pending = call.pending_transfer
+        if pending is not None:
+            call.pending_transfer = None
+            call.transfers.append(collections.OrderedDict(
+                [("type", pending[0]), ("from", pending[1] or previous), ("to", ext)]))
+        self.on_call_event("transferred", call, ext)
+
+    def _record_transfer(self, call, kind, transferer_ext, target_ext):
+        """Transfer events come before or after the bridge change they cause."""
+        if call.talking_with is not None and call.talking_with != transferer_ext \
+                and call.talking_with is not None and transferer_ext is not None \
+                and (not call.transfers or call.transfers[-1]["to"] != call.talking_with):
+            call.transfers.append(collections.OrderedDict(
+                [("type", kind), ("from", transferer_ext), ("to", call.talking_with)]))
+            return
+        call.pending_transfer = (kind, transferer_ext, target_ext)
+
+    def _blindtransfer(self, msg, when):
+        if (msg.get("Result") or "Success") != "Success":
+            return
+        chan = self._channel(msg, when, "TransfererUniqueid", create=False) or \
+            self._channel(msg, when, "TransfereeUniqueid", create=False)
+        if chan is None:
+            return
+        call = self.calls[chan.linkedid]
+        transferer = self.channels.get(msg.get("TransfererUniqueid") or "")
+        target = msg.get("Extension")
+        self._record_transfer(call, "blind", transferer.extension if transferer else None,
+                              target if self.rules.is_extension(target) else None)
+
+    def _attendedtransfer(self, msg, when):
+        if (msg.get("Result") or "Success") != "Success":
+            return
+        transferer = self.channels.get(msg.get("OrigTransfererUniqueid") or "")
+        chan = transferer or self.channels.get(msg.get("TransfereeUniqueid") or "")
+        if chan is None:
+            return
+        call = self.calls.get(chan.linkedid)
+        if call is None:
+            return
+        target = self.channels.get(msg.get("TransferTargetUniqueid") or "")
+        self._record_transfer(call, "attended", transferer.extension if transferer else None,
+                              target.extension if target else None)
+
+    # -- the end ------------------------------------------------------------------
+    def _rename(self, msg, when):
+        chan = self._channel(msg, when, create=False)
+        if chan is not None and msg.get("Newname"):
+            chan.name = msg.get("Newname")
+
+    def _hangup(self, msg, when):
+        chan = self._channel(msg, when, create=False)
+        if chan is None:
+            return
+        self._hangup_channel(chan, when)
+
+    def _hangup_channel(self, chan, when):
+        chan.hungup_at = when
+        self._gone[chan.uniqueid] = True
+        if len(self._gone) > 10000:
+            self._gone.popitem(last=False)
+        self._leave(chan)
+        self.channels.pop(chan.uniqueid, None)
+        if chan.pair_key is not None:
+            pair = self.local_pairs.get(chan.pair_key)
+            if pair is not None:
+                pair.discard(chan.uniqueid)
+                if not pair:
+                    del self.local_pairs[chan.pair_key]
+        call = self.calls.get(chan.linkedid)
+        if call is None:
+            return
+        if all(c.hungup_at is not None for c in call.channels.values()):
+            del self.calls[call.linkedid]
+            self._finish(call, when)
+        elif chan.party:
+            self._update_talk(call, when)
+
+    def _finish(self, call, when):
+        parties = [c.hungup_at for c in call.channels.values() if c.party and c.hungup_at is not None]
+        call.ended_at = max(parties) if parties else when
+        if call.pending_transfer is not None and call.answered_at is not None:
+            kind, src, dst = call.pending_transfer
+            if dst and dst != call.talking_with:
+                call.transfers.append(collections.OrderedDict(
+                    [("type", kind), ("from", src or call.talking_with), ("to", dst)]))
+            call.pending_transfer = None
+        if call.direction is None:
+            # A phone that dialled nothing reachable: outbound when the number was external.
+            origin = next((c for c in call.channels.values() if c.origin == "phone"), None)
+            if origin is not None and self.rules.is_external_number(origin.exten):
+                call.direction = "outbound"
+                call.external_number = origin.exten
+            elif origin is not None:
+                call.direction = "internal"
+        if call.direction is None:
+            return  # nothing a CRM could use: helper channels, failed originates
+        self.on_call_event("ended", call, None)
+
+    # -- housekeeping ---------------------------------------------------------------
+    def expire(self, now):
+        """Close calls whose Hangup was lost; keeps memory bounded over months."""
+        limit = now - self.rules.call_max_seconds
+        for call in [c for c in self.calls.values() if c.last_event_at is not None
+                     and c.last_event_at < limit]:
+            call.expired = True
+            log.warning("call %s: no AMI event for %.0f h, closing it", call.linkedid,
+                        self.rules.call_max_seconds / 3600.0)
+            for chan in list(call.channels.values()):
+                if chan.hungup_at is None:
+                    self._hangup_channel(chan, call.last_event_at)
+
+    def resync(self, channels, now, gone_at=None):
+        """Align with CoreShowChannels after a reconnect: channels that vanished while we
+        were away are hung up, channels we never saw are adopted with their bridges."""
+        present = {}
+        for msg in channels:
+            uid = msg.get("Uniqueid")
+            if uid:
+                present[uid] = msg
+        for chan in [c for c in self.channels.values() if c.uniqueid not in present]:
+            self._hangup_channel(chan, gone_at if gone_at is not None else now)
+        for uid, msg in sorted(present.items(), key=lambda kv: _uniqueid_order(kv[0])):
+            if uid in self.channels:
+                continue
+            started = now - _duration_seconds(msg.get("Duration"))
+            self._add_channel(uid, msg.get("Channel"), msg.get("Linkedid") or uid, started,
+                              msg.get("Context"), msg.get("Exten"), msg.get("CallerIDNum"),
+                              msg.get("ChannelState"), adopted=True)
+        for uid, msg in present.items():
+            bridge = msg.get("BridgeId") or msg.get("BridgeUniqueid")
+            chan = self.channels.get(uid)
+            if chan is not None and bridge and chan.bridge != bridge:
+                self._leave(chan)
+                chan.bridge = bridge
+                chan.bridged_at = now
+                self.bridges.setdefault(bridge, set()).add(uid)
+        for call in list(self.calls.values()):
+            self._update_talk(call, now)
+
+
+def _uniqueid_order(uid):
+    try:
+        head, _, tail = uid.partition(".")
+        return (int(head), int(tail or 0))
+    except ValueError:
+        return (0, 0)
+
+
+def _duration_seconds(text):
+    """CoreShowChannel's Duration is HH:MM:SS."""
+    try:
+        h, m, s = (int(x) for x in (text or "").split(":"))
+        return h * 3600 + m * 60 + s
+    except ValueError:
+        return 0
+
+
+###############################################################################
+# Captures ####################################################################
+###############################################################################
+# A capture is what bx24ast record-ami writes and what support asks a customer
+# for: the raw AMI bytes (ami.log) and a sidecar with the arrival time and byte
+# range of every recv() (ami.timestamps.jsonl).
+
+class Capture(object):
+    """An AMI capture on disk; a directory holding ami.log or the log file itself."""
+
+    def __init__(self, path):
+        if os.path.isdir(path):
+            path = os.path.join(path, "ami.log")
+        self.path = path
+        base = path[:-4] if path.endswith(".log") else path
+        self.sidecar_path = base + ".timestamps.jsonl"
+        if not os.path.exists(self.sidecar_path):
+            self.sidecar_path = None
+
+    def read(self):
+        with open(self.path, "rb") as f:
+            return f.read()
+
+    def reads(self):
+        """(bytes, seconds since connect or None, wall clock or None) per recorded recv()."""
+        data = self.read()
+        if self.sidecar_path is None:
+            yield data, None, None
+            return
+        used = 0
+        with open(self.sidecar_path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                    offset, length, t = int(rec["offset"]), int(rec["len"]), float(rec["t"])
+                except (ValueError, KeyError, TypeError):
+                    raise ValueError("%s:%d: not a {t, offset, len} record"
+                                     % (self.sidecar_path, lineno))
+                yield data[offset:offset + length], t, rec.get("wall")
+                used = max(used, offset + length)
+        if used < len(data):
+            yield data[used:], None, None
+
+    def wall_clock_base(self):
+        """Wall-clock time of t = 0, for captures whose sidecar has no 'wall' field:
+        anchored on the first event that carries its own time (EventTV of security
+        events, or Timestamp when timestampevents = yes)."""
+        data = self.read()
+        hit = re.search(rb"\r\n(EventTV|Timestamp): ([^\r\n]+)", data)
+        if hit is None or self.sidecar_path is None:
+            return None
+        try:
+            if hit.group(1) == b"Timestamp":
+                stamp = float(hit.group(2))
+            else:
+                stamp = parse_iso_time(hit.group(2).decode("ascii", "replace"))
+        except ValueError:
+            return None
+        for chunk, t, wall in self.reads():
+            if wall is not None and t is not None:
+                return float(wall) - t
+            break
+        offset = 0
+        with open(self.sidecar_path, encoding="utf-8") as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                rec = json.loads(line)
+                offset = int(rec["offset"]) + int(rec["len"])
+                if offset > hit.start():
+                    return stamp - float(rec["t"])
+        return None
+
+
+def replay_capture(capture, tracker, parser=None, on_time=None):
+    """Feed a capture through the same AmiStream a live connection uses.
+
+    Times come from the sidecar (anchored to the wall clock when possible), else
+    from the events' Timestamp headers, else they are unknown (order only).
+    Returns True when the events had real times.
+    """
+    parser = parser or AmiParser(wanted_events=tracker.WANTED_EVENTS | {b"FullyBooted"},
+                                 wanted_variables=tracker.wanted_variables())
+    timed = {"value": False}
+
+    def on_event(msg):
+        if msg.time is None:
+            stamp = msg.get("Timestamp")
+            if stamp:
+                try:
+                    msg.time = float(stamp)
+                    timed["value"] = True
+                except ValueError:
+                    msg.time = 0.0
+            else:
+                msg.time = 0.0
+        tracker.handle(msg)
+
+    stream = AmiStream(on_event, parser)
+    base = capture.wall_clock_base() if capture.sidecar_path else None
+    for chunk, t, wall in capture.reads():
+        if wall is not None and t is not None:
+            base = float(wall) - t
+        when = None
+        if t is not None:
+            when = (base or 0.0) + t
+            timed["value"] = True
+        stream.feed(chunk, when)
+        if on_time is not None and when is not None:
+            on_time(when)
+    return timed["value"]
+
+
+class CaptureWriter(object):
+    """Writes ami.log and its timing sidecar as record-ami and the fixtures do."""
+
+    def __init__(self, path):
+        self.path = path
+        base = path[:-4] if path.endswith(".log") else path
+        self._log = open(path, "wb")
+        self._sidecar = open(base + ".timestamps.jsonl", "w", encoding="utf-8")
+        self._t0 = monotonic()
+        self._offset = 0
+        self._lock = threading.Lock()
+
+    def write(self, data):
+        with self._lock:
+            t = monotonic() - self._t0
+            self._log.write(data)
+            self._log.flush()
+            self._sidecar.write(json.dumps({"t": round(t, 6), "offset": self._offset,
+                                            "len": len(data), "wall": round(time.time(), 6)}) + "\n")
+            self._sidecar.flush()
+            self._offset += len(data)
+
+    def close(self):
+        with self._lock:
+            self._log.close()
+            self._sidecar.close()
+
+
+def is_reportable(call, rules, include_internal=False):
+    """Whether the CRM side should hear about this call at all."""
+    if call.direction == "internal":
+        return include_internal
+    if call.direction not in ("inbound", "outbound"):
+        return False
+    number = call.external_number
+    return not rules.is_ignored_number(number, rules.number_plan.normalize(number))
+
+
+###############################################################################
+# Service #####################################################################
+###############################################################################
+
+def setup_logging(level="info", path=""):
+    handler = logging.FileHandler(path) if path else logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(getattr(logging, level.upper(), logging.INFO))
+
+
+def describe_call_event(kind, call, extension, rules):
+    """One log line for a lifecycle event, always with the linkedid."""
+    number = rules.number_plan.normalize(call.external_number) if call.direction != "internal" else None
+    parts = ["call %s %s" % (call.linkedid, kind), "direction=%s" % call.direction]
+    if number:
+        parts.append("number=%s" % number)
+    if call.did and call.direction == "inbound":
+        parts.append("did=%s" % call.did)
+    if extension:
+        parts.append("extension=%s" % extension)
+    if kind == "ended":
+        parts.append("disposition=%s billsec=%d" % (call.disposition, call.billsec))
+        if call.ended_with:
+            parts.append("ended_with=%s" % call.ended_with)
+        if call.recording:
+            parts.append("recording=%s" % call.recording)
+    if call.call_id:
+        parts.append("CALL_ID=%s" % call.call_id)
+    return " ".join(parts)
+
+
+class Daemon(object):
+    """The running service: AMI connection -> CallTracker -> lifecycle handlers."""
+
+    def __init__(self, config, on_call_event=None):
+        self.config = config
+        self.rules = PbxRules.from_config(config)
+        self._lock = threading.Lock()
+        self._handlers = [self._log_call_event]
+        if on_call_event is not None:
+            self._handlers.append(on_call_event)
+        self.tracker = CallTracker(self.rules, self._call_event)
+        ami = config.section("ami")
+        self.ami = AmiConnection(
+            ami["host"], ami["port"], ami["username"], ami["secret"], self._on_event,
+            auth=ami["auth"], connect_timeout=ami["connect_timeout"],
+            ping_interval=ami["ping_interval"], reconnect_max_delay=ami["reconnect_max_delay"],
+            max_message_bytes=ami["max_message_bytes"],
+            wanted_events=CallTracker.WANTED_EVENTS | {b"FullyBooted", b"Shutdown",
+                                                       b"OriginateResponse"},
+            wanted_variables=self.tracker.wanted_variables(),
+            on_connect=self._on_connect)
+        self.stop_event = threading.Event()
+        self.resyncs = 0
+
+    def _call_event(self, kind, call, extension):
+        if kind != "ended" and call.direction == "internal":
+            return
+        for handler in self._handlers:
+            try:
+                handler(kind, call, extension)
+            except Exception:
+                log.exception("call %s: handling %s failed", call.linkedid, kind)
+
+    def _log_call_event(self, kind, call, extension):
+        if is_reportable(call, self.rules, include_internal=True):
+            log.info("%s", describe_call_event(kind, call, extension, self.rules))
+
+    def _on_event(self, msg):
+        if msg.name == "FullyBooted":
+            log.info("AMI: Asterisk is fully booted (uptime %s s)", msg.get("Uptime", "?"))
+            return
+        if msg.name == "Shutdown":
+            log.warning("AMI: Asterisk is shutting down (%s, restart=%s)",
+                        msg.get("Shutdown", "?"), msg.get("Restart", "?"))
+            return
+        with self._lock:
+            self.tracker.handle(msg)
+
+    def _on_connect(self, conn):
+        disconnected_at = conn.disconnected_at
+
+        def done(pending):
+            if pending.error is not None or pending.response is None or not pending.response.success:
+                log.warning("AMI: CoreShowChannels failed; calls in progress are not resynchronised")
+                return
+            with self._lock:
+                before = len(self.tracker.calls)
+                self.tracker.resync(pending.events, time.time(), disconnected_at)
+                self.resyncs += 1
+                log.info("AMI: resynchronised: %d channels up, %d calls tracked (was %d)",
+                         len(pending.events), len(self.tracker.calls), before)
+        conn.core_show_channels(done)
+
+    def run(self):
+        log.info("bx24ast %s starting; AMI %s:%s", __version__, self.ami.host, self.ami.port)
+        self.ami.start()
+        try:
+            while not self.stop_event.wait(1.0):
+                with self._lock:
+                    self.tracker.expire(time.time())
+        finally:
+            self.ami.stop()
+            log.info("bx24ast stopped")
+
+    def stop(self, *_args):
+        self.stop_event.set()
+
+
+###############################################################################
+# Command line ################################################################
+###############################################################################
+
+EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
+
+
+def _load_config(args, required):
+    path = args.config or DEFAULT_CONFIG_PATH
+    if args.config is None and not required and not os.path.exists(path):
+        return Config.defaults()
+    return Config.load(path)
+
+
+def cmd_replay(args):
+    config = _load_config(args, required=False)
+    rules = PbxRules.from_config(config)
+    out = sys.stdout
+    results = []
+
+    def on_call_event(kind, call, extension):
+        if kind == "ended" and is_reportable(call, rules, args.include_internal):
+            results.append(call)
+
+    tracker = CallTracker(rules, on_call_event)
+    capture = Capture(args.capture)
+    if not os.path.exists(capture.path):
+        sys.stderr.write("bx24ast: replay: no capture at %s\n" % capture.path)
+        return EXIT_FAILURE
+    timed = replay_capture(capture, tracker)
+    for call in results:
+        row = call.as_dict(rules.number_plan)
+        if not timed:
+            for key in ("started_at", "answered_at", "ended_at", "billsec"):
+                row[key] = None
+        out.write(json.dumps(row, ensure_ascii=False) + "\n")
+    if tracker.calls:
+        sys.stderr.write("bx24ast: replay: %d call(s) still in progress at the end of the capture\n"
+                         % len(tracker.calls))
+    return EXIT_OK
+
+
+def cmd_record_ami(args):
+    config = _load_config(args, required=True)
+    ami = config.section("ami")
+    config.require("ami", "username", "record-ami logs in to AMI")
+    writer = CaptureWriter(args.output)
+    lost = threading.Event()
+    conn = AmiConnection(ami["host"], ami["port"], ami["username"], ami["secret"],
+                         lambda msg: None, auth=ami["auth"],
+                         connect_timeout=ami["connect_timeout"], ping_interval=ami["ping_interval"],
+                         max_message_bytes=ami["max_message_bytes"], raw_tap=writer.write,
+                         on_disconnect=lost.set, wanted_events=frozenset())
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    conn.start()
+    deadline = monotonic() + args.seconds if args.seconds else None
+    sys.stderr.write("bx24ast: recording AMI from %s:%s into %s (Ctrl-C stops)\n"
+                     % (ami["host"], ami["port"], args.output))
+    try:
+        while not stop.is_set() and not lost.is_set():
+            if deadline is not None and monotonic() >= deadline:
+                break
+            stop.wait(0.2)
+    finally:
+        conn.stop()
+        writer.close()
+    if lost.is_set() and not stop.is_set():
+        sys.stderr.write("bx24ast: record-ami: the AMI connection was lost; capture ends here\n")
+    return EXIT_OK
+
+
+def cmd_run(args):
+    config = _load_config(args, required=True)
+    config.require("ami", "username", "bx24ast logs in to AMI with it")
+    setup_logging(args.log_level or config.get("log", "level"),
+                  "" if args.foreground else config.get("log", "file"))
+    daemon = Daemon(config)
+    signal.signal(signal.SIGTERM, daemon.stop)
+    signal.signal(signal.SIGINT, daemon.stop)
+    daemon.run()
+    return EXIT_OK
+
+
+def cmd_check_config(args):
+    config = _load_config(args, required=True)
+    sys.stdout.write("%s: OK\n" % config.path)
+    return EXIT_OK
+
+
+def cmd_example_config(args):
+    sys.stdout.write(example_config_text())
+    return EXIT_OK
+
+
+def build_arg_parser():
+    parser = argparse.ArgumentParser(
+        prog="bx24ast.py", description="Asterisk <-> Bitrix24 telephony bridge.")
+    parser.add_argument("-c", "--config", help="configuration file (default %s)" % DEFAULT_CONFIG_PATH)
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--version", action="version", version="bx24ast %s" % __version__)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("run", help="connect to AMI and report calls (service mode)")
+    p.add_argument("-f", "--foreground", action="store_true", help="log to stderr, not the log file")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("replay", help="print the calls in an AMI capture as JSON lines")
+    p.add_argument("capture", help="a capture directory (with ami.log) or an ami.log file")
+    p.add_argument("--include-internal", action="store_true", help="also print internal calls")
+    p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser("record-ami", help="record the raw AMI stream with its timing sidecar")
+    p.add_argument("-o", "--output", required=True, help="file to write (ami.log)")
+    p.add_argument("--seconds", type=float, default=0, help="stop after this many seconds")
+    p.set_defaults(func=cmd_record_ami)
+
+    p = sub.add_parser("check-config", help="validate the configuration file")
+    p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser("example-config", help="print a configuration with every key and its default")
+    p.set_defaults(func=cmd_example_config)
+    return parser
+
+
+def main(argv=None):
+    parser = build_arg_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return EXIT_CONFIG
+    if not logging.getLogger().handlers:
+        setup_logging(args.log_level or "info")
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        sys.stderr.write("bx24ast: configuration error: %s\n" % exc)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+import glob
+import json
+import os
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+FIXTURES = os.path.join(HERE, "fixtures")
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import bx24ast  # noqa: E402
+
+
+def scenario_dirs():
+    """Every captured scenario: <fixtures>/asterisk-*/<scenario>/ with an expected.json."""
+    return sorted(os.path.dirname(p) for p in glob.glob(os.path.join(FIXTURES, "asterisk-*", "*", "expected.json")))
+
+
+def scenario_id(path):
+    return "%s/%s" % (os.path.basename(os.path.dirname(path)), os.path.basename(path))
+
+
+def load_expected(path):
+    with open(os.path.join(path, "expected.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+@pytest.fixture
+def rules():
+    return bx24ast.PbxRules.defaults()
