@@ -494,71 +494,83 @@ class AmiParser(object):
             self._skipping = True
         self._buf = tail
         out = []
+        # The hot loop of the whole program: most messages are events nobody reads,
+        # so decide from the Event: line (and a VarSet's Variable:) before decoding.
+        wanted = self.wanted_events
+        variables = self.wanted_variables
+        limit = self.max_message_bytes
         for raw in parts:
-            if raw:
-                self._parse_into(raw, when, out)
+            if raw[:7] == b"Event: ":
+                eol = raw.find(b"\r\n")
+                name = raw[7:eol] if eol > 0 else raw[7:]
+                if wanted is not None and name not in wanted:
+                    self.filtered += 1
+                    continue
+                if name == b"VarSet" and variables is not None:
+                    at = raw.find(b"\r\nVariable: ")
+                    if at > 0:
+                        end = raw.find(b"\r\n", at + 12)
+                        if (raw[at + 12:end] if end > 0 else raw[at + 12:]) not in variables:
+                            self.filtered += 1
+                            continue
+                is_event = True
+            elif raw[:10] == b"Response: ":
+                is_event = False
+            elif not raw or raw == b"\r\n":
+                continue
+            else:
+                raw = raw.lstrip(b"\r\n")
+                if raw[:7] == b"Event: " or raw[:10] == b"Response: ":
+                    self._parse_glued(raw, when, out)
+                    continue
+                self.skipped_garbage += 1
+                log.warning("AMI: skipped %d bytes that are not an AMI message: %r",
+                            len(raw), raw[:60])
+                continue
+            if len(raw) > limit:
+                self.skipped_oversize += 1
+                log.warning("AMI: dropped a message of %d bytes (max_message_bytes = %d)",
+                            len(raw), limit)
+                continue
+            pairs = [line.split(": ", 1) for line in raw.decode("utf-8", "replace").split("\r\n")]
+            try:
+                headers = dict(pairs)
+            except ValueError:
+                headers = None
+            if headers is None or len(headers) != len(pairs):
+                if self._is_glued(pairs):
+                    self._parse_glued(raw, when, out)
+                    continue
+                headers, output = self._slow_headers(pairs)
+            else:
+                output = None
+            msg = Message(headers, is_event,
+                          headers["Event"] if is_event else headers["Response"], when)
+            if output is not None:
+                msg.output = output
+            elif not is_event and "Output" in headers:
+                msg.output = msg.all("Output")
+            out.append(msg)
         return out
 
-    def _parse_into(self, raw, when, out):
-        if len(raw) > self.max_message_bytes:
-            self.skipped_oversize += 1
-            log.warning("AMI: dropped a message of %d bytes (max_message_bytes = %d)",
-                        len(raw), self.max_message_bytes)
-            return
-        if b"\r\nEvent: " in raw or b"\r\nResponse: " in raw:
-            pieces = re.split(b"\r\n(?=Event: |Response: )", raw)
-            if len(pieces) > 1:
-                for piece in pieces:
-                    self._parse_one(piece, when, out)
-                return
-        self._parse_one(raw, when, out)
+    @staticmethod
+    def _is_glued(pairs):
+        """Two messages without the blank line between them (a broken proxy or stream)."""
+        for pair in pairs[1:]:
+            if len(pair) == 2 and pair[0] in ("Event", "Response"):
+                return True
+        return False
 
-    def _parse_one(self, raw, when, out):
-        if raw.startswith(b"\r\n"):
-            raw = raw.lstrip(b"\r\n")
-            if not raw:
-                return
-        if raw.startswith(b"Event: "):
-            eol = raw.find(b"\r\n")
-            name = raw[7:eol] if eol >= 0 else raw[7:]
-            wanted = self.wanted_events
-            if wanted is not None and name not in wanted:
-                self.filtered += 1
-                return
-            if name == b"VarSet" and self.wanted_variables is not None:
-                at = raw.find(b"\r\nVariable: ")
-                if at >= 0:
-                    end = raw.find(b"\r\n", at + 12)
-                    var = raw[at + 12:end] if end >= 0 else raw[at + 12:]
-                    if var not in self.wanted_variables:
-                        self.filtered += 1
-                        return
-            is_event = True
-        elif raw.startswith(b"Response: "):
-            is_event = False
-        else:
-            self.skipped_garbage += 1
-            log.warning("AMI: skipped %d bytes that are not an AMI message: %r",
-                        len(raw), raw[:60])
-            return
-        text = raw.decode("utf-8", "replace")
-        lines = text.split("\r\n")
-        pairs = [line.split(": ", 1) for line in lines]
+    def _parse_glued(self, raw, when, out):
+        pieces = re.split(b"\r\n(?=Event: |Response: )", raw)
+        log.warning("AMI: %d messages arrived without the blank line between them", len(pieces))
+        saved, self._buf, self._skipping = self._buf, b"", False
+        expect, self._expect_banner = self._expect_banner, False
         try:
-            headers = dict(pairs)
-        except ValueError:
-            headers = None
-        if headers is None or len(headers) != len(pairs):
-            headers, output = self._slow_headers(pairs)
-        else:
-            output = None
-        msg = Message(headers, is_event,
-                      headers["Event"] if is_event else headers["Response"], when)
-        if output is not None:
-            msg.output = output
-        elif not is_event and "Output" in headers:
-            msg.output = msg.all("Output")
-        out.append(msg)
+            for piece in pieces:
+                out.extend(self.feed(piece + _SEP, when))
+        finally:
+            self._buf, self._expect_banner = saved, expect
 
     def _slow_headers(self, pairs):
         """Repeated headers become lists; lines without ': ' are command output or junk."""
