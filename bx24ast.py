@@ -448,8 +448,10 @@ class AmiParser(object):
     Newexten, VarSet, RTCP and device state events.
     """
 
-    def __init__(self, max_message_bytes=1048576, wanted_events=None, wanted_variables=None):
+    def __init__(self, max_message_bytes=1048576, wanted_events=None, wanted_variables=None,
+                 accept_actions=False):
         self.max_message_bytes = max_message_bytes
+        self.accept_actions = accept_actions
         self.wanted_events = wanted_events
         self.wanted_variables = wanted_variables
         self.banner = None
@@ -517,6 +519,12 @@ class AmiParser(object):
             elif raw[:10] == b"Response: ":
                 is_event = False
             elif not raw or raw == b"\r\n":
+                continue
+            elif raw[:8] == b"Action: " and self.accept_actions:
+                # The server's side of the protocol (test doubles, sent-action logs).
+                headers, output = self._slow_headers(
+                    [line.split(": ", 1) for line in raw.decode("utf-8", "replace").split("\r\n")])
+                out.append(Message(headers, False, headers["Action"], when))
                 continue
             else:
                 raw = raw.lstrip(b"\r\n")
@@ -702,6 +710,10 @@ class AmiConnection(object):
     """
 
     BANNER_PREFIX = "Asterisk Call Manager/"
+    # Events the connection itself needs whatever the consumer filters: the items of
+    # list actions, and the PBX's own state.
+    CONNECTION_EVENTS = frozenset([b"CoreShowChannel", b"CoreShowChannelsComplete",
+                                   b"OriginateResponse", b"FullyBooted", b"Shutdown"])
 
     def __init__(self, host, port, username, secret, on_event, auth="plain",
                  connect_timeout=5.0, ping_interval=20.0, reconnect_max_delay=30.0,
@@ -719,6 +731,8 @@ class AmiConnection(object):
         self.on_connect = on_connect
         self.on_disconnect = on_disconnect
         self.raw_tap = raw_tap
+        if wanted_events is not None:
+            wanted_events = frozenset(wanted_events) | self.CONNECTION_EVENTS
         self.parser = AmiParser(max_message_bytes, wanted_events, wanted_variables)
         self.stream = AmiStream(on_event, self.parser)
         self._sock = None
@@ -897,10 +911,14 @@ class AmiConnection(object):
                                                  "(banner %r)" % (self.host, self.port, self.banner[:60]))
                 else:
                     msgs = self.parser.feed(data, time.time())
+                answer = None
                 for msg in msgs:
-                    if not msg.is_event and dict.get(msg, "ActionID") == action_id:
-                        return msg
-                    early.append(msg)
+                    if answer is None and not msg.is_event and dict.get(msg, "ActionID") == action_id:
+                        answer = msg
+                    else:
+                        early.append(msg)  # including what came in the same read after it
+                if answer is not None:
+                    return answer
 
         def login_action(action, headers):
             action_id = self.next_action_id()
@@ -1974,8 +1992,7 @@ class Daemon(object):
             auth=ami["auth"], connect_timeout=ami["connect_timeout"],
             ping_interval=ami["ping_interval"], reconnect_max_delay=ami["reconnect_max_delay"],
             max_message_bytes=ami["max_message_bytes"],
-            wanted_events=CallTracker.WANTED_EVENTS | {b"FullyBooted", b"Shutdown",
-                                                       b"OriginateResponse"},
+            wanted_events=CallTracker.WANTED_EVENTS,
             wanted_variables=self.tracker.wanted_variables(),
             on_connect=self._on_connect)
         self.stop_event = threading.Event()

@@ -1,0 +1,91 @@
+"""Configuration: every key validated at start-up, one clear message, exit code 2."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+import bx24ast
+from conftest import ROOT
+
+SCRIPT = os.path.join(ROOT, "bx24ast.py")
+
+
+def run_cli(*args):
+    proc = subprocess.run([sys.executable, SCRIPT] + list(args), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, universal_newlines=True, timeout=30)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def write(tmp_path, text):
+    path = tmp_path / "bx24ast.conf"
+    path.write_text(text)
+    return str(path)
+
+
+def test_defaults_are_valid():
+    config = bx24ast.Config.defaults()
+    assert config.get("ami", "port") == 5038
+    assert config.get("bitrix24", "verify_tls") is True
+
+
+def test_example_config_documents_every_key_and_matches_the_schema():
+    with open(os.path.join(ROOT, "bx24ast.conf.example"), encoding="utf-8") as f:
+        text = f.read()
+    assert text == bx24ast.example_config_text(), "regenerate with: bx24ast.py example-config"
+    config = bx24ast.Config.from_text(text)
+    for section, key, default, _conv, doc in bx24ast.CONFIG_SCHEMA:
+        assert "[%s]" % section in text and "\n%s =" % key in text and doc in text
+        assert config.get(section, key) == bx24ast.Config.defaults().get(section, key)
+
+
+@pytest.mark.parametrize("text, words", [
+    ("[ami]\nport = 70000\n", ["[ami] port", "70000", "1 to 65535"]),
+    ("[ami]\nport = abc\n", ["[ami] port", "'abc'", "whole number"]),
+    ("[pbx]\nextension_pattern = [0-9\n", ["[pbx] extension_pattern", "regular expression"]),
+    ("[pbx]\ninbound_contexts = (from-trunk\n", ["[pbx] inbound_contexts", "regular expression"]),
+    ("[bitrix24]\nverify_tls = maybe\n", ["[bitrix24] verify_tls", "yes or no"]),
+    ("[bitrix24]\nwebhook_url = http://x/\n", ["[bitrix24] webhook_url", "/rest/<user>/<token>/"]),
+    ("[ami]\nauth = kerberos\n", ["[ami] auth", "plain, md5"]),
+    ("[ami]\nhots = 1.2.3.4\n", ["unknown key 'hots' in [ami]", "host"]),
+    ("[amii]\nhost = x\n", ["unknown section [amii]"]),
+    ("[ami]\nhost = a\nhost = b\n", ["cannot be read as an INI file"]),
+    ("port = 1\n", ["cannot be read as an INI file"]),
+])
+def test_bad_values_name_section_key_and_value(tmp_path, text, words):
+    path = write(tmp_path, text)
+    with pytest.raises(bx24ast.ConfigError) as err:
+        bx24ast.Config.load(path)
+    for word in words:
+        assert word in str(err.value)
+    code, out, errout = run_cli("-c", path, "check-config")
+    assert code == 2
+    assert "Traceback" not in errout
+    assert errout.startswith("bx24ast: configuration error: ")
+    assert len(errout.strip().splitlines()) == 1
+
+
+def test_missing_file_is_exit_2(tmp_path):
+    code, out, err = run_cli("-c", str(tmp_path / "nope.conf"), "run")
+    assert code == 2 and "cannot read the configuration file" in err and "Traceback" not in err
+
+
+def test_missing_required_key_is_exit_2(tmp_path):
+    path = write(tmp_path, "[ami]\nhost = 127.0.0.1\n")
+    code, out, err = run_cli("-c", path, "run", "--foreground")
+    assert code == 2
+    assert "[ami] username is empty" in err and "Traceback" not in err
+
+
+def test_good_file_checks_ok(tmp_path):
+    path = write(tmp_path, "[ami]\nusername = bx24\nsecret = x\n[pbx]\nextension_pattern = 1[0-9]{2}\n")
+    code, out, err = run_cli("-c", path, "check-config")
+    assert code == 0 and "OK" in out
+    config = bx24ast.Config.load(path)
+    rules = bx24ast.PbxRules.from_config(config)
+    assert rules.is_extension("101") and not rules.is_extension("201")
+
+
+def test_webhook_url_gets_its_trailing_slash():
+    config = bx24ast.Config.from_text("[bitrix24]\nwebhook_url = https://a.bitrix24.ru/rest/1/abc\n")
+    assert config.get("bitrix24", "webhook_url") == "https://a.bitrix24.ru/rest/1/abc/"
