@@ -91,3 +91,328 @@ def test_internal_calls_only_with_flag():
     assert plain.strip() == b""
     rows = subprocess.check_output([sys.executable, script, "replay", path, "--include-internal"])
     assert json.loads(rows)["direction"] == "internal"
+
+
+# -- rules on their own ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("raw, want", [
+    ("89161234567", "+79161234567"), ("79161234567", "+79161234567"), ("+79161234567", "+79161234567"),
+    ("9161234567", "+79161234567"), ("8 (916) 123-45-67", "+79161234567"),
+    ("81049301234567", "+49301234567"), ("0049301234567", "+49301234567"),
+    ("112", "112"), ("<unknown>", None), ("anonymous", None), ("", None), (None, None),
+])
+def test_number_plan_russia(raw, want):
+    assert bx24ast.NumberPlan().normalize(raw) == want
+
+
+def test_number_plan_other_countries():
+    uk = bx24ast.NumberPlan("44", "0", 10, "00")
+    assert uk.normalize("02079460000") == "+442079460000"
+    us = bx24ast.NumberPlan("1", "1", 10, "011")
+    assert us.normalize("2125550100") == "+12125550100"
+    assert us.normalize("12125550100") == "+12125550100"
+
+
+@pytest.mark.parametrize("name, ext", [
+    ("PJSIP/101-0000001a", "101"), ("SIP/102-00000003", "102"), ("IAX2/103-12345", "103"),
+    ("Local/101@from-queue-00000004;1", "101"), ("Local/101#@from-internal-00000004;2", "101"),
+    ("PJSIP/trunk-operator-00000000", None), ("Local/89161234567@from-internal-00000008;1", None),
+    ("DAHDI/1-1", None), ("Local/s@macro-dial-00000001;1", None),
+])
+def test_extension_of_channel(rules, name, ext):
+    assert rules.extension_of_channel(name) == ext
+
+
+def test_trunk_channels_are_never_extensions():
+    config = bx24ast.Config.from_text("[pbx]\ntrunk_channels = SIP/100-.*\n")
+    rules = bx24ast.PbxRules.from_config(config)
+    assert rules.extension_of_channel("SIP/100-0000001") is None
+    assert rules.is_external_leg("SIP/100-0000001")
+
+
+# -- synthetic event streams -------------------------------------------------------------------
+
+class Pbx(object):
+    """Writes AMI events the way Asterisk 22 does, for scenarios no capture holds."""
+
+    def __init__(self, rules=None):
+        self.t = 1000.0
+        self.rules = rules or bx24ast.PbxRules.defaults()
+        self.events = []
+        self.tracker = bx24ast.CallTracker(self.rules, self._on)
+        self.chans = {}
+
+    def _on(self, kind, call, ext):
+        self.events.append((kind, call.linkedid, ext, call))
+
+    def at(self, t):
+        self.t = 1000.0 + t
+        return self
+
+    def send(self, name, **headers):
+        h = {"Event": name}
+        h.update((k, str(v)) for k, v in headers.items())
+        self.tracker.handle(bx24ast.Message(h, True, name, self.t))
+
+    def fields(self, uid, prefix=""):
+        c = self.chans[uid]
+        return dict((prefix + k, v) for k, v in c.items())
+
+    def new(self, uid, name, linkedid, context="from-internal", exten="s", cid="", state=0):
+        self.chans[uid] = {"Channel": name, "Uniqueid": uid, "Linkedid": linkedid, "Context": context,
+                           "Exten": exten, "CallerIDNum": cid or "<unknown>", "ChannelState": state}
+        self.send("Newchannel", **self.fields(uid))
+
+    def dial(self, src, dest, dialstring=""):
+        headers = self.fields(dest, "Dest")
+        if src:
+            headers.update(self.fields(src))
+        self.send("DialBegin", DialString=dialstring, **headers)
+
+    def dialend(self, src, dest, status):
+        headers = self.fields(dest, "Dest")
+        if src:
+            headers.update(self.fields(src))
+        self.send("DialEnd", DialStatus=status, **headers)
+
+    def enter(self, uid, bridge):
+        self.send("BridgeEnter", BridgeUniqueid=bridge, **self.fields(uid))
+
+    def leave(self, uid, bridge):
+        self.send("BridgeLeave", BridgeUniqueid=bridge, **self.fields(uid))
+
+    def hangup(self, uid, cause=16):
+        self.send("Hangup", Cause=cause, **self.fields(uid))
+
+    def relink(self, uid, linkedid):
+        self.chans[uid]["Linkedid"] = linkedid
+
+    def ended(self):
+        return dict((lid, call.as_dict(self.rules.number_plan))
+                    for kind, lid, ext, call in self.events if kind == "ended")
+
+
+def test_inbound_busy_extension():
+    pbx = Pbx()
+    pbx.new("1.0", "PJSIP/trunk-00000001", "1.0", "from-trunk", "74957654321", "89161234567", 4)
+    pbx.new("1.1", "PJSIP/103-00000002", "1.0")
+    pbx.dial("1.0", "1.1", "103")
+    pbx.at(0.2).dialend("1.0", "1.1", "BUSY")
+    pbx.hangup("1.1", 17)
+    pbx.at(5).hangup("1.0", 17)
+    row = pbx.ended()["1.0"]
+    assert (row["direction"], row["external_number"], row["did"], row["rang"]) == \
+        ("inbound", "+79161234567", "74957654321", ["103"])
+    assert (row["disposition"], row["billsec"], row["answered_by"], row["ended_with"]) == ("BUSY", 0, None, None)
+
+
+@pytest.mark.parametrize("status, disposition", [("NOANSWER", "NO ANSWER"), ("CANCEL", "NO ANSWER"),
+                                                  ("BUSY", "BUSY"), ("CHANUNAVAIL", "FAILED"),
+                                                  ("CONGESTION", "FAILED")])
+def test_outbound_not_answered(status, disposition):
+    pbx = Pbx()
+    pbx.new("2.0", "PJSIP/101-00000001", "2.0", "from-internal", "89161234567", "101", 4)
+    pbx.new("2.1", "PJSIP/trunk-00000002", "2.0", "from-trunk", "s")
+    pbx.dial("2.0", "2.1", "89161234567@trunk")
+    pbx.at(20).dialend("2.0", "2.1", status)
+    pbx.hangup("2.1")
+    pbx.hangup("2.0")
+    row = pbx.ended()["2.0"]
+    assert (row["direction"], row["external_number"], row["rang"]) == ("outbound", "+79161234567", [])
+    assert (row["disposition"], row["billsec"], row["answered_by"], row["ended_with"]) == (disposition, 0, None, None)
+    assert [e[:3] for e in pbx.events] == [("ringing", "2.0", "101"), ("ended", "2.0", None)]
+
+
+def test_outbound_dialled_but_no_trunk_channel_is_failed():
+    pbx = Pbx()
+    pbx.new("2.0", "PJSIP/101-00000001", "2.0", "from-internal", "89161234567", "101", 4)
+    pbx.at(3).hangup("2.0")
+    row = pbx.ended()["2.0"]
+    assert (row["direction"], row["external_number"], row["disposition"]) == ("outbound", "+79161234567", "FAILED")
+
+
+def _answered_inbound(pbx):
+    pbx.new("3.0", "PJSIP/trunk-00000001", "3.0", "from-trunk", "74951234567", "+79161234567", 4)
+    pbx.new("3.1", "PJSIP/101-00000002", "3.0")
+    pbx.dial("3.0", "3.1", "101")
+    pbx.at(2).dialend("3.0", "3.1", "ANSWER")
+    pbx.enter("3.1", "B1")
+    pbx.enter("3.0", "B1")
+
+
+@pytest.mark.parametrize("event_first", [False, True], ids=["merge-then-event", "event-then-merge"])
+def test_attended_transfer(event_first):
+    """Atxfer as Asterisk 22 does it: the consultation leg is a Local/102@from-internal
+    pair with the call's linkedid; on completion the bridges merge."""
+    pbx = Pbx()
+    _answered_inbound(pbx)
+    pbx.at(5).leave("3.1", "B1")
+    pbx.send("Hold", **pbx.fields("3.0"))
+    pbx.new("3.2", "Local/102@from-internal-00000003;1", "3.0", "from-internal", "102")
+    pbx.new("3.3", "Local/102@from-internal-00000003;2", "3.0", "from-internal", "102", state=4)
+    pbx.enter("3.1", "B2")
+    pbx.enter("3.2", "B2")
+    pbx.new("3.4", "PJSIP/102-00000004", "3.0")
+    pbx.dial("3.3", "3.4", "102")
+    pbx.at(8).dialend("3.3", "3.4", "ANSWER")
+    pbx.enter("3.4", "B3")
+    pbx.enter("3.3", "B3")
+    pbx.at(12)
+    xfer = dict(OrigTransfererUniqueid="3.1", OrigTransfererChannel="PJSIP/101-00000002",
+                SecondTransfererUniqueid="3.1", TransfereeUniqueid="3.0", TransferTargetUniqueid="3.2",
+                DestType="Bridge", DestBridgeUniqueid="B1", Result="Success", IsExternal="No")
+    if event_first:
+        pbx.send("AttendedTransfer", **xfer)
+    pbx.leave("3.1", "B2")
+    pbx.send("BridgeMerge", FromBridgeUniqueid="B2", ToBridgeUniqueid="B1")
+    if not event_first:
+        pbx.send("AttendedTransfer", **xfer)
+    pbx.hangup("3.1")
+    pbx.at(30).hangup("3.0")
+    for uid in ("3.2", "3.3", "3.4"):
+        pbx.hangup(uid)
+    row = pbx.ended()["3.0"]
+    assert row["rang"] == ["101", "102"]
+    assert row["answered_by"] == "101" and row["ended_with"] == "102"
+    assert row["transfers"] == [{"type": "attended", "from": "101", "to": "102"}]
+    assert row["billsec"] == 28 and row["disposition"] == "ANSWERED"
+    kinds = [(k, e) for k, _, e, _ in pbx.events]
+    assert ("answered", "101") in kinds and ("transferred", "102") in kinds
+
+
+def test_transfer_by_phone_relinks_the_consultation_call():
+    """A desk phone's own transfer: the consultation is a separate internal call, then
+    Asterisk re-links its channels to the client's call."""
+    pbx = Pbx()
+    _answered_inbound(pbx)
+    pbx.at(4).leave("3.1", "B1")
+    pbx.new("4.0", "PJSIP/101-00000005", "4.0", "from-internal", "102", "101", 4)
+    pbx.new("4.1", "PJSIP/102-00000006", "4.0")
+    pbx.dial("4.0", "4.1", "102")
+    pbx.at(6).dialend("4.0", "4.1", "ANSWER")
+    pbx.enter("4.1", "B4")
+    pbx.enter("4.0", "B4")
+    pbx.at(9).leave("4.1", "B4")
+    pbx.relink("4.1", "3.0")
+    pbx.send("AttendedTransfer", OrigTransfererUniqueid="3.1", SecondTransfererUniqueid="4.0",
+             TransfereeUniqueid="3.0", TransferTargetUniqueid="4.1", Result="Success", DestType="Link")
+    pbx.enter("4.1", "B1")
+    pbx.hangup("3.1")
+    pbx.leave("4.0", "B4")
+    pbx.hangup("4.0")
+    pbx.at(20).hangup("3.0")
+    pbx.hangup("4.1")
+    ended = pbx.ended()
+    row = ended["3.0"]
+    assert row["ended_with"] == "102" and row["transfers"] == [{"type": "attended", "from": "101", "to": "102"}]
+    assert ended["4.0"]["direction"] == "internal"
+    assert not pbx.tracker.calls and not pbx.tracker.channels and not pbx.tracker.bridges
+
+
+def test_queue_with_local_members_rings_each_extension_once():
+    """FreePBX queues dial Local/101@from-queue/n, whose second half dials PJSIP/101."""
+    pbx = Pbx()
+    pbx.new("5.0", "PJSIP/trunk-00000001", "5.0", "from-pstn", "s", "79161234567", 4)
+    pbx.send("VarSet", Variable="__FROM_DID", Value="74951234567", **pbx.fields("5.0"))
+    pbx.new("5.1", "Local/101@from-queue-00000002;1", "5.0", "from-queue", "101")
+    pbx.new("5.2", "Local/101@from-queue-00000002;2", "5.0", "from-queue", "101", state=4)
+    pbx.dial("5.0", "5.1", "Local/101@from-queue/n")
+    pbx.new("5.3", "PJSIP/101-00000003", "5.0")
+    pbx.dial("5.2", "5.3", "PJSIP/101")
+    pbx.at(4).dialend("5.2", "5.3", "ANSWER")
+    pbx.enter("5.3", "B2")
+    pbx.enter("5.2", "B2")
+    pbx.dialend("5.0", "5.1", "ANSWER")
+    pbx.enter("5.1", "B1")
+    pbx.enter("5.0", "B1")
+    pbx.at(10)
+    for uid in ("5.0", "5.1", "5.2", "5.3"):
+        pbx.hangup(uid)
+    row = pbx.ended()["5.0"]
+    assert row["did"] == "74951234567" and row["external_number"] == "+79161234567"
+    assert row["rang"] == ["101"] and row["answered_by"] == "101" and row["billsec"] == 6
+    assert [e[:3] for e in pbx.events].count(("ringing", "5.0", "101")) == 1
+    tracker = pbx.tracker
+    assert not (tracker.calls or tracker.channels or tracker.bridges or tracker.local_pairs)
+
+
+def test_call_without_hangup_expires():
+    pbx = Pbx()
+    pbx.new("6.0", "PJSIP/trunk-00000001", "6.0", "from-trunk", "74951234567", "+79161234567", 4)
+    pbx.new("6.1", "PJSIP/101-00000002", "6.0")
+    pbx.dial("6.0", "6.1", "101")
+    pbx.tracker.expire(1000.0 + 3600)
+    assert pbx.tracker.calls
+    pbx.tracker.expire(1000.0 + 13 * 3600)
+    assert not pbx.tracker.calls and not pbx.tracker.channels
+    [(kind, lid, ext, call)] = [e for e in pbx.events if e[0] == "ended"]
+    assert call.expired and call.disposition == "NO ANSWER"
+
+
+def test_late_events_do_not_resurrect_a_channel():
+    pbx = Pbx()
+    pbx.new("7.0", "PJSIP/trunk-00000001", "7.0", "from-trunk", "74951234567", "+79161234567", 4)
+    pbx.hangup("7.0")
+    pbx.send("VarSet", Variable="MIXMONITOR_FILENAME", Value="/x.wav", **pbx.fields("7.0"))
+    assert not pbx.tracker.calls
+
+
+def test_resync_hangs_up_vanished_channels_and_adopts_new_ones():
+    pbx = Pbx()
+    _answered_inbound(pbx)
+    # while we were away: 101 hung up, and a new inbound call started and was answered
+    show = [bx24ast.Message({"Event": "CoreShowChannel", "Channel": "PJSIP/trunk-00000001",
+                             "Uniqueid": "3.0", "Linkedid": "3.0", "Context": "ext-group", "Exten": "600",
+                             "ChannelState": "6", "BridgeId": "B1", "Duration": "00:00:10"}, True,
+                            "CoreShowChannel", None),
+            bx24ast.Message({"Event": "CoreShowChannel", "Channel": "PJSIP/trunk-00000009",
+                             "Uniqueid": "8.0", "Linkedid": "8.0", "Context": "from-trunk",
+                             "Exten": "74957654321", "CallerIDNum": "+79160000000", "ChannelState": "6",
+                             "BridgeId": "B9", "Duration": "00:01:00"}, True, "CoreShowChannel", None),
+            bx24ast.Message({"Event": "CoreShowChannel", "Channel": "PJSIP/103-0000000a",
+                             "Uniqueid": "8.1", "Linkedid": "8.0", "Context": "from-internal", "Exten": "",
+                             "ChannelState": "6", "BridgeId": "B9", "Duration": "00:00:50"}, True,
+                            "CoreShowChannel", None)]
+    pbx.tracker.resync(show, 1000.0 + 60, gone_at=1000.0 + 40)
+    assert "3.1" not in pbx.tracker.channels
+    new = pbx.tracker.calls["8.0"]
+    assert new.direction == "inbound" and new.answered_by == "103" and new.did == "74957654321"
+    assert abs(new.started_at - 1000.0) < 1
+    pbx.at(70).hangup("3.0")
+    pbx.chans["8.0"] = {"Channel": "PJSIP/trunk-00000009", "Uniqueid": "8.0", "Linkedid": "8.0"}
+    pbx.chans["8.1"] = {"Channel": "PJSIP/103-0000000a", "Uniqueid": "8.1", "Linkedid": "8.0"}
+    pbx.at(90).hangup("8.1")
+    pbx.hangup("8.0")
+    ended = pbx.ended()
+    assert ended["3.0"]["answered_by"] == "101" and ended["3.0"]["disposition"] == "ANSWERED"
+    assert ended["8.0"]["external_number"] == "+79160000000" and ended["8.0"]["billsec"] == 30
+
+
+def test_ignored_numbers_are_not_reportable():
+    config = bx24ast.Config.from_text("[pbx]\nignore_numbers = \\+7495000.*|\\*97\n")
+    rules = bx24ast.PbxRules.from_config(config)
+    pbx = Pbx(rules)
+    pbx.new("9.0", "PJSIP/trunk-00000001", "9.0", "from-trunk", "74951234567", "84950001122", 4)
+    pbx.hangup("9.0")
+    call = [e[3] for e in pbx.events if e[0] == "ended"][0]
+    assert not bx24ast.is_reportable(call, rules)
+
+
+def test_click_to_call_carries_the_bitrix_call_id():
+    pbx = Pbx()
+    pbx.new("10.0", "PJSIP/101-00000001", "10.0", "from-internal", "s", "101", 0)
+    pbx.send("VarSet", Variable="__BX24_CALL_ID", Value="externalCall.abc123.1700000000",
+             **pbx.fields("10.0"))
+    pbx.dial(None, "10.0", "101")
+    pbx.at(3).dialend(None, "10.0", "ANSWER")
+    pbx.chans["10.0"]["Exten"] = "89161234567"
+    pbx.new("10.1", "PJSIP/trunk-00000002", "10.0", "from-trunk", "s")
+    pbx.dial("10.0", "10.1", "89161234567@trunk")
+    pbx.at(6).dialend("10.0", "10.1", "ANSWER")
+    pbx.enter("10.1", "B1")
+    pbx.enter("10.0", "B1")
+    pbx.at(16).hangup("10.1")
+    pbx.hangup("10.0")
+    row = pbx.ended()["10.0"]
+    assert row["click_to_call"] and row["call_id"] == "externalCall.abc123.1700000000"
+    assert (row["direction"], row["rang"], row["answered_by"], row["billsec"]) == ("outbound", ["101"], "101", 10)
