@@ -1,0 +1,90 @@
+"""The foreground daemon and the capture commands as real processes."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from conftest import FIXTURES, ROOT, load_expected
+from fake_ami import FakeAmiServer
+from test_ami import PJSIP, _compare, _expected
+
+SCRIPT = os.path.join(ROOT, "bx24ast.py")
+
+
+def _config(tmp_path, server):
+    path = tmp_path / "bx24ast.conf"
+    path.write_text("[ami]\nhost = 127.0.0.1\nport = %d\nusername = bx24\nsecret = s3cret\n"
+                    "reconnect_max_delay = 1\n[storage]\nstate_dir = %s\n" % (server.port, tmp_path))
+    return str(path)
+
+
+def test_run_logs_each_call_lifecycle_and_stops_on_sigterm(tmp_path):
+    names = ["inbound_answered", "blind_transfer", "outbound_answered"]
+    with FakeAmiServer([os.path.join(PJSIP, n) for n in names]) as server:
+        proc = subprocess.Popen([sys.executable, SCRIPT, "-c", _config(tmp_path, server), "run", "-f"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+        try:
+            assert server.finished.wait(20)
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGTERM)
+            out, err = proc.communicate(timeout=10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    assert proc.returncode == 0, err
+    assert "logged in to 127.0.0.1" in err and "bx24ast stopped" in err
+    lines = [l for l in err.splitlines() if " call " in l]
+    assert any("call 1795667003.0 ringing direction=inbound number=+79161234567 did=74951234567 "
+               "extension=101" in l for l in lines)
+    assert any("call 1795667003.0 answered" in l and "extension=102" in l for l in lines)
+    assert any("call 1795667081.15 transferred" in l and "extension=103" in l for l in lines)
+    assert any("call 1795667032.8 ended direction=outbound number=+79161234567" in l
+               and "disposition=ANSWERED" in l for l in lines)
+    assert all("call " + lid in err for lid in ("1795667003.0", "1795667081.15", "1795667032.8"))
+
+
+def test_record_ami_then_replay_gives_the_same_calls(tmp_path):
+    names = ["inbound_queue", "click2call_originate"]
+    out_path = str(tmp_path / "ami.log")
+    with FakeAmiServer([os.path.join(PJSIP, n) for n in names], speed=50.0) as server:
+        proc = subprocess.Popen([sys.executable, SCRIPT, "-c", _config(tmp_path, server), "record-ami",
+                                 "-o", out_path], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            assert server.finished.wait(20)
+            time.sleep(0.3)
+            proc.send_signal(signal.SIGINT)
+            proc.communicate(timeout=10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    assert proc.returncode == 0
+    with open(out_path, "rb") as f:
+        assert f.read(22) == b"Asterisk Call Manager/"
+    sidecar = [json.loads(l) for l in open(str(tmp_path / "ami.timestamps.jsonl"))]
+    assert sidecar[0]["offset"] == 0 and all("wall" in r and "t" in r for r in sidecar)
+    assert sum(r["len"] for r in sidecar) == os.path.getsize(out_path)
+    rows = subprocess.check_output([sys.executable, SCRIPT, "replay", out_path], universal_newlines=True)
+    got = [json.loads(l) for l in rows.splitlines()]
+    _compare(got, _expected(names))
+    # the server played the calls 50 times faster; talk time follows
+    queue = [r for r in got if r["linkedid"] == "1795667065.12"][0]
+    assert queue["billsec"] <= 1 and queue["started_at"].startswith("20")
+
+
+def test_replay_without_sidecar_has_no_times(tmp_path):
+    src = os.path.join(PJSIP, "inbound_answered", "ami.log")
+    dst = tmp_path / "bare.log"
+    dst.write_bytes(open(src, "rb").read())
+    rows = subprocess.check_output([sys.executable, SCRIPT, "replay", str(dst)], universal_newlines=True)
+    row = json.loads(rows)
+    assert row["answered_by"] == "102" and row["started_at"] is None and row["billsec"] is None
+
+
+def test_replay_of_a_missing_capture_is_an_error(tmp_path):
+    proc = subprocess.run([sys.executable, SCRIPT, "replay", str(tmp_path / "nothing")],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+    assert proc.returncode == 1 and "no capture" in proc.stderr
