@@ -9,8 +9,11 @@ Sections, in the order data flows:
 
     Compatibility    shims and small helpers for Python 3.6
     Configuration    the INI file: schema, validation, ConfigError
+    Storage          sqlite state: StateStore, Outbox (durable requests), CallRecords
     AMI              wire format (build_action, AmiParser), AmiStream, AmiConnection
     Calls            phone numbers, channel names, CallTracker (events -> calls)
+    Bitrix24         BitrixClient: webhook/OAuth, LeakyBucket, batch, error classes
+    CRM flows        UserDirectory, CrmFlows (calls -> requests), OutboxSender
     Captures         record-ami / replay: AMI byte streams with their timing sidecar
     Service          the foreground daemon: threads, signals, logging
     Command line     main()
@@ -19,6 +22,8 @@ Importing this module runs nothing.
 """
 
 import argparse
+import base64
+import calendar
 import collections
 import configparser
 import errno
@@ -30,9 +35,15 @@ import re
 import select
 import signal
 import socket
+import sqlite3
+import ssl
+import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 
 __version__ = "0.1.0"
 
@@ -67,7 +78,6 @@ def parse_iso_time(text):
                  text.strip())
     if not m:
         raise ValueError("not an ISO 8601 time: %r" % text)
-    import calendar
     fields = [int(x) for x in m.groups()[:6]]
     ts = calendar.timegm(tuple(fields) + (0, 0, 0))
     if m.group(7):
@@ -184,6 +194,31 @@ def _as_webhook_url(text):
     return text if text.endswith("/") else text + "/"
 
 
+def _as_url(text):
+    text = text.strip()
+    if not re.match(r"^https?://[^/\s]+(/\S*)?$", text):
+        raise ValueError("an http(s) URL")
+    return text
+
+
+def _as_portal_url(text):
+    text = text.strip()
+    if not text:
+        return ""
+    if not re.match(r"^https?://[^/\s]+/?$", text):
+        raise ValueError("empty, or the portal address like https://<portal>.bitrix24.ru/")
+    return text.rstrip("/") + "/"
+
+
+def _as_template(text):
+    text = text.strip()
+    try:
+        text.format(number="", did="", line="", time="", linkedid="")
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ValueError("text with only {number}, {did}, {line}, {time}, {linkedid} (%s)" % exc)
+    return text
+
+
 def _as_dir(text):
     text = text.strip()
     if not text or "\0" in text:
@@ -206,6 +241,27 @@ CONFIG_SCHEMA = [
     ("bitrix24", "webhook_url", "", _as_webhook_url, "Inbound webhook, https://<portal>/rest/<user>/<token>/ (scopes telephony, crm, user, task)."),
     ("bitrix24", "verify_tls", "yes", _as_bool, "Check the portal's TLS certificate."),
     ("bitrix24", "timeout", "15", _as_float(1, 300), "Seconds before a REST request is abandoned and retried."),
+    ("bitrix24", "portal_url", "", _as_portal_url, "Local application: the portal, https://<portal>.bitrix24.ru/ (webhook_url empty)."),
+    ("bitrix24", "client_id", "", _as_str, "Local application: client_id (application ID) from the local application form."),
+    ("bitrix24", "client_secret", "", _as_str, "Local application: client_secret (application key)."),
+    ("bitrix24", "oauth_url", "https://oauth.bitrix.info/oauth/token/", _as_url, "OAuth server that refreshes the application's tokens."),
+    ("bitrix24", "rate", "2", _as_float(0.1, 100), "Requests per second the portal allows (2; 5 on Enterprise)."),
+    ("bitrix24", "burst", "50", _as_int(1, 1000), "Leaky-bucket size of the portal (50; 250 on Enterprise)."),
+    ("bitrix24", "users_refresh_minutes", "10", _as_float(0.1, 1440), "How often the extension -> user map is re-read with user.get."),
+    ("crm", "create", "yes", _as_bool, "Unknown numbers create a lead (or contact and deal in a portal without leads): CRM_CREATE."),
+    ("crm", "mode", "leads", _as_choice("leads", "contacts"), "leads, or contacts for a portal that runs CRM without leads."),
+    ("crm", "default_user_id", "1", _as_int(0, 2 ** 31), "Bitrix24 user for calls no mapped extension handled (0: none)."),
+    ("crm", "add_to_chat", "no", _as_bool, "Post each finished call into the employee's chat (ADD_TO_CHAT)."),
+    ("crm", "show_card", "yes", _as_bool, "Pop up the call card for the employees whose phones ring."),
+    ("crm", "missed_task", "yes", _as_bool, "Create a task for the responsible employee after a missed inbound call."),
+    ("crm", "missed_task_title", "Missed call from {number}", _as_template, "Task title; {number}, {did}, {line}, {time}, {linkedid} are filled in."),
+    ("crm", "missed_task_description", "Call back {number}: missed call to {line} at {time}.", _as_template, "Task description, same fields."),
+    ("crm", "missed_task_deadline_minutes", "60", _as_int(1, 60 * 24 * 30), "Task deadline after the missed call."),
+    ("crm", "callback_window_minutes", "5", _as_float(0, 24 * 60), "No task when the client gets through (either way) within this time."),
+    ("recordings", "path", "/var/spool/asterisk/monitor", _as_dir, "Where MixMonitor writes (searched recursively by file name)."),
+    ("recordings", "attach", "yes", _as_bool, "Upload call recordings to Bitrix24 (attachRecord)."),
+    ("recordings", "settle_seconds", "3", _as_float(0, 600), "A recording is sent once it has not changed for this long."),
+    ("recordings", "inline_max_mb", "8", _as_float(0.1, 1024), "Larger files go through the two-step upload URL instead of base64."),
     ("pbx", "inbound_contexts", "from-trunk.*|from-pstn.*|from-did.*|ext-did.*|from-external.*|incoming.*|inbound.*",
      _as_regex, "Regex: dialplan contexts in which calls from trunks start (the channel's first context)."),
     ("pbx", "internal_contexts", "from-internal.*|from-phones?.*|internal.*|ext-local|from-extensions?|default",
@@ -223,18 +279,41 @@ CONFIG_SCHEMA = [
     ("pbx", "international_prefix", "810|00", _as_pattern_text, "Regex: prefix dialled before a country code (810 and 00 in Russia)."),
     ("pbx", "ignore_numbers", "", _as_regex, "Regex: external numbers never reported (voicemail, feature codes, test lines)."),
     ("pbx", "call_max_hours", "12", _as_float(0.1, 24 * 30), "A call with no AMI event for this long is closed (its Hangup was lost)."),
-    ("storage", "state_dir", "/var/lib/bx24ast", _as_dir, "Directory for the state database (outbox, checkpoints)."),
+    ("storage", "state_dir", "/var/lib/bx24ast", _as_dir, "Directory for the state database (outbox, tokens, checkpoints)."),
     ("log", "level", "info", _as_choice("debug", "info", "warning", "error"), "Log verbosity."),
     ("log", "file", "", _as_str, "Log file; empty logs to stderr."),
 ]
 
 
+def _users_entry(key, value):
+    if not re.match(r"^[0-9A-Za-z*#+_\-]{1,20}$", key):
+        raise ValueError("an extension (digits) as the key")
+    return _as_int(1, 2 ** 31)(value)
+
+
+def _lines_entry(key, value):
+    if not re.match(r"^\+?[0-9A-Za-z_\-]{1,50}$", key):
+        raise ValueError("a line number (DID) as the key")
+    value = value.strip()
+    if not re.match(r"^[A-Za-z0-9_|:\-]{1,50}$", value):
+        raise ValueError("a lead source STATUS_ID from crm.status.list (e.g. CALL, ADVERTISING, 1|2)")
+    return value
+
+
+# Sections that are maps: [users] extension = Bitrix24 user ID, [lines] DID = lead source.
+FREEFORM_SECTIONS = collections.OrderedDict([
+    ("users", (_users_entry, "Extension = Bitrix24 user ID; overrides the UF_PHONE_INNER map from user.get.")),
+    ("lines", (_lines_entry, "Called line (DID) = lead source STATUS_ID (crm.status.list ENTITY_ID=SOURCE).")),
+])
+
+
 class Config(object):
     """Validated settings: config.get('ami', 'port') -> 5038."""
 
-    def __init__(self, values, path=None):
+    def __init__(self, values, path=None, maps=None):
         self._values = values
         self.path = path
+        self.maps = maps or dict((name, collections.OrderedDict()) for name in FREEFORM_SECTIONS)
 
     def get(self, section, key):
         return self._values[(section, key)]
@@ -259,10 +338,23 @@ class Config(object):
         known = collections.OrderedDict()
         for section, key, default, convert, _doc in CONFIG_SCHEMA:
             known.setdefault(section, {})[key] = (default, convert)
+        maps = dict((name, collections.OrderedDict()) for name in FREEFORM_SECTIONS)
         for section in parser.sections():
+            if section in FREEFORM_SECTIONS:
+                convert = FREEFORM_SECTIONS[section][0]
+                for key in parser.options(section):
+                    raw = parser.get(section, key)
+                    try:
+                        maps[section][key] = convert(key, raw)
+                    except ValueError as exc:
+                        raise ConfigError("%s: [%s] %s = %r is not allowed: expected %s"
+                                          % (path, section, key, raw, exc),
+                                          section=section, key=key, value=raw)
+                continue
             if section not in known:
                 raise ConfigError("%s: unknown section [%s]; known sections: %s"
-                                  % (path, section, ", ".join("[%s]" % s for s in known)),
+                                  % (path, section, ", ".join("[%s]" % s for s in
+                                                              list(known) + list(FREEFORM_SECTIONS))),
                                   section=section)
             for key in parser.options(section):
                 if key not in known[section]:
@@ -282,7 +374,7 @@ class Config(object):
                 raise ConfigError("%s: [%s] %s = %r is not allowed: expected %s"
                                   % (path, section, key, raw, exc),
                                   section=section, key=key, value=raw)
-        return cls(values, path)
+        return cls(values, path, maps)
 
     @classmethod
     def load(cls, path, overrides=None):
@@ -319,7 +411,306 @@ def example_config_text():
             current = section
         out.append("# %s" % doc)
         out.append("%s = %s" % (key, default) if default else "%s =" % key)
+    examples = {"users": ["# 101 = 5", "# 102 = 7"],
+                "lines": ["# 74951234567 = ADVERTISING", "# 74957654321 = 2"]}
+    for name, (_convert, doc) in FREEFORM_SECTIONS.items():
+        out.extend(["", "[%s]" % name, "# %s" % doc] + examples[name])
     return "\n".join(out) + "\n"
+
+
+###############################################################################
+# Storage #####################################################################
+###############################################################################
+# One sqlite database in [storage] state_dir, in WAL mode so that the sender,
+# the AMI thread and the check command never wait long for each other. Every
+# Bitrix24 request is written here before it is sent: a restart or kill -9
+# resumes exactly where the daemon stopped.
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    linkedid TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    method TEXT NOT NULL,
+    params TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_at REAL NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    done_at REAL,
+    last_error TEXT,
+    result TEXT);
+CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (state, linkedid, id);
+CREATE TABLE IF NOT EXISTS calls (
+    linkedid TEXT PRIMARY KEY,
+    direction TEXT,
+    external_number TEXT,
+    call_id TEXT,
+    crm_entity_type TEXT,
+    crm_entity_id INTEGER,
+    crm_owner_id INTEGER,
+    created_entities TEXT,
+    answered INTEGER,
+    started_at REAL,
+    ended_at REAL,
+    finished_at REAL,
+    task_id INTEGER,
+    source TEXT,
+    updated_at REAL);
+CREATE INDEX IF NOT EXISTS calls_number ON calls (external_number, ended_at);
+"""
+
+
+class StorageError(Exception):
+    """The state database cannot be opened or written."""
+
+
+class StateStore(object):
+    """The sqlite state database: settings (tokens, checkpoints), outbox, calls."""
+
+    def __init__(self, path):
+        self.path = path
+        if path != ":memory:":
+            directory = os.path.dirname(os.path.abspath(path))
+            try:
+                os.makedirs(directory, mode=0o700, exist_ok=True)
+            except OSError as exc:
+                raise StorageError("cannot create the state directory %s ([storage] state_dir): %s"
+                                   % (directory, exc.strerror))
+        try:
+            self.db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+            self.db.row_factory = sqlite3.Row
+            if path != ":memory:":
+                self.db.execute("PRAGMA journal_mode=WAL")
+                # NORMAL is durable against a crash of this process (kill -9); only a
+                # power cut can lose the last commits, and fsync per call is costly.
+                self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            raise StorageError("cannot open the state database %s: %s" % (path, exc))
+        self.lock = threading.RLock()
+
+    @classmethod
+    def open_dir(cls, state_dir):
+        return cls(os.path.join(state_dir, "bx24ast.db"))
+
+    def execute(self, sql, args=()):
+        with self.lock:
+            return self.db.execute(sql, args)
+
+    def query(self, sql, args=()):
+        with self.lock:
+            return self.db.execute(sql, args).fetchall()
+
+    def transaction(self):
+        return _Transaction(self)
+
+    def get_setting(self, key, default=None):
+        rows = self.query("SELECT value FROM settings WHERE key = ?", (key,))
+        return json.loads(rows[0]["value"]) if rows else default
+
+    def set_setting(self, key, value):
+        self.execute("INSERT OR REPLACE INTO settings (key, value) VALUES (?, ?)",
+                     (key, json.dumps(value)))
+
+    def close(self):
+        with self.lock:
+            self.db.close()
+
+
+class _Transaction(object):
+    def __init__(self, store):
+        self.store = store
+
+    def __enter__(self):
+        self.store.lock.acquire()
+        self.store.db.execute("BEGIN IMMEDIATE")
+        return self.store.db
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            self.store.db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+        finally:
+            self.store.lock.release()
+
+
+class OutboxRequest(object):
+    __slots__ = ("id", "linkedid", "kind", "method", "params", "priority", "attempts", "next_at",
+                 "state", "last_error", "created_at")
+
+    def __init__(self, row):
+        for name in self.__slots__:
+            setattr(self, name, row[name])
+        self.params = json.loads(self.params)
+
+    def __repr__(self):
+        return "<%s #%d %s %s>" % (self.kind, self.id, self.linkedid, self.method)
+
+
+# Lower runs first: the card must not wait behind other calls' activities.
+PRIORITY_CARD, PRIORITY_FINISH, PRIORITY_LATER = 0, 1, 2
+
+
+class Outbox(object):
+    """Durable queue of Bitrix24 requests, strictly ordered within one call.
+
+    A call's requests leave in the order they were added (register, show/hide,
+    finish, record, task); different calls are independent, so one call stuck
+    on a bad parameter does not hold up the others. Each request is pending,
+    done or parked (given up, with the reason, until `outbox retry`).
+    """
+
+    def __init__(self, store):
+        self.store = store
+        self.wakeup = threading.Condition()
+
+    def add(self, linkedid, kind, method, params, priority, not_before=0.0):
+        now = time.time()
+        with self.store.transaction() as db:
+            if kind in ("show", "hide"):
+                merged = self._merge_card(db, linkedid, kind, params)
+                if merged:
+                    return merged
+            cur = db.execute(
+                "INSERT INTO outbox (linkedid, kind, method, params, priority, next_at, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (linkedid, kind, method, json.dumps(params), priority, not_before, now))
+            request_id = cur.lastrowid
+        with self.wakeup:
+            self.wakeup.notify_all()
+        return request_id
+
+    @staticmethod
+    def _merge_card(db, linkedid, kind, params):
+        """show/hide for more users while the last one is still unsent: one request."""
+        row = db.execute("SELECT id, kind, params, attempts FROM outbox WHERE linkedid = ? "
+                         "AND state = 'pending' ORDER BY id DESC LIMIT 1", (linkedid,)).fetchone()
+        if row is None or row["kind"] != kind or row["attempts"]:
+            return None
+        old = json.loads(row["params"])
+        users = old.get("USER_ID")
+        if not isinstance(users, list) or not isinstance(params.get("USER_ID"), list):
+            return None
+        for user in params["USER_ID"]:
+            if user not in users:
+                users.append(user)
+        db.execute("UPDATE outbox SET params = ? WHERE id = ?", (json.dumps(old), row["id"]))
+        return row["id"]
+
+    def ready(self, now, limit=50):
+        """The next request of every call that may go now, most urgent first."""
+        rows = self.store.query(
+            "SELECT o.* FROM outbox o WHERE o.state = 'pending' AND o.id = "
+            "(SELECT MIN(id) FROM outbox i WHERE i.linkedid = o.linkedid AND i.state = 'pending') "
+            "AND o.next_at <= ? ORDER BY o.priority, o.id LIMIT ?", (now, limit))
+        return [OutboxRequest(r) for r in rows]
+
+    def followers(self, request, limit=3):
+        """Requests right after request in the same call (for a chained batch)."""
+        rows = self.store.query(
+            "SELECT * FROM outbox WHERE linkedid = ? AND state = 'pending' AND id > ? "
+            "ORDER BY id LIMIT ?", (request.linkedid, request.id, limit))
+        return [OutboxRequest(r) for r in rows]
+
+    def next_due(self):
+        rows = self.store.query("SELECT MIN(next_at) AS t FROM outbox WHERE state = 'pending'")
+        return rows[0]["t"] if rows and rows[0]["t"] is not None else None
+
+    def mark_sending(self, requests):
+        """Counted before the bytes leave: after a crash, attempts > 0 says the
+        portal may already have done it (register/finish/task are not idempotent)."""
+        with self.store.transaction() as db:
+            for req in requests:
+                db.execute("UPDATE outbox SET attempts = attempts + 1 WHERE id = ?", (req.id,))
+                req.attempts += 1
+
+    def done(self, request, result=None, note=None):
+        self.store.execute("UPDATE outbox SET state = 'done', done_at = ?, result = ?, last_error = ? "
+                           "WHERE id = ?", (time.time(), json.dumps(result)[:4000], note, request.id))
+
+    def retry(self, request, delay, error):
+        self.store.execute("UPDATE outbox SET next_at = ?, last_error = ? WHERE id = ?",
+                           (time.time() + delay, error[:1000], request.id))
+
+    def update_params(self, request, params):
+        request.params = params
+        self.store.execute("UPDATE outbox SET params = ? WHERE id = ?", (json.dumps(params), request.id))
+
+    def park(self, request, reason):
+        self.store.execute("UPDATE outbox SET state = 'parked', last_error = ? WHERE id = ?",
+                           (reason[:1000], request.id))
+
+    def park_call(self, linkedid, reason):
+        self.store.execute("UPDATE outbox SET state = 'parked', last_error = ? WHERE linkedid = ? "
+                           "AND state = 'pending'", (reason[:1000], linkedid))
+
+    def retry_parked(self, request_id=None):
+        sql = "UPDATE outbox SET state = 'pending', next_at = 0 WHERE state = 'parked'"
+        args = ()
+        if request_id is not None:
+            sql += " AND id = ?"
+            args = (request_id,)
+        count = self.store.execute(sql, args).rowcount
+        with self.wakeup:
+            self.wakeup.notify_all()
+        return count
+
+    def counts(self):
+        rows = self.store.query("SELECT state, COUNT(*) AS n FROM outbox GROUP BY state")
+        return dict((r["state"], r["n"]) for r in rows)
+
+    def listing(self, states=("pending", "parked")):
+        marks = ",".join("?" for _ in states)
+        rows = self.store.query("SELECT * FROM outbox WHERE state IN (%s) ORDER BY id" % marks, states)
+        return [OutboxRequest(r) for r in rows]
+
+    def requests_of(self, linkedid):
+        return [OutboxRequest(r) for r in self.store.query(
+            "SELECT * FROM outbox WHERE linkedid = ? ORDER BY id", (linkedid,))]
+
+    def purge_done(self, older_than):
+        self.store.execute("DELETE FROM outbox WHERE state = 'done' AND done_at < ?", (older_than,))
+
+
+class CallRecords(object):
+    """What Bitrix24 told us about each call (CALL_ID, CRM entity) and its outcome."""
+
+    FIELDS = ("direction", "external_number", "call_id", "crm_entity_type", "crm_entity_id",
+              "crm_owner_id", "created_entities", "answered", "started_at", "ended_at",
+              "finished_at", "task_id", "source")
+
+    def __init__(self, store):
+        self.store = store
+
+    def get(self, linkedid):
+        rows = self.store.query("SELECT * FROM calls WHERE linkedid = ?", (linkedid,))
+        return dict(rows[0]) if rows else None
+
+    def update(self, linkedid, **fields):
+        for key in fields:
+            if key not in self.FIELDS:
+                raise KeyError(key)
+        with self.store.transaction() as db:
+            db.execute("INSERT OR IGNORE INTO calls (linkedid, updated_at) VALUES (?, ?)",
+                       (linkedid, time.time()))
+            if fields:
+                db.execute("UPDATE calls SET %s, updated_at = ? WHERE linkedid = ?"
+                           % ", ".join("%s = ?" % k for k in fields),
+                           list(fields.values()) + [time.time(), linkedid])
+
+    def known(self, linkedid):
+        return bool(self.store.query("SELECT 1 FROM calls WHERE linkedid = ?", (linkedid,)))
+
+    def answered_since(self, number, since, exclude):
+        """Whether the client got through (either way) after a missed call."""
+        rows = self.store.query("SELECT 1 FROM calls WHERE external_number = ? AND answered = 1 "
+                                "AND ended_at >= ? AND linkedid != ? LIMIT 1", (number, since, exclude))
+        return bool(rows)
+
+    def purge(self, older_than):
+        self.store.execute("DELETE FROM calls WHERE updated_at < ?", (older_than,))
 
 
 ###############################################################################
@@ -1788,6 +2179,1089 @@ def _duration_seconds(text):
 
 
 ###############################################################################
+# Bitrix24 ####################################################################
+###############################################################################
+# The REST client: webhook or local-application OAuth, JSON bodies, a client-side
+# leaky bucket that mirrors the portal's, batch, and errors classified the way
+# the portal means them (see ../shared/docs/bitrix24-rest.md, section 3).
+
+class BitrixError(Exception):
+    """A request that Bitrix24 did not carry out."""
+
+    def __init__(self, message, code="", description="", status=None, method=None):
+        Exception.__init__(self, message)
+        self.code = code
+        self.description = description
+        self.status = status
+        self.method = method
+
+
+class BitrixUnavailable(BitrixError):
+    """Timeout, connection error, 5xx: retry later."""
+
+
+class BitrixRateLimited(BitrixError):
+    """503 QUERY_LIMIT_EXCEEDED: the portal's bucket is full; retry with back-off."""
+
+
+class BitrixMethodLimited(BitrixError):
+    """429 OPERATION_TIME_LIMIT: this method only is suspended for a while."""
+
+
+class BitrixAuthExpired(BitrixError):
+    """401 expired_token / invalid_token: refresh the OAuth token once and repeat."""
+
+
+class BitrixOverloaded(BitrixError):
+    """503 OVERLOAD_LIMIT: REST blocked by Bitrix24 support; stop and alert."""
+
+
+class BitrixRejected(BitrixError):
+    """The request itself is wrong or not allowed; retrying cannot help (park it)."""
+
+
+class BitrixAuthFailed(BitrixRejected):
+    """Wrong webhook/app credentials, missing scope, wrong auth type: reconfigure."""
+
+
+_AUTH_FAILURES = {"NO_AUTH_FOUND", "INVALID_CREDENTIALS", "authorization_error", "insufficient_scope",
+                  "invalid_scope", "WRONG_AUTH_TYPE", "ACCESS_DENIED", "user_access_error",
+                  "PAYMENT_REQUIRED", "METHOD_CONFIRM_WAITING", "METHOD_CONFIRM_DENIED", "ERROR_OAUTH",
+                  "APPLICATION_NOT_FOUND", "invalid_grant", "invalid_client", "PORTAL_DELETED",
+                  "WRONG_LICENSE"}
+_ADVICE = {
+    "WRONG_AUTH_TYPE": "this portal refuses webhooks for telephony methods: configure a local "
+                       "application ([bitrix24] portal_url, client_id, client_secret)",
+    "insufficient_scope": "add the scopes telephony, crm, user, task to the webhook/application",
+    "invalid_scope": "add the scopes telephony, crm, user, task to the webhook/application",
+    "NO_AUTH_FOUND": "check [bitrix24] webhook_url (the code may have changed)",
+    "INVALID_CREDENTIALS": "check [bitrix24] webhook_url and the webhook user's rights",
+    "invalid_grant": "the application's tokens are no longer valid: reinstall the application "
+                     "or run bx24ast.py oauth-code",
+}
+
+
+def classify_error(status, body, method=None):
+    """The exception that says what to do about a failed REST answer."""
+    code = ""
+    description = ""
+    if isinstance(body, dict):
+        code = str(body.get("error") or "")
+        description = str(body.get("error_description") or "")
+    text = "%s %s" % (code, description)
+    message = "Bitrix24 %s: %s%s" % (method or "request", code or "HTTP %s" % status,
+                                     (": " + description) if description else "")
+    if code in _ADVICE:
+        message += " (%s)" % _ADVICE[code]
+    kw = dict(code=code, description=description, status=status, method=method)
+    if code == "QUERY_LIMIT_EXCEEDED":
+        return BitrixRateLimited(message, **kw)
+    if code == "OPERATION_TIME_LIMIT" or status == 429:
+        return BitrixMethodLimited(message, **kw)
+    if code == "OVERLOAD_LIMIT":
+        return BitrixOverloaded(message, **kw)
+    if code in ("expired_token", "invalid_token"):
+        return BitrixAuthExpired(message, **kw)
+    if code in _AUTH_FAILURES:
+        return BitrixAuthFailed(message, **kw)
+    if status is not None and (status >= 500 or status in (408, 425)):
+        return BitrixUnavailable(message, **kw)
+    if code in ("INTERNAL_SERVER_ERROR", "ERROR_UNEXPECTED_ANSWER") or "Unexpected database error" in text:
+        return BitrixUnavailable(message, **kw)
+    return BitrixRejected(message, **kw)
+
+
+def php_query(data, prefix=None):
+    """PHP http_build_query: what Bitrix24 parses inside batch commands."""
+    quote_plus = urllib.parse.quote_plus
+    out = []
+
+    def walk(value, name):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, "%s[%s]" % (name, k) if name else str(k))
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                walk(v, "%s[%d]" % (name, i) if name else str(i))
+        else:
+            if value is None:
+                value = ""
+            elif value is True:
+                value = "1"
+            elif value is False:
+                value = "0"
+            value = str(value)
+            # A batch reference must reach the portal as written to be substituted.
+            encoded = value if value.startswith("$result[") else quote_plus(value)
+            out.append(quote_plus(name, safe="[]") + "=" + encoded)
+    walk(data, prefix)
+    return "&".join(out)
+
+
+class LeakyBucket(object):
+    """The portal's limit, mirrored: each request adds 1, the level drains at rate/s,
+    and a request that would overflow capacity waits instead of earning a 503."""
+
+    def __init__(self, rate=2.0, capacity=50, clock=None):
+        self.rate = float(rate)
+        self.capacity = float(capacity)
+        self.clock = clock or monotonic
+        self.level = 0.0
+        self.updated = self.clock()
+        self.lock = threading.Lock()
+
+    def _drain(self, now):
+        self.level = max(0.0, self.level - (now - self.updated) * self.rate)
+        self.updated = now
+
+    def delay(self):
+        """Seconds to wait before one more request fits."""
+        with self.lock:
+            self._drain(self.clock())
+            over = self.level + 1.0 - self.capacity
+            return over / self.rate if over > 0 else 0.0
+
+    def take(self):
+        """Reserve one request; returns how long to wait before sending it."""
+        with self.lock:
+            now = self.clock()
+            self._drain(now)
+            wait = max(0.0, (self.level + 1.0 - self.capacity) / self.rate)
+            self.level += 1.0
+            return wait
+
+    def fill(self):
+        with self.lock:
+            self._drain(self.clock())
+            return self.level / self.capacity
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """urllib would follow a 302 of a POST with a GET and drop the body (a renamed
+    portal answers 302): handle redirects ourselves."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+class BitrixClient(object):
+    """Calls Bitrix24 REST methods through a webhook or a local application."""
+
+    TOKENS_KEY = "bitrix24.oauth"
+
+    def __init__(self, webhook_url="", portal_url="", client_id="", client_secret="",
+                 oauth_url="https://oauth.bitrix.info/oauth/token/", store=None, verify_tls=True,
+                 timeout=15.0, rate=2.0, burst=50, sleep=time.sleep):
+        self.webhook_url = webhook_url
+        self.portal_url = portal_url
+        self.client_id = client_id
+        self.client_secret = client_secret
+        self.oauth_url = oauth_url
+        self.store = store
+        self.timeout = timeout
+        self.bucket = LeakyBucket(rate, burst)
+        self.sleep = sleep
+        context = ssl.create_default_context()
+        if not verify_tls:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        self._opener = urllib.request.build_opener(_NoRedirect(), urllib.request.HTTPSHandler(context=context))
+        self._refresh_lock = threading.Lock()
+        self.requests_sent = 0
+        self.last_error = None
+
+    @classmethod
+    def from_config(cls, config, store=None):
+        b24 = config.section("bitrix24")
+        return cls(b24["webhook_url"], b24["portal_url"], b24["client_id"], b24["client_secret"],
+                   b24["oauth_url"], store, b24["verify_tls"], b24["timeout"], b24["rate"], b24["burst"])
+
+    @staticmethod
+    def configured(config):
+        b24 = config.section("bitrix24")
+        return bool(b24["webhook_url"] or (b24["portal_url"] and b24["client_id"]))
+
+    @property
+    def uses_oauth(self):
+        return not self.webhook_url
+
+    def describe(self):
+        """Where requests go, without the secret part."""
+        if self.webhook_url:
+            return re.sub(r"/rest/(\d+)/[^/]+/", r"/rest/\1/***/", self.webhook_url)
+        return "%s (local application %s)" % (self.portal_url, self.client_id)
+
+    # -- tokens ---------------------------------------------------------------------------
+    def tokens(self):
+        return (self.store.get_setting(self.TOKENS_KEY) if self.store else None) or {}
+
+    def save_tokens(self, tokens):
+        """Store the tokens from ONAPPINSTALL, the code exchange or a refresh."""
+        keep = self.tokens()
+        for key in ("access_token", "refresh_token", "expires", "expires_in", "client_endpoint",
+                    "server_endpoint", "member_id", "domain", "application_token", "scope", "user_id"):
+            if tokens.get(key) not in (None, ""):
+                keep[key] = tokens[key]
+        if self.store is None:
+            raise BitrixAuthFailed("Bitrix24: no state store to keep OAuth tokens in")
+        self.store.set_setting(self.TOKENS_KEY, keep)
+        return keep
+
+    def _oauth_request(self, params):
+        url = self.oauth_url + ("&" if "?" in self.oauth_url else "?") + urllib.parse.urlencode(params)
+        status, body = self._http("GET", url, None, None, "oauth")
+        if status != 200 or not isinstance(body, dict) or "access_token" not in body:
+            raise classify_error(status, body, "oauth")
+        return self.save_tokens(body)
+
+    def exchange_code(self, code):
+        """First tokens from an authorization code (bx24ast.py oauth-code CODE)."""
+        return self._oauth_request({"grant_type": "authorization_code", "client_id": self.client_id,
+                                    "client_secret": self.client_secret, "code": code})
+
+    def refresh(self, stale_access_token=None):
+        """One refresh at a time: each refresh replaces the refresh token, so two
+        concurrent refreshes would leave one of them holding a dead token."""
+        with self._refresh_lock:
+            current = self.tokens()
+            if stale_access_token and current.get("access_token") != stale_access_token:
+                return current  # another thread refreshed meanwhile
+            if not current.get("refresh_token"):
+                raise BitrixAuthFailed("Bitrix24: no OAuth tokens yet: install the local application "
+                                       "on the portal or run bx24ast.py oauth-code CODE")
+            log.info("Bitrix24: refreshing the OAuth access token")
+            return self._oauth_request({"grant_type": "refresh_token", "client_id": self.client_id,
+                                        "client_secret": self.client_secret,
+                                        "refresh_token": current["refresh_token"]})
+
+    # -- transport -------------------------------------------------------------------------
+    def _http(self, verb, url, data, content_type, method):
+        headers = {"Accept": "application/json", "User-Agent": "bx24ast/%s" % __version__}
+        if content_type:
+            headers["Content-Type"] = content_type
+        for _hop in range(3):
+            req = urllib.request.Request(url, data=data, headers=headers, method=verb)
+            try:
+                with self._opener.open(req, timeout=self.timeout) as resp:
+                    status, raw = resp.status, resp.read()
+            except urllib.error.HTTPError as exc:
+                status, raw = exc.code, exc.read()
+                if status in (301, 302, 303, 307, 308) and exc.headers.get("Location"):
+                    new = exc.headers["Location"]
+                    log.warning("Bitrix24: the portal moved to %s; following with the same body",
+                                re.sub(r"/rest/(\d+)/[^/]+/", r"/rest/\1/***/", new.split("?")[0]))
+                    url = new
+                    continue
+            except (urllib.error.URLError, OSError, socket.timeout) as exc:
+                reason = getattr(exc, "reason", exc)
+                raise BitrixUnavailable("Bitrix24 %s: cannot reach the portal: %s" % (method, reason),
+                                        method=method)
+            except Exception as exc:  # http.client.IncompleteRead, RemoteDisconnected...
+                raise BitrixUnavailable("Bitrix24 %s: connection failed: %s" % (method, exc), method=method)
+            try:
+                body = json.loads(raw.decode("utf-8")) if raw else None
+            except (ValueError, UnicodeDecodeError):
+                body = None
+                if status == 200:
+                    raise BitrixUnavailable("Bitrix24 %s: the answer is not JSON" % method,
+                                            status=status, method=method)
+            return status, body
+        raise BitrixUnavailable("Bitrix24 %s: too many redirects" % method, method=method)
+
+    def _endpoint(self, method):
+        if self.webhook_url:
+            return self.webhook_url + method, None
+        tokens = self.tokens()
+        if not tokens.get("access_token"):
+            raise BitrixAuthFailed("Bitrix24: no OAuth tokens yet: install the local application on "
+                                   "the portal or run bx24ast.py oauth-code CODE", method=method)
+        base = tokens.get("client_endpoint") or (self.portal_url + "rest/")
+        return base + method, tokens["access_token"]
+
+    def call(self, method, params=None, wait=True):
+        """The result of one method; raises a BitrixError subclass."""
+        params = dict(params or {})
+        for attempt in (1, 2):
+            url, token = self._endpoint(method)
+            body = dict(params)
+            if token:
+                body["auth"] = token
+            delay = self.bucket.take()
+            if delay > 0:
+                if not wait:
+                    raise BitrixRateLimited("Bitrix24 %s: local rate limit" % method, method=method)
+                self.sleep(delay)
+            self.requests_sent += 1
+            status, answer = self._http("POST", url, json.dumps(body).encode("utf-8"),
+                                        "application/json", method)
+            if status == 200 and isinstance(answer, dict) and "result" in answer and "error" not in answer:
+                self.last_error = None
+                return answer["result"]
+            error = classify_error(status, answer, method)
+            if isinstance(error, BitrixAuthExpired) and self.uses_oauth and attempt == 1:
+                self.refresh(token)
+                continue
+            self.last_error = error
+            raise error
+
+    def batch(self, commands, halt=False):
+        """commands: [(key, method, params)], at most 50. Returns (results, errors) by key;
+        a later command may reference an earlier one's result as "$result[key][FIELD]"."""
+        if len(commands) > 50:
+            raise ValueError("a Bitrix24 batch takes at most 50 commands")
+        cmd = collections.OrderedDict()
+        for key, method, params in commands:
+            cmd[key] = "%s?%s" % (method, php_query(params))
+        result = self.call("batch", {"halt": 1 if halt else 0, "cmd": cmd})
+        results = result.get("result") if isinstance(result, dict) else None
+        errors = result.get("result_error") if isinstance(result, dict) else None
+        return (results if isinstance(results, dict) else {}), (errors if isinstance(errors, dict) else {})
+
+    def upload(self, url, field, filename, content):
+        """The second step of attachRecord: a multipart POST of the raw file."""
+        boundary = "bx24ast%s" % hashlib.md5(content[:4096] + filename.encode()).hexdigest()
+        body = b"".join([
+            ("--%s\r\nContent-Disposition: form-data; name=\"%s\"; filename=\"%s\"\r\n"
+             "Content-Type: application/octet-stream\r\n\r\n" % (boundary, field, filename)).encode(),
+            content, ("\r\n--%s--\r\n" % boundary).encode()])
+        delay = self.bucket.take()
+        if delay > 0:
+            self.sleep(delay)
+        self.requests_sent += 1
+        status, answer = self._http("POST", url, body, "multipart/form-data; boundary=%s" % boundary,
+                                    "attachRecord upload")
+        if status == 200 and isinstance(answer, dict) and "result" in answer:
+            return answer["result"]
+        raise classify_error(status, answer, "attachRecord upload")
+
+
+###############################################################################
+# CRM flows ###################################################################
+###############################################################################
+# What Bitrix24 hears about each call: the card (register/show/hide), the call
+# activity (finish), the recording (attachRecord) and the missed-call task.
+# CrmFlows turns lifecycle events into outbox requests at once, with
+# placeholders ({"$": "call_id"}, {"$": "user", "ext": "101"}) that the
+# OutboxSender fills in at send time, when Bitrix24 has answered the earlier
+# requests of that call.
+
+STATUS_CODES = {"ANSWERED": "200", "NO ANSWER": "304", "BUSY": "486", "FAILED": "603"}
+
+
+def bitrix_time(ts):
+    """ISO 8601 with an explicit offset: CALL_START_DATE without one means portal time."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(ts))
+
+
+class UserDirectory(object):
+    """Extension -> Bitrix24 user: [users] overrides, else UF_PHONE_INNER from user.get."""
+
+    def __init__(self, client=None, overrides=None, default_user_id=0, refresh_seconds=600.0):
+        self.client = client
+        self.overrides = dict((k, int(v)) for k, v in (overrides or {}).items())
+        self.default_user_id = default_user_id or None
+        self.refresh_seconds = refresh_seconds
+        self._map = {}
+        self._names = {}
+        self._lock = threading.Lock()
+        self.loaded_at = None
+        self.next_try = 0.0
+
+    def user_for(self, ext):
+        if ext is None:
+            return None
+        with self._lock:
+            return self.overrides.get(ext) or self._map.get(ext)
+
+    def extension_of(self, user_id):
+        with self._lock:
+            for ext, uid in list(self.overrides.items()) + list(self._map.items()):
+                if uid == user_id:
+                    return ext
+        return None
+
+    def mapping(self):
+        with self._lock:
+            merged = dict(self._map)
+            merged.update(self.overrides)
+            return merged
+
+    def stale(self, now=None):
+        now = time.time() if now is None else now
+        if self.client is None or now < self.next_try:
+            return False
+        return self.loaded_at is None or now - self.loaded_at >= self.refresh_seconds
+
+    def refresh(self):
+        """Read every active user's UF_PHONE_INNER (paged user.get)."""
+        found, names, start, owners = {}, {}, 0, {}
+        while True:
+            page = self.client.call("user.get", {"FILTER": {"ACTIVE": True}, "start": start})
+            for user in page or []:
+                ext = (user.get("UF_PHONE_INNER") or "").strip()
+                if not ext:
+                    continue
+                uid = int(user["ID"])
+                if ext in found and found[ext] != uid:
+                    owners.setdefault(ext, {found[ext]}).add(uid)
+                    continue
+                found[ext] = uid
+                names[uid] = " ".join(x for x in (user.get("NAME"), user.get("LAST_NAME")) if x)
+            if not page or len(page) < 50:
+                break
+            start += 50
+        for ext, uids in owners.items():
+            log.warning("Bitrix24: extension %s is the UF_PHONE_INNER of several users %s; using %s "
+                        "(set [users] %s = <ID> to choose)", ext, sorted(uids), found[ext], ext)
+        with self._lock:
+            self._map, self._names = found, names
+            self.loaded_at = time.time()
+        log.info("Bitrix24: %d extensions mapped to users", len(found))
+        return found
+
+
+class RecordingProblem(Exception):
+    """A recording that cannot be attached (missing, empty, unconvertible)."""
+
+
+class RecordingFiles(object):
+    """Finds a MixMonitor file by name and makes it something Bitrix24 accepts."""
+
+    def __init__(self, path, settle_seconds=3.0, inline_max_bytes=8 * 1024 * 1024):
+        self.path = path
+        self.settle_seconds = settle_seconds
+        self.inline_max_bytes = inline_max_bytes
+
+    def locate(self, name, started_at=None):
+        if not name or "/" in name or name.startswith("."):
+            return None
+        candidates = [os.path.join(self.path, name)]
+        if started_at:
+            for t in (time.localtime(started_at), time.gmtime(started_at)):
+                candidates.append(os.path.join(self.path, time.strftime("%Y/%m/%d", t), name))
+        for c in candidates:
+            if os.path.isfile(c):
+                return c
+        for root, _dirs, files in os.walk(self.path):
+            if name in files:
+                return os.path.join(root, name)
+        return None
+
+    def settled(self, path, now=None):
+        """MixMonitor may still be writing right after the hang-up."""
+        now = time.time() if now is None else now
+        return now - os.path.getmtime(path) >= self.settle_seconds
+
+    @staticmethod
+    def _has_audio(path, data):
+        if data[:4] == b"RIFF" and data[8:12] == b"WAVE":
+            return len(data) > 44 + 160  # more than a header (unanswered calls leave 44 bytes)
+        if data[:3] == b"ID3" or (len(data) > 2 and data[0] == 0xFF and (data[1] & 0xE0) == 0xE0):
+            return len(data) > 1024
+        return False
+
+    @staticmethod
+    def _pcm_wav(data):
+        return data[:4] == b"RIFF" and data[8:12] == b"WAVE" and data[20:22] == b"\x01\x00"
+
+    def prepare(self, path):
+        """(file name, bytes) for attachRecord: lower-case .wav/.mp3 with real audio."""
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except (IOError, OSError) as exc:
+            raise RecordingProblem("cannot read %s: %s" % (path, exc.strerror))
+        base = os.path.basename(path)
+        stem, ext = os.path.splitext(base)
+        low = ext.lower()
+        if not data or (low == ".wav" and data[:4] == b"RIFF" and len(data) <= 44 + 160):
+            raise RecordingProblem("%s holds no audio (%d bytes)" % (base, len(data)))
+        if low == ".mp3" and self._has_audio(path, data):
+            return stem + ".mp3", data
+        if low == ".wav" and self._pcm_wav(data) and self._has_audio(path, data):
+            return stem + ".wav", data
+        converted = self._convert(path)
+        if converted is None:
+            raise RecordingProblem("%s is not PCM WAV or MP3 and neither ffmpeg, sox nor lame is "
+                                   "installed to convert it" % base)
+        return converted
+
+    def _convert(self, path):
+        import shutil
+        import tempfile
+        stem = os.path.splitext(os.path.basename(path))[0]
+        tmp = tempfile.mkdtemp(prefix="bx24ast-rec-")
+        try:
+            if shutil.which("ffmpeg"):
+                out = os.path.join(tmp, stem + ".mp3")
+                cmd = ["ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-i", path, "-ac", "1", out]
+            elif shutil.which("sox"):
+                out = os.path.join(tmp, stem + ".wav")
+                cmd = ["sox", path, "-e", "signed-integer", "-b", "16", out]
+            elif shutil.which("lame"):
+                out = os.path.join(tmp, stem + ".mp3")
+                cmd = ["lame", "--quiet", path, out]
+            else:
+                return None
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.PIPE)
+            _, err = proc.communicate(timeout=120)
+            if proc.returncode != 0 or not os.path.exists(out):
+                raise RecordingProblem("converting %s with %s failed: %s"
+                                       % (os.path.basename(path), cmd[0], err.decode("utf-8", "replace")[:200]))
+            with open(out, "rb") as f:
+                data = f.read()
+            if not self._has_audio(out, data):
+                raise RecordingProblem("%s holds no audio after conversion" % os.path.basename(path))
+            return os.path.basename(out), data
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise RecordingProblem("converting %s took too long" % os.path.basename(path))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+class CrmFlows(object):
+    """Lifecycle events of external calls -> Bitrix24 requests in the outbox."""
+
+    def __init__(self, config, outbox, records, rules):
+        self.crm = config.section("crm")
+        self.lines = dict(config.maps.get("lines", {}))
+        self.attach = config.get("recordings", "attach")
+        self.outbox = outbox
+        self.records = records
+        self.rules = rules
+        self._shown = {}   # linkedid -> extensions whose screen shows the card
+        self._lock = threading.Lock()
+
+    # -- entry points -----------------------------------------------------------------
+    def on_call_event(self, kind, call, extension):
+        if not is_reportable(call, self.rules):
+            return
+        with self._lock:
+            if kind == "ringing":
+                self._ringing(call, extension)
+            elif kind == "answered":
+                self._card_only_for(call, extension)
+            elif kind == "transferred":
+                self._card_only_for(call, extension)
+            elif kind == "ended":
+                self._ended(call)
+                self._shown.pop(call.linkedid, None)
+
+    def report_finished(self, call):
+        """A whole call at once (found in CEL after a restart): no card, same records."""
+        with self._lock:
+            if self.records.known(call.linkedid):
+                return False
+            self._ended(call, late=True)
+            return True
+
+    # -- pieces ---------------------------------------------------------------------------
+    def _number(self, call):
+        return self.rules.number_plan.normalize(call.external_number)
+
+    def _register_params(self, call, ext, show):
+        params = collections.OrderedDict([
+            ("USER_ID", {"$": "user", "ext": ext}),
+            ("PHONE_NUMBER", self._number(call) or call.external_number or ""),
+            ("TYPE", 2 if call.direction == "inbound" else 1),
+            ("CALL_START_DATE", bitrix_time(call.started_at or time.time())),
+            ("CRM_CREATE", 1 if self.crm["create"] else 0),
+            ("SHOW", 1 if show and self.crm["show_card"] else 0),
+            ("EXTERNAL_CALL_ID", call.linkedid),
+        ])
+        if call.direction == "inbound" and call.did:
+            params["LINE_NUMBER"] = call.did
+            if call.did in self.lines:
+                params["CRM_SOURCE"] = self.lines[call.did]
+        return params
+
+    def _registered(self, call):
+        return call.call_id is not None or self.records.known(call.linkedid)
+
+    def _register(self, call, ext, show):
+        self.records.update(call.linkedid, direction=call.direction, external_number=self._number(call),
+                            started_at=call.started_at, source="live" if show else "late")
+        self.outbox.add(call.linkedid, "register", "telephony.externalcall.register",
+                        self._register_params(call, ext, show), PRIORITY_CARD)
+
+    def _ringing(self, call, ext):
+        shown = self._shown.setdefault(call.linkedid, [])
+        if call.call_id is not None:
+            # Click-to-call: Bitrix24 registered the call and shows the card itself.
+            if not self.records.known(call.linkedid):
+                self.records.update(call.linkedid, direction=call.direction, call_id=call.call_id,
+                                    external_number=self._number(call), started_at=call.started_at,
+                                    source="click-to-call")
+            if ext not in shown:
+                shown.append(ext)
+            return
+        if not self._registered(call):
+            self._register(call, ext, show=True)
+            shown.append(ext)
+            return
+        if ext not in shown and self.crm["show_card"]:
+            shown.append(ext)
+            self.outbox.add(call.linkedid, "show", "telephony.externalcall.show",
+                            {"CALL_ID": {"$": "call_id"}, "USER_ID": [{"$": "user", "ext": ext}]},
+                            PRIORITY_CARD)
+
+    def _card_only_for(self, call, ext):
+        """One employee has the client now: hide the card from the others ringing."""
+        shown = self._shown.setdefault(call.linkedid, [])
+        if not self._registered(call) and call.call_id is None:
+            self._register(call, ext, show=True)
+            shown.append(ext)
+        others = [e for e in shown if e != ext]
+        if ext not in shown and self.crm["show_card"] and call.call_id is None:
+            self.outbox.add(call.linkedid, "show", "telephony.externalcall.show",
+                            {"CALL_ID": {"$": "call_id"}, "USER_ID": [{"$": "user", "ext": ext}]},
+                            PRIORITY_CARD)
+        if others:
+            self.outbox.add(call.linkedid, "hide", "telephony.externalcall.hide",
+                            {"CALL_ID": {"$": "call_id"},
+                             "USER_ID": [{"$": "user", "ext": e} for e in others]}, PRIORITY_CARD)
+        shown[:] = [ext]
+
+    def _ended(self, call, late=False):
+        linkedid = call.linkedid
+        row = self.records.get(linkedid)
+        if row is not None and row.get("ended_at") is not None:
+            return  # already reported
+        answered = call.disposition == "ANSWERED"
+        talker = call.ended_with if answered else None
+        last_rang = call.rang[-1] if call.rang else (call.placer if call.direction == "outbound" else None)
+        if call.call_id is None and not self._registered(call):
+            self._register(call, talker or last_rang or call.placer, show=False)
+        elif call.call_id is not None and row is None:
+            self.records.update(linkedid, direction=call.direction, call_id=call.call_id,
+                                external_number=self._number(call), started_at=call.started_at,
+                                source="click-to-call")
+        self.records.update(linkedid, answered=1 if answered else 0, ended_at=call.ended_at or time.time())
+        missed_inbound = call.direction == "inbound" and not answered
+        if answered:
+            finisher = {"$": "user", "ext": talker}
+        else:
+            finisher = {"$": "responsible", "ext": last_rang}
+            if missed_inbound:
+                self.outbox.add(linkedid, "owner", "telephony.externalCall.searchCrmEntities",
+                                {"PHONE_NUMBER": self._number(call) or call.external_number or ""},
+                                PRIORITY_FINISH)
+        shown = [e for e in self._shown.get(linkedid, []) if e != talker]
+        if shown and not late:
+            self.outbox.add(linkedid, "hide", "telephony.externalcall.hide",
+                            {"CALL_ID": {"$": "call_id"}, "USER_ID": [{"$": "user", "ext": e} for e in shown]},
+                            PRIORITY_FINISH)
+        self.outbox.add(linkedid, "finish", "telephony.externalcall.finish", collections.OrderedDict([
+            ("CALL_ID", {"$": "call_id"}),
+            ("USER_ID", finisher),
+            ("DURATION", call.billsec if answered else 0),
+            ("STATUS_CODE", STATUS_CODES.get(call.disposition, "603")),
+            ("ADD_TO_CHAT", 1 if self.crm["add_to_chat"] else 0),
+        ]), PRIORITY_FINISH)
+        if call.recording and self.attach and answered:
+            self.outbox.add(linkedid, "record", "telephony.externalCall.attachRecord",
+                            {"CALL_ID": {"$": "call_id"},
+                             "FILENAME": {"$": "recording", "name": call.recording,
+                                          "started_at": call.started_at}}, PRIORITY_LATER)
+        if missed_inbound and self.crm["missed_task"]:
+            when = call.ended_at or time.time()
+            fields = {"number": self._number(call) or call.external_number or "?",
+                      "did": call.did or "", "line": call.did or "",
+                      "time": time.strftime("%Y-%m-%d %H:%M", time.localtime(when)), "linkedid": linkedid}
+            self.outbox.add(linkedid, "task", "tasks.task.add", {"fields": collections.OrderedDict([
+                ("TITLE", self.crm["missed_task_title"].format(**fields)),
+                ("DESCRIPTION", self.crm["missed_task_description"].format(**fields)),
+                ("RESPONSIBLE_ID", {"$": "responsible", "ext": last_rang}),
+                ("DEADLINE", bitrix_time(when + self.crm["missed_task_deadline_minutes"] * 60)),
+                ("UF_CRM_TASK", {"$": "crm_binding"}),
+            ]), "check": {"number": fields["number"], "since": when}},
+                PRIORITY_LATER, not_before=when + self.crm["callback_window_minutes"] * 60)
+
+
+class Unresolved(Exception):
+    """A placeholder whose value Bitrix24 has not given us (yet)."""
+
+
+class NotReady(Exception):
+    """Not sendable yet: the extension -> user map has never been read from Bitrix24."""
+
+
+class OutboxSender(object):
+    """Sends the outbox: one request at a time when idle, batches when a backlog
+    builds up, within the leaky bucket; retries, refreshes or parks by error."""
+
+    BACKOFF_CAP = 60.0
+
+    def __init__(self, outbox, records, client, users, recordings, default_user_id=None,
+                 clock=time.time):
+        self.outbox = outbox
+        self.records = records
+        self.client = client
+        self.users = users
+        self.recordings = recordings
+        self.default_user_id = default_user_id or None
+        self.clock = clock
+        self.paused_until = 0.0
+        self.method_paused = {}
+        self.alert = None
+        self._stop = threading.Event()
+        self._thread = None
+        self.sent_batches = 0
+        self.sent_single = 0
+        self.hooks = []          # callables run each loop in this thread (polling, refresh)
+
+    # -- placeholders -------------------------------------------------------------------------
+    def _user(self, ext):
+        return self.users.user_for(ext)
+
+    def _responsible(self, linkedid, ext):
+        row = self.records.get(linkedid) or {}
+        if row.get("crm_owner_id"):
+            return int(row["crm_owner_id"])
+        user = self._user(ext)
+        if user is None and ext and self.users.client is not None and self.users.loaded_at is None:
+            raise NotReady("waiting for the user list (user.get)")
+        return user or self.default_user_id
+
+    def resolve(self, request, value, refs=None):
+        if isinstance(value, dict):
+            kind = value.get("$")
+            if kind is None:
+                return collections.OrderedDict((k, self.resolve(request, v, refs)) for k, v in value.items()
+                                               if k != "check")
+            if kind == "call_id":
+                row = self.records.get(request.linkedid) or {}
+                if row.get("call_id"):
+                    return row["call_id"]
+                if refs and request.linkedid in refs:
+                    return "$result[%s][CALL_ID]" % refs[request.linkedid]
+                raise Unresolved("no CALL_ID yet (register not done)")
+            if kind == "user":
+                user = self._user(value["ext"])
+                if user is None and self.users.client is not None and self.users.loaded_at is None:
+                    # Falling back to the default user only because user.get has not
+                    # answered yet would put the call on the wrong employee.
+                    raise NotReady("waiting for the user list (user.get)")
+                if user is None:
+                    user = self.default_user_id
+                if user is None:
+                    raise Unresolved("no Bitrix24 user for extension %s and [crm] default_user_id = 0"
+                                     % value["ext"])
+                return user
+            if kind == "responsible":
+                user = self._responsible(request.linkedid, value.get("ext"))
+                if user is None:
+                    raise Unresolved("no responsible user (extension %s unmapped, [crm] default_user_id = 0)"
+                                     % value.get("ext"))
+                return user
+            if kind == "crm_binding":
+                row = self.records.get(request.linkedid) or {}
+                prefix = {"LEAD": "L", "CONTACT": "C", "COMPANY": "CO", "DEAL": "D"}
+                binding = []
+                for entity in json.loads(row.get("created_entities") or "[]"):
+                    if entity.get("ENTITY_TYPE") in prefix:
+                        binding.append("%s_%s" % (prefix[entity["ENTITY_TYPE"]], entity["ENTITY_ID"]))
+                if row.get("crm_entity_type") in prefix and row.get("crm_entity_id"):
+                    tag = "%s_%s" % (prefix[row["crm_entity_type"]], row["crm_entity_id"])
+                    if tag not in binding:
+                        binding.insert(0, tag)
+                return binding
+            if kind == "recording":
+                return value["name"]
+            raise Unresolved("unknown placeholder %r" % kind)
+        if isinstance(value, list):
+            out = []
+            for item in value:
+                resolved = self.resolve(request, item, refs)
+                if resolved not in out:
+                    out.append(resolved)
+            return out
+        return value
+
+    # -- the loop -----------------------------------------------------------------------------
+    def start(self):
+        self._thread = threading.Thread(target=self.run, name="outbox", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout=10.0):
+        self._stop.set()
+        with self.outbox.wakeup:
+            self.outbox.wakeup.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def run(self):
+        while not self._stop.is_set():
+            try:
+                busy = self.step()
+            except Exception:
+                log.exception("outbox: unexpected error; continuing in 5 s")
+                busy = False
+                self._stop.wait(5)
+            if not busy:
+                self._sleep_until_work()
+
+    def _sleep_until_work(self):
+        now = self.clock()
+        due = self.outbox.next_due()
+        wait = 1.0
+        if due is not None:
+            wait = min(wait, max(0.0, due - now))
+        if self.paused_until > now:
+            wait = max(wait, min(self.paused_until - now, 5.0))
+        with self.outbox.wakeup:
+            if not self._stop.is_set() and wait > 0:
+                self.outbox.wakeup.wait(wait)
+
+    def step(self):
+        """Send what is due; True when something was sent."""
+        for hook in self.hooks:
+            try:
+                hook()
+            except Exception:
+                log.exception("outbox: periodic task failed")
+        now = self.clock()
+        if self.users.stale(now):
+            try:
+                self.users.refresh()
+            except BitrixError as exc:
+                self.users.next_try = now + (60 if self.users.loaded_at else 3)
+                log.warning("Bitrix24: cannot read users (user.get): %s", exc)
+        if now < self.paused_until:
+            return False
+        ready = [r for r in self.outbox.ready(now, 50) if self.method_paused.get(r.method, 0) <= now]
+        if not ready:
+            return False
+        ready = [r for r in ready if self._pre_send(r, now)]
+        if not ready:
+            return True
+        singles = [r for r in ready if r.kind == "record"]
+        rest = [r for r in ready if r.kind != "record"]
+        if len(rest) == 1 and not singles:
+            self._send_single(rest[0])
+        elif rest:
+            self._send_batch(rest)
+        for r in singles[:1]:
+            self._send_record(r)
+        return True
+
+    def _pre_send(self, req, now):
+        """Work that needs no request, or decides a request is not needed."""
+        row = self.records.get(req.linkedid) or {}
+        if req.kind == "owner":
+            if row.get("created_entities") not in (None, "[]", "null") or not row.get("crm_entity_id"):
+                self.outbox.done(req, note="no existing CRM entity: nothing to look up")
+                return False
+        if req.kind == "task":
+            check = req.params.get("check") or {}
+            if self.records.answered_since(check.get("number"), check.get("since", 0), req.linkedid):
+                self.outbox.done(req, note="the client got through since: no task")
+                log.info("call %s: no missed-call task, %s got through since", req.linkedid,
+                         check.get("number"))
+                return False
+        if req.kind in ("show", "hide"):
+            try:
+                users = self.resolve(req, req.params["USER_ID"])
+            except Unresolved:
+                users = []
+            except NotReady as exc:
+                self.outbox.retry(req, 2.0, str(exc))
+                return False
+            if not users:
+                self.outbox.done(req, note="no Bitrix24 user to show/hide the card for")
+                return False
+        return True
+
+    def _backoff(self, req):
+        return min(self.BACKOFF_CAP, 0.5 * (1.6 ** max(0, req.attempts - 1)))
+
+    def _send_single(self, req):
+        try:
+            params = self.resolve(req, req.params)
+        except Unresolved as exc:
+            self._park(req, str(exc))
+            return
+        except NotReady as exc:
+            self.outbox.retry(req, 2.0, str(exc))
+            return
+        self.outbox.mark_sending([req])
+        self.sent_single += 1
+        try:
+            result = self.client.call(req.method, params)
+        except BitrixError as exc:
+            self._failed(req, exc)
+            return
+        self._succeeded(req, result)
+
+    def _send_batch(self, heads):
+        commands, members, refs = [], [], {}
+        for req in heads:
+            if len(commands) >= 50:
+                break
+            try:
+                params = self.resolve(req, req.params)
+            except Unresolved as exc:
+                self._park(req, str(exc))
+                continue
+            except NotReady as exc:
+                self.outbox.retry(req, 2.0, str(exc))
+                continue
+            key = "r%d" % req.id
+            commands.append((key, req.method, params))
+            members.append((key, req, None))
+            if req.kind == "register":
+                refs[req.linkedid] = key
+                for follower in self.outbox.followers(req):
+                    if len(commands) >= 50 or follower.kind not in ("show", "hide", "finish"):
+                        break
+                    try:
+                        fparams = self.resolve(follower, follower.params, refs)
+                    except (Unresolved, NotReady):
+                        break
+                    fkey = "r%d" % follower.id
+                    commands.append((fkey, follower.method, fparams))
+                    members.append((fkey, follower, key))
+        if not commands:
+            return
+        self.outbox.mark_sending([m[1] for m in members])
+        self.sent_batches += 1
+        try:
+            results, errors = self.client.batch(commands)
+        except BitrixError as exc:
+            for _key, req, _dep in members:
+                self._failed(req, exc)
+            return
+        failed = set()
+        for key, req, depends_on in members:
+            if depends_on is not None and depends_on in failed:
+                failed.add(key)
+                self.outbox.retry(req, 0, "not sent: register failed in the same batch")
+                continue
+            if key in errors:
+                failed.add(key)
+                self._failed(req, classify_error(None, errors[key], req.method))
+            elif key in results:
+                self._succeeded(req, results[key])
+            else:
+                failed.add(key)
+                self._failed(req, BitrixUnavailable("Bitrix24 batch: no answer for %s" % req.method,
+                                                    method=req.method))
+
+    def _send_record(self, req):
+        row = self.records.get(req.linkedid) or {}
+        spec = req.params["FILENAME"]
+        path = self.recordings.locate(spec["name"], spec.get("started_at"))
+        if path is None:
+            log.warning("call %s: recording %s not found under %s; the call is in Bitrix24 without it",
+                        req.linkedid, spec["name"], self.recordings.path)
+            self.outbox.done(req, note="recording not found")
+            return
+        if not self.recordings.settled(path, self.clock()):
+            self.outbox.retry(req, self.recordings.settle_seconds, "waiting for MixMonitor to close the file")
+            return
+        try:
+            name, data = self.recordings.prepare(path)
+        except RecordingProblem as exc:
+            log.warning("call %s: recording not attached: %s", req.linkedid, exc)
+            self.outbox.done(req, note=str(exc))
+            return
+        call_id = row.get("call_id")
+        if not call_id:
+            self._park(req, "no CALL_ID for the recording")
+            return
+        self.outbox.mark_sending([req])
+        try:
+            if len(data) <= self.recordings.inline_max_bytes:
+                result = self.client.call(req.method, {"CALL_ID": call_id, "FILENAME": name,
+                                                       "FILE_CONTENT": base64.b64encode(data).decode("ascii")})
+            else:
+                step = self.client.call(req.method, {"CALL_ID": call_id, "FILENAME": name})
+                result = self.client.upload(step["uploadUrl"], step.get("fieldName") or "file", name, data)
+        except BitrixError as exc:
+            self._failed(req, exc)
+            return
+        except (KeyError, TypeError):
+            self._failed(req, BitrixUnavailable("Bitrix24 attachRecord: no uploadUrl in the answer"))
+            return
+        log.info("call %s: recording %s attached (%d bytes)", req.linkedid, name, len(data))
+        self.outbox.done(req, result)
+
+    # -- outcomes -------------------------------------------------------------------------------
+    def _park(self, req, reason):
+        log.error("call %s: %s parked: %s", req.linkedid, req.method, reason)
+        self.outbox.park(req, reason)
+        if req.kind == "register":
+            self.outbox.park_call(req.linkedid, "register failed: " + reason)
+
+    def _succeeded(self, req, result):
+        linkedid = req.linkedid
+        if req.kind == "register" and isinstance(result, dict):
+            self.records.update(linkedid, call_id=result.get("CALL_ID"),
+                                crm_entity_type=result.get("CRM_ENTITY_TYPE") or None,
+                                crm_entity_id=result.get("CRM_ENTITY_ID") or None,
+                                created_entities=json.dumps(result.get("CRM_CREATED_ENTITIES") or []))
+            log.info("call %s: registered in Bitrix24 as CALL_ID=%s%s", linkedid, result.get("CALL_ID"),
+                     " (created %s)" % result.get("CRM_CREATED_ENTITIES") if result.get("CRM_CREATED_ENTITIES") else "")
+        elif req.kind == "owner" and isinstance(result, list):
+            row = self.records.get(linkedid) or {}
+            owner = None
+            for entity in result:
+                if str(entity.get("CRM_ENTITY_ID")) == str(row.get("crm_entity_id")) or owner is None:
+                    owner = entity.get("ASSIGNED_BY_ID") or owner
+            if owner:
+                self.records.update(linkedid, crm_owner_id=int(owner))
+        elif req.kind == "finish":
+            self.records.update(linkedid, finished_at=time.time())
+            row = self.records.get(linkedid) or {}
+            log.info("call %s: finished in Bitrix24 CALL_ID=%s", linkedid, row.get("call_id"))
+        elif req.kind == "task" and isinstance(result, dict):
+            task = result.get("task") or {}
+            if task.get("id"):
+                self.records.update(linkedid, task_id=int(task["id"]))
+            log.info("call %s: missed-call task %s created", linkedid, task.get("id"))
+        self.outbox.done(req, result)
+
+    def _uncertain(self, req):
+        """An earlier attempt may have been carried out: sent, but no answer came."""
+        return req.attempts > 1 and (req.last_error is None or req.last_error.startswith("no answer"))
+
+    def _failed(self, req, exc):
+        now = self.clock()
+        if isinstance(exc, BitrixUnavailable):
+            self.outbox.retry(req, self._backoff(req), "no answer: %s" % exc)
+            log.warning("call %s: %s: %s; retrying", req.linkedid, req.method, exc)
+        elif isinstance(exc, BitrixRateLimited):
+            delay = self._backoff(req)
+            self.paused_until = max(self.paused_until, now + delay)
+            self.outbox.retry(req, delay, str(exc))
+            log.warning("Bitrix24: rate limit reached (QUERY_LIMIT_EXCEEDED); waiting %.1f s", delay)
+        elif isinstance(exc, BitrixMethodLimited):
+            self.method_paused[req.method] = now + 60
+            self.outbox.retry(req, 60, str(exc))
+            log.warning("Bitrix24: %s is over its operating-time budget; pausing it for 60 s", req.method)
+        elif isinstance(exc, BitrixOverloaded):
+            self.paused_until = now + 600
+            self.alert = str(exc)
+            self.outbox.retry(req, 600, str(exc))
+            log.error("%s: REST is blocked by Bitrix24; all requests wait 10 minutes", exc)
+        elif isinstance(exc, BitrixAuthExpired):
+            self.outbox.retry(req, self._backoff(req), str(exc))
+        elif req.kind == "finish" and exc.description.startswith("Call is not found") and self._uncertain(req):
+            log.info("call %s: finish answered 'not found' after an unanswered attempt: it was done",
+                     req.linkedid)
+            self.records.update(req.linkedid, finished_at=time.time())
+            self.outbox.done(req, note="already finished")
+        elif req.kind == "record" and "not finished yet" in exc.description and req.attempts < 4:
+            self.outbox.retry(req, 5 * req.attempts, str(exc))
+        else:
+            if isinstance(exc, BitrixAuthFailed):
+                self.alert = str(exc)
+            self._park(req, str(exc))
+
+
+###############################################################################
 # Captures ####################################################################
 ###############################################################################
 # A capture is what bx24ast record-ami writes and what support asks a customer
@@ -1975,14 +3449,47 @@ def describe_call_event(kind, call, extension, rules):
     return " ".join(parts)
 
 
-class Daemon(object):
-    """The running service: AMI connection -> CallTracker -> lifecycle handlers."""
+class Bridge(object):
+    """The Bitrix24 side assembled from the configuration: store, outbox, client,
+    users, CRM flows and the sender thread."""
 
-    def __init__(self, config, on_call_event=None):
+    def __init__(self, config, rules, store=None, client=None):
+        self.config = config
+        self.store = store or StateStore.open_dir(config.get("storage", "state_dir"))
+        self.outbox = Outbox(self.store)
+        self.records = CallRecords(self.store)
+        self.client = client if client is not None else BitrixClient.from_config(config, self.store)
+        crm = config.section("crm")
+        self.users = UserDirectory(self.client, config.maps["users"], crm["default_user_id"],
+                                   config.get("bitrix24", "users_refresh_minutes") * 60)
+        self.crm = CrmFlows(config, self.outbox, self.records, rules)
+        rec = config.section("recordings")
+        self.recordings = RecordingFiles(rec["path"], rec["settle_seconds"],
+                                         int(rec["inline_max_mb"] * 1024 * 1024))
+        self.sender = OutboxSender(self.outbox, self.records, self.client, self.users, self.recordings,
+                                   crm["default_user_id"])
+
+    def start(self):
+        self.sender.start()
+
+    def stop(self):
+        self.sender.stop()
+
+
+class Daemon(object):
+    """The running service: AMI connection -> CallTracker -> lifecycle handlers,
+    and the Bitrix24 bridge when [bitrix24] is configured."""
+
+    def __init__(self, config, on_call_event=None, bridge=None):
         self.config = config
         self.rules = PbxRules.from_config(config)
         self._lock = threading.Lock()
         self._handlers = [self._log_call_event]
+        self.bridge = bridge
+        if self.bridge is None and BitrixClient.configured(config):
+            self.bridge = Bridge(config, self.rules)
+        if self.bridge is not None:
+            self._handlers.append(self.bridge.crm.on_call_event)
         if on_call_event is not None:
             self._handlers.append(on_call_event)
         self.tracker = CallTracker(self.rules, self._call_event)
@@ -2039,6 +3546,12 @@ class Daemon(object):
 
     def run(self):
         log.info("bx24ast %s starting; AMI %s:%s", __version__, self.ami.host, self.ami.port)
+        if self.bridge is not None:
+            log.info("Bitrix24: %s; outbox %s", self.bridge.client.describe(), self.bridge.outbox.counts())
+            self.bridge.start()
+        else:
+            log.warning("Bitrix24 is not configured ([bitrix24] webhook_url or portal_url + client_id): "
+                        "calls are only logged")
         self.ami.start()
         try:
             while not self.stop_event.wait(1.0):
@@ -2046,6 +3559,8 @@ class Daemon(object):
                     self.tracker.expire(time.time())
         finally:
             self.ami.stop()
+            if self.bridge is not None:
+                self.bridge.stop()
             log.info("bx24ast stopped")
 
     def stop(self, *_args):
@@ -2066,28 +3581,72 @@ def _load_config(args, required):
     return Config.load(path)
 
 
+def display_params(value, users, default_user_id):
+    """Request parameters as a support engineer reads them: placeholders that only
+    the portal can fill are shown in angle brackets."""
+    if isinstance(value, dict):
+        kind = value.get("$")
+        if kind is None:
+            return collections.OrderedDict((k, display_params(v, users, default_user_id))
+                                           for k, v in value.items() if k != "check")
+        if kind == "call_id":
+            return "<CALL_ID from register>"
+        if kind == "user":
+            return users.user_for(value["ext"]) or "<user of extension %s, else %s>" % (
+                value["ext"], default_user_id or "none")
+        if kind == "responsible":
+            return "<CRM owner, else %s>" % (users.user_for(value.get("ext")) or "user of extension %s, else %s"
+                                             % (value.get("ext"), default_user_id or "none"))
+        if kind == "crm_binding":
+            return "<CRM entity of the call>"
+        if kind == "recording":
+            return value["name"]
+    if isinstance(value, list):
+        return [display_params(v, users, default_user_id) for v in value]
+    return value
+
+
 def cmd_replay(args):
     config = _load_config(args, required=False)
     rules = PbxRules.from_config(config)
     out = sys.stdout
     results = []
+    crm = None
+    if args.dry_run:
+        store = StateStore(":memory:")
+        outbox = Outbox(store)
+        crm = CrmFlows(config, outbox, CallRecords(store), rules)
+        users = UserDirectory(None, config.maps["users"], config.get("crm", "default_user_id"))
 
     def on_call_event(kind, call, extension):
+        if crm is not None:
+            crm.on_call_event(kind, call, extension)
         if kind == "ended" and is_reportable(call, rules, args.include_internal):
             results.append(call)
+            flush()
 
+    def flush():
+        for call in results:
+            row = call.as_dict(rules.number_plan)
+            if not timed["value"]:
+                for key in ("started_at", "answered_at", "ended_at", "billsec"):
+                    row[key] = None
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+            if crm is not None:
+                for req in outbox.requests_of(call.linkedid):
+                    params = display_params(req.params, users, config.get("crm", "default_user_id"))
+                    out.write(json.dumps(collections.OrderedDict([
+                        ("linkedid", call.linkedid), ("method", req.method), ("params", params)]),
+                        ensure_ascii=False) + "\n")
+        del results[:]
+
+    timed = {"value": bool(Capture(args.capture).sidecar_path)}
     tracker = CallTracker(rules, on_call_event)
     capture = Capture(args.capture)
     if not os.path.exists(capture.path):
         sys.stderr.write("bx24ast: replay: no capture at %s\n" % capture.path)
         return EXIT_FAILURE
-    timed = replay_capture(capture, tracker)
-    for call in results:
-        row = call.as_dict(rules.number_plan)
-        if not timed:
-            for key in ("started_at", "answered_at", "ended_at", "billsec"):
-                row[key] = None
-        out.write(json.dumps(row, ensure_ascii=False) + "\n")
+    replay_capture(capture, tracker)
     if tracker.calls:
         sys.stderr.write("bx24ast: replay: %d call(s) still in progress at the end of the capture\n"
                          % len(tracker.calls))
@@ -2137,6 +3696,40 @@ def cmd_run(args):
     return EXIT_OK
 
 
+def cmd_outbox(args):
+    config = _load_config(args, required=True)
+    store = StateStore.open_dir(config.get("storage", "state_dir"))
+    outbox = Outbox(store)
+    if args.action == "retry":
+        count = outbox.retry_parked(args.id)
+        sys.stdout.write("%d parked request(s) will be sent again by the running service\n" % count)
+        return EXIT_OK
+    rows = outbox.listing()
+    counts = outbox.counts()
+    sys.stdout.write("pending %d, parked %d, done %d\n" % (counts.get("pending", 0), counts.get("parked", 0),
+                                                          counts.get("done", 0)))
+    for req in rows:
+        sys.stdout.write("#%d %-7s call %s %s attempts=%d%s\n" % (
+            req.id, req.state, req.linkedid, req.method, req.attempts,
+            (" error: %s" % req.last_error) if req.last_error else ""))
+    return EXIT_OK
+
+
+def cmd_oauth_code(args):
+    config = _load_config(args, required=True)
+    config.require("bitrix24", "client_id", "oauth-code is for a local application")
+    config.require("bitrix24", "portal_url", "oauth-code is for a local application")
+    store = StateStore.open_dir(config.get("storage", "state_dir"))
+    client = BitrixClient.from_config(config, store)
+    try:
+        tokens = client.exchange_code(args.code)
+    except BitrixError as exc:
+        sys.stderr.write("bx24ast: %s\n" % exc)
+        return EXIT_FAILURE
+    sys.stdout.write("tokens saved for %s (member %s)\n" % (tokens.get("domain"), tokens.get("member_id")))
+    return EXIT_OK
+
+
 def cmd_check_config(args):
     config = _load_config(args, required=True)
     sys.stdout.write("%s: OK\n" % config.path)
@@ -2163,7 +3756,18 @@ def build_arg_parser():
     p = sub.add_parser("replay", help="print the calls in an AMI capture as JSON lines")
     p.add_argument("capture", help="a capture directory (with ami.log) or an ami.log file")
     p.add_argument("--include-internal", action="store_true", help="also print internal calls")
+    p.add_argument("--dry-run", action="store_true",
+                   help="after each call, print the Bitrix24 requests that would be sent")
     p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser("outbox", help="show or retry the requests waiting for Bitrix24")
+    p.add_argument("action", choices=["list", "retry"])
+    p.add_argument("--id", type=int, help="retry only this request")
+    p.set_defaults(func=cmd_outbox)
+
+    p = sub.add_parser("oauth-code", help="get the local application's first tokens from an authorization code")
+    p.add_argument("code")
+    p.set_defaults(func=cmd_oauth_code)
 
     p = sub.add_parser("record-ami", help="record the raw AMI stream with its timing sidecar")
     p.add_argument("-o", "--output", required=True, help="file to write (ami.log)")
@@ -2191,6 +3795,9 @@ def main(argv=None):
     except ConfigError as exc:
         sys.stderr.write("bx24ast: configuration error: %s\n" % exc)
         return EXIT_CONFIG
+    except StorageError as exc:
+        sys.stderr.write("bx24ast: %s\n" % exc)
+        return EXIT_FAILURE
     except KeyboardInterrupt:
         return EXIT_FAILURE
 

@@ -135,8 +135,9 @@ def test_trunk_channels_are_never_extensions():
 class Pbx(object):
     """Writes AMI events the way Asterisk 22 does, for scenarios no capture holds."""
 
-    def __init__(self, rules=None):
-        self.t = 1000.0
+    def __init__(self, rules=None, base=1000.0):
+        self.base = base
+        self.t = base
         self.rules = rules or bx24ast.PbxRules.defaults()
         self.events = []
         self.tracker = bx24ast.CallTracker(self.rules, self._on)
@@ -146,7 +147,7 @@ class Pbx(object):
         self.events.append((kind, call.linkedid, ext, call))
 
     def at(self, t):
-        self.t = 1000.0 + t
+        self.t = self.base + t
         return self
 
     def send(self, name, **headers):

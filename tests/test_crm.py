@@ -1,0 +1,369 @@
+"""CRM flows end to end: real captures -> call engine -> outbox -> REST client ->
+the Bitrix24 emulator, checked against the emulator's state and journal."""
+import base64
+import collections
+import os
+import threading
+import time
+
+import pytest
+
+import bx24ast
+from b24_emulator import Bitrix24Emulator
+from conftest import FIXTURES, load_expected
+from test_calls import Pbx
+
+PJSIP = os.path.join(FIXTURES, "asterisk-22.10.1-pjsip")
+LOCAL = os.path.join(FIXTURES, "asterisk-22.10.1")
+USERS = {"101": 5, "102": 7, "103": 9}
+
+
+def wait_for(cond, timeout=20.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+class Harness(object):
+    """The Bitrix24 side of bx24ast (Bridge) fed by a CallTracker."""
+
+    def __init__(self, tmp_path, emulator, settings=None, recordings=None, oauth=False):
+        sections = collections.OrderedDict()
+        b24 = sections["bitrix24"] = collections.OrderedDict()
+        if oauth:
+            b24.update(portal_url=emulator.url + "/", client_id=emulator.client_id,
+                       client_secret=emulator.client_secret, oauth_url=emulator.oauth_url)
+        else:
+            b24["webhook_url"] = emulator.webhook_url
+        b24.update(rate=emulator.rate, burst=emulator.burst, timeout=2)
+        sections["storage"] = {"state_dir": tmp_path}
+        sections["recordings"] = {"path": recordings or tmp_path, "settle_seconds": 0}
+        sections["crm"] = {"default_user_id": 1}
+        sections["lines"] = {"74951234567": "ADVERTISING", "74957654321": "PARTNER"}
+        for name, values in (settings or {}).items():
+            sections.setdefault(name, {}).update(values)
+        text = "".join("[%s]\n%s" % (name, "".join("%s = %s\n" % kv for kv in values.items()))
+                       for name, values in sections.items())
+        self.config = bx24ast.Config.from_text(text)
+        self.rules = bx24ast.PbxRules.from_config(self.config)
+        self.bridge = bx24ast.Bridge(self.config, self.rules)
+        self.bridge.sender.BACKOFF_CAP = 0.3
+        if oauth:
+            self.bridge.client.save_tokens(emulator.issue_tokens())
+        self.calls = []
+        self.tracker = bx24ast.CallTracker(self.rules, self._on)
+        self.emulator = emulator
+
+    def _on(self, kind, call, ext):
+        self.bridge.crm.on_call_event(kind, call, ext)
+        if kind == "ended" and bx24ast.is_reportable(call, self.rules):
+            self.calls.append(call)
+
+    def replay(self, path):
+        bx24ast.replay_capture(bx24ast.Capture(path), self.tracker)
+
+    def __enter__(self):
+        self.bridge.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.bridge.stop()
+        self.bridge.store.close()
+
+    def idle(self):
+        counts = self.bridge.outbox.counts()
+        return not counts.get("pending")
+
+    def wait_idle(self, timeout=30):
+        assert wait_for(self.idle, timeout), self.bridge.outbox.listing()
+
+
+def journal_order(emulator, call_id=None, external_id=None):
+    """The methods sent for one call, in order (from the emulator's journal)."""
+    out = []
+    for entry in emulator.journal:
+        p = entry["params"] if isinstance(entry["params"], dict) else {}
+        if entry.get("status") != 200:
+            continue
+        if external_id and p.get("EXTERNAL_CALL_ID") == external_id:
+            out.append(entry["method"])
+        elif call_id and p.get("CALL_ID") == call_id:
+            out.append(entry["method"])
+        elif call_id and entry["method"] == "tasks.task.add" and call_id in str(entry.get("call_ref")):
+            out.append(entry["method"])
+    return out
+
+
+def check_scenario(h, emu, expected_path):
+    expected = load_expected(expected_path)
+    plan = bx24ast.NumberPlan()
+    stats = dict((r["EXTERNAL_CALL_ID"], r) for r in emu.stats.values())
+    external = [c for c in expected["calls"] if c["direction"] != "internal"]
+    assert sorted(stats) == sorted(c["linkedid"] for c in external)
+    for call in external:
+        rec = stats[call["linkedid"]]
+        row = h.bridge.records.get(call["linkedid"])
+        answered = call["disposition"] == "ANSWERED"
+        assert rec["PHONE_NUMBER"] == plan.normalize(call["external_number"])
+        assert rec["INCOMING"] == ("2" if call["direction"] == "inbound" else "1")
+        assert rec["CALL_FAILED_CODE"] == ("200" if answered else "304")
+        if answered:
+            assert abs(rec["CALL_DURATION"] - call["first_bridge_to_hangup_s"]) <= 1
+            assert rec["PORTAL_USER_ID"] == USERS[call["final_extension"]]
+        else:
+            assert rec["CALL_DURATION"] == 0
+            assert rec["PORTAL_USER_ID"] == USERS[call["rang_extensions"][-1]]
+        assert rec["shown_at_finish"] == [], "a card was left on someone's screen"
+        assert row["call_id"] == rec["CALL_ID"]
+        # strict order per call
+        methods = journal_order(emu, call_id=rec["CALL_ID"], external_id=call["linkedid"])
+        if call.get("extension") is None or call["direction"] == "inbound":
+            assert methods[0] == "telephony.externalcall.register", methods
+        finish_at = methods.index("telephony.externalcall.finish")
+        assert methods.count("telephony.externalcall.finish") == 1
+        assert all(m in ("telephony.externalcall.register", "telephony.externalcall.show",
+                         "telephony.externalcall.hide", "telephony.externalcall.searchcrmentities")
+                   for m in methods[:finish_at]), methods
+        if answered and call["recording_in_fixture"]:
+            assert methods[finish_at + 1:] == ["telephony.externalcall.attachrecord"]
+            stored = emu.records[rec["CALL_ID"]]
+            with open(os.path.join(expected_path, "recordings", call["recording_file"]), "rb") as f:
+                assert stored["content"] == f.read(), "recording changed on the way"
+            assert stored["FILENAME"] == call["recording_file"]
+        if call["direction"] == "inbound":
+            card = rec["call"]["card_log"] if "card_log" in rec["call"] else []
+            shown = set()
+            for action, users in card:
+                shown.update(users)
+            expected_shown = {USERS[e] for e in call["rang_extensions"]}
+            assert expected_shown <= shown | {rec["call"]["USER_ID"]}
+    return stats
+
+
+@pytest.mark.parametrize("base", [PJSIP, LOCAL], ids=["pjsip", "local"])
+@pytest.mark.parametrize("scenario", ["inbound_answered", "inbound_missed", "outbound_answered",
+                                      "inbound_queue", "blind_transfer", "internal_call",
+                                      "concurrent_burst"])
+def test_every_scenario_reaches_bitrix24(tmp_path, base, scenario):
+    path = os.path.join(base, scenario)
+    with Bitrix24Emulator() as emu:
+        with Harness(tmp_path, emu, recordings=os.path.join(path, "recordings")) as h:
+            h.replay(path)
+            h.wait_idle()
+            stats = check_scenario(h, emu, path)
+            expected = load_expected(path)
+            missed = [c for c in expected["calls"] if c["direction"] == "inbound"
+                      and c["disposition"] != "ANSWERED"]
+            assert len(emu.tasks) == len(missed)
+            for call in missed:
+                task = [t for t in emu.tasks.values() if call["external_number"][-7:] in t["title"]][0]
+                assert task["responsibleId"] == str(USERS[call["rang_extensions"][-1]])
+                lead = stats[call["linkedid"]]["CRM_ENTITY_ID"]
+                assert task["ufCrmTask"] == ["L_%d" % lead]
+            # a lead per unknown number, with the line's source
+            for call in expected["calls"]:
+                if call["direction"] == "inbound":
+                    lead = emu.leads[stats[call["linkedid"]]["CRM_ENTITY_ID"]]
+                    assert lead["SOURCE_ID"] == {"74951234567": "ADVERTISING", "74957654321": "PARTNER"}[call["did"]]
+            assert emu.rejected_503 == 0
+            assert not emu.active_calls
+
+
+def test_known_client_missed_call_goes_to_the_owner(tmp_path):
+    path = os.path.join(PJSIP, "inbound_missed")
+    with Bitrix24Emulator() as emu:
+        contact = emu.add_contact("8 (916) 123-45-67", assigned=9)
+        with Harness(tmp_path, emu) as h:
+            h.replay(path)
+            h.wait_idle()
+            [rec] = emu.stats.values()
+            assert rec["CRM_ENTITY_TYPE"] == "CONTACT" and rec["CRM_ENTITY_ID"] == contact
+            assert rec["PORTAL_USER_ID"] == 9  # the owner, not the last phone that rang
+            assert not emu.leads
+            [task] = emu.tasks.values()
+            assert task["responsibleId"] == "9" and task["ufCrmTask"] == ["C_%d" % contact]
+            assert emu.activities[0]["COMPLETED"] == "N"
+
+
+def test_portal_without_leads_creates_contact_and_deal(tmp_path):
+    path = os.path.join(PJSIP, "inbound_missed")
+    with Bitrix24Emulator(simple_crm=True) as emu:
+        with Harness(tmp_path, emu, {"crm": {"mode": "contacts"}}) as h:
+            h.replay(path)
+            h.wait_idle()
+            assert not emu.leads and len(emu.contacts) == 1 and len(emu.deals) == 1
+            contact_id, deal_id = list(emu.contacts)[0], list(emu.deals)[0]
+            [task] = emu.tasks.values()
+            assert task["ufCrmTask"] == ["C_%d" % contact_id, "D_%d" % deal_id]
+            # the auto-created entities are reassigned to the finishing user
+            assert emu.contacts[contact_id]["ASSIGNED_BY_ID"] == str(USERS["102"])
+
+
+def _inbound(pbx, lid, number, ext="101", answer=True, t0=0.0, talk=5.0, ring=8.0):
+    uid_trunk, uid_phone = lid, lid[:-2] + ".9"
+    n = int(float(lid) * 10)
+    pbx.at(t0).new(uid_trunk, "PJSIP/trunk-%08x" % n, lid, "from-trunk", "74951234567", number, 4)
+    pbx.new(uid_phone, "PJSIP/%s-%08x" % (ext, n + 1), lid)
+    pbx.dial(uid_trunk, uid_phone, ext)
+    if answer:
+        pbx.at(t0 + 2).dialend(uid_trunk, uid_phone, "ANSWER")
+        pbx.enter(uid_phone, "B" + lid)
+        pbx.enter(uid_trunk, "B" + lid)
+        pbx.at(t0 + 2 + talk)
+    else:
+        pbx.at(t0 + ring).dialend(uid_trunk, uid_phone, "CANCEL")
+    pbx.hangup(uid_phone)
+    pbx.hangup(uid_trunk)
+
+
+def test_two_simultaneous_calls_from_one_number_get_two_call_ids(tmp_path):
+    with Bitrix24Emulator() as emu:
+        with Harness(tmp_path, emu) as h:
+            pbx = Pbx(h.rules)
+            pbx.tracker = h.tracker
+            t0 = time.time() - 1000
+            pbx.t = t0
+            # both ring at the same moment to the same extension from the same number
+            for n, (lid, ext) in enumerate((("500.1", "101"), ("600.1", "101"))):
+                pbx.new(lid, "PJSIP/trunk-%08x" % n, lid, "from-trunk", "74951234567", "+79160000001", 4)
+                pbx.new(lid + "9", "PJSIP/%s-%08x" % (ext, n + 10), lid)
+                pbx.dial(lid, lid + "9", ext)
+            for lid in ("500.1", "600.1"):
+                pbx.t = t0 + 3
+                pbx.hangup(lid + "9")
+                pbx.hangup(lid)
+            h.wait_idle()
+            ids = [r["CALL_ID"] for r in emu.stats.values()]
+            assert len(ids) == 2 and len(set(ids)) == 2
+            registers = [e for e in emu.journal if e["method"] == "telephony.externalcall.register"]
+            assert len(registers) == 2 and all(str(e["params"]["SHOW"]) == "1" for e in registers)
+            assert all(not e.get("error") for e in emu.journal if e["method"] == "telephony.externalcall.finish")
+
+
+def test_no_task_when_the_client_got_through_within_the_window(tmp_path):
+    with Bitrix24Emulator() as emu:
+        with Harness(tmp_path, emu, {"crm": {"callback_window_minutes": 10}}) as h:
+            shift = [0.0]
+            h.bridge.sender.clock = lambda: time.time() + shift[0]
+            pbx = Pbx(h.rules, base=time.time())
+            pbx.tracker = h.tracker
+            _inbound(pbx, "700.1", "+79160000002", answer=False, t0=0, ring=1)
+            _inbound(pbx, "701.1", "+79160000002", ext="102", answer=True, t0=2, talk=1)
+            _inbound(pbx, "702.1", "+79160000003", answer=False, t0=6, ring=1)
+            assert wait_for(lambda: len(emu.stats) == 3)
+            time.sleep(0.3)
+            assert not emu.tasks, "tasks wait for the call-back window"
+            shift[0] = 11 * 60
+            h.wait_idle(timeout=30)
+            titles = [t["title"] for t in emu.tasks.values()]
+            assert titles == ["Missed call from +79160000003"]
+            notes = [r.last_error for r in h.bridge.outbox.requests_of("700.1") if r.kind == "task"]
+            assert notes == ["the client got through since: no task"]
+
+
+def test_large_recording_goes_through_the_upload_url(tmp_path):
+    path = os.path.join(PJSIP, "blind_transfer")
+    with Bitrix24Emulator() as emu:
+        with Harness(tmp_path, emu, {"recordings": {"inline_max_mb": 0.1}},
+                     recordings=os.path.join(path, "recordings")) as h:
+            h.replay(path)
+            h.wait_idle()
+            [rec] = emu.stats.values()
+            assert [j["method"] for j in emu.journal if j["method"] == "(upload)"] == ["(upload)"]
+            with open(os.path.join(path, "recordings", os.listdir(os.path.join(path, "recordings"))[0]), "rb") as f:
+                assert emu.records[rec["CALL_ID"]]["content"] == f.read()
+
+
+def test_empty_or_missing_recording_still_lands_the_call(tmp_path, caplog):
+    path = os.path.join(PJSIP, "inbound_answered")
+    (tmp_path / "rec").mkdir()
+    name = load_expected(path)["calls"][0]["recording_file"]
+    (tmp_path / "rec" / name).write_bytes(open(os.path.join(path, "recordings", name), "rb").read()[:44])
+    with Bitrix24Emulator() as emu:
+        with Harness(tmp_path, emu, recordings=str(tmp_path / "rec")) as h:
+            h.replay(path)
+            h.wait_idle()
+            assert len(emu.stats) == 1 and not emu.records
+            assert "holds no audio" in caplog.text
+    with Bitrix24Emulator() as emu:
+        with Harness(tmp_path / "x", emu, recordings=str(tmp_path / "nothing")) as h:
+            h.replay(path)
+            h.wait_idle()
+            assert len(emu.stats) == 1 and not emu.records
+            assert "not found" in caplog.text
+
+
+@pytest.mark.parametrize("mode", ["503", "500", "html", "timeout"])
+def test_outage_then_recovery_loses_nothing_and_duplicates_nothing(tmp_path, mode):
+    path = os.path.join(PJSIP, "concurrent_burst")
+    with Bitrix24Emulator() as emu:
+        emu.set_outage(mode, 4.0)  # "ten minutes", compressed
+        with Harness(tmp_path, emu, recordings=os.path.join(path, "recordings")) as h:
+            h.replay(path)
+            h.wait_idle(timeout=60)
+            check_scenario(h, emu, path)
+            assert any(e["method"] == "(outage)" for e in emu.journal)
+            per_call = collections.Counter(r["EXTERNAL_CALL_ID"] for r in emu.stats.values())
+            assert set(per_call.values()) == {1} and len(per_call) == 20
+            assert len(emu.tasks) == 5
+            assert not h.bridge.outbox.counts().get("parked")
+
+
+def test_wrong_auth_type_parks_with_the_reason(tmp_path, caplog):
+    path = os.path.join(PJSIP, "inbound_answered")
+    with Bitrix24Emulator(refuse_webhook_telephony=True) as emu:
+        with Harness(tmp_path, emu) as h:
+            h.replay(path)
+            assert wait_for(lambda: h.bridge.outbox.counts().get("parked", 0) >= 5)
+            registers = [e for e in emu.journal if e["method"] == "telephony.externalcall.register"]
+            assert len(registers) == 1, "WRONG_AUTH_TYPE must not be retried"
+            assert "local application" in h.bridge.sender.alert
+            parked = h.bridge.outbox.listing(("parked",))
+            assert all("WRONG_AUTH_TYPE" in r.last_error for r in parked)
+            # after reconfiguring, `outbox retry` sends them again, in order
+            emu.refuse_webhook_telephony = False
+            assert h.bridge.outbox.retry_parked() == len(parked)
+            h.wait_idle()
+            assert len(emu.stats) == 1
+
+
+def test_oauth_token_refreshed_once_under_load(tmp_path):
+    path = os.path.join(PJSIP, "concurrent_burst")
+    with Bitrix24Emulator() as emu:
+        with Harness(tmp_path, emu, oauth=True, recordings=os.path.join(path, "recordings")) as h:
+            emu.expire_all_tokens()
+            h.replay(path)
+            h.wait_idle()
+            check_scenario(h, emu, path)
+            assert emu.refreshes == 1
+            tokens = h.bridge.client.tokens()
+            assert tokens["access_token"] in emu.tokens
+
+
+def test_click_to_call_is_never_registered(tmp_path):
+    with Bitrix24Emulator() as emu:
+        started = emu.m_telephony_externalcall_register(
+            {"USER_ID": 5, "PHONE_NUMBER": "+79161234567", "TYPE": 1, "SHOW": 1})
+        call_id = started["CALL_ID"]
+        with Harness(tmp_path, emu) as h:
+            pbx = Pbx(h.rules)
+            pbx.tracker = h.tracker
+            pbx.t = time.time()
+            pbx.new("10.0", "PJSIP/101-00000001", "10.0", "from-internal", "s", "101", 0)
+            pbx.send("VarSet", Variable="__BX24_CALL_ID", Value=call_id, **pbx.fields("10.0"))
+            pbx.dial(None, "10.0", "101")
+            pbx.dialend(None, "10.0", "ANSWER")
+            pbx.new("10.1", "PJSIP/trunk-00000002", "10.0", "from-trunk", "s")
+            pbx.dial("10.0", "10.1", "89161234567@trunk")
+            pbx.dialend("10.0", "10.1", "ANSWER")
+            pbx.enter("10.1", "B1")
+            pbx.enter("10.0", "B1")
+            pbx.t += 12
+            pbx.hangup("10.1")
+            pbx.hangup("10.0")
+            h.wait_idle()
+            assert not [e for e in emu.journal if e["method"] == "telephony.externalcall.register"]
+            assert emu.stats[call_id]["CALL_DURATION"] == 12 and emu.stats[call_id]["PORTAL_USER_ID"] == 5
