@@ -2359,7 +2359,9 @@ class BitrixClient(object):
         self.oauth_url = oauth_url
         self.store = store
         self.timeout = timeout
-        self.bucket = LeakyBucket(rate, burst)
+        # A little under the portal's numbers: network jitter bunches requests up on
+        # arrival, and a 503 costs far more than the margin.
+        self.bucket = LeakyBucket(rate * 0.95, max(1, burst - max(2, burst // 10)))
         self.sleep = sleep
         context = ssl.create_default_context()
         if not verify_tls:
