@@ -453,6 +453,9 @@ CREATE TABLE IF NOT EXISTS calls (
     crm_owner_id INTEGER,
     created_entities TEXT,
     answered INTEGER,
+    answered_at REAL,
+    talker TEXT,
+    last_rang TEXT,
     started_at REAL,
     ended_at REAL,
     finished_at REAL,
@@ -678,8 +681,8 @@ class CallRecords(object):
     """What Bitrix24 told us about each call (CALL_ID, CRM entity) and its outcome."""
 
     FIELDS = ("direction", "external_number", "call_id", "crm_entity_type", "crm_entity_id",
-              "crm_owner_id", "created_entities", "answered", "started_at", "ended_at",
-              "finished_at", "task_id", "source")
+              "crm_owner_id", "created_entities", "answered", "answered_at", "talker", "last_rang",
+              "started_at", "ended_at", "finished_at", "task_id", "source")
 
     def __init__(self, store):
         self.store = store
@@ -700,8 +703,10 @@ class CallRecords(object):
                            % ", ".join("%s = ?" % k for k in fields),
                            list(fields.values()) + [time.time(), linkedid])
 
-    def known(self, linkedid):
-        return bool(self.store.query("SELECT 1 FROM calls WHERE linkedid = ?", (linkedid,)))
+    def registered(self, linkedid):
+        """Whether this call was already reported (register queued, or click-to-call)."""
+        return bool(self.store.query("SELECT 1 FROM calls WHERE linkedid = ? AND source IS NOT NULL",
+                                     (linkedid,)))
 
     def answered_since(self, number, since, exclude):
         """Whether the client got through (either way) after a missed call."""
@@ -1769,14 +1774,24 @@ class CallTracker(object):
         calling = state == "4" or (adopted and uid == linkedid)
         if calling and call.direction is None and not any(
                 c.origin for c in call.channels.values() if c is not chan):
-            self._classify_origin(call, chan)
+            self._classify_origin(call, chan, adopted)
         elif chan.extension is None and not calling:
             chan.extension = self.rules.extension_of_channel(chan.name)
         return chan
 
-    def _classify_origin(self, call, chan):
+    def _classify_origin(self, call, chan, adopted=False):
         rules = self.rules
-        if rules.is_trunk_channel(chan.name) or rules.is_inbound_context(chan.context):
+        trunk = rules.is_trunk_channel(chan.name) or rules.is_inbound_context(chan.context)
+        if adopted and not trunk and not rules.is_internal_context(chan.context):
+            # Seen first mid-call (after a reconnect): its context is wherever the
+            # dialplan has taken it (ext-group, macro-dial...), not where it started.
+            local = local_channel_parts(chan.name)
+            if local is not None:
+                trunk = rules.is_inbound_context(local[1])
+            else:
+                trunk = rules.extension_of_channel(chan.name) is None and "/" in chan.name \
+                    and not rules.is_extension(self._cid(chan.cid))
+        if trunk:
             chan.origin = "trunk"
             chan.party = True
             call.direction = "inbound"
@@ -1907,7 +1922,10 @@ class CallTracker(object):
                     self.on_call_event("ringing", call, call.placer)
 
     def _dialend(self, msg, when):
-        dest = self._channel(msg, when, "DestUniqueid", create=False)
+        # Adopting here too: after a reconnect, the events that arrive before the
+        # CoreShowChannels answer may be all we ever hear of a call.
+        self._channel(msg, when)
+        dest = self._channel(msg, when, "DestUniqueid")
         if dest is None:
             return
         status = msg.get("DialStatus") or ""
@@ -2071,7 +2089,7 @@ class CallTracker(object):
             chan.name = msg.get("Newname")
 
     def _hangup(self, msg, when):
-        chan = self._channel(msg, when, create=False)
+        chan = self._channel(msg, when)
         if chan is None:
             return
         self._hangup_channel(chan, when)
@@ -2754,7 +2772,7 @@ class CrmFlows(object):
     def report_finished(self, call):
         """A whole call at once (found in CEL after a restart): no card, same records."""
         with self._lock:
-            if self.records.known(call.linkedid):
+            if self.records.registered(call.linkedid):
                 return False
             self._ended(call, late=True)
             return True
@@ -2780,7 +2798,7 @@ class CrmFlows(object):
         return params
 
     def _registered(self, call):
-        return call.call_id is not None or self.records.known(call.linkedid)
+        return call.call_id is not None or self.records.registered(call.linkedid)
 
     def _register(self, call, ext, show):
         self.records.update(call.linkedid, direction=call.direction, external_number=self._number(call),
@@ -2790,9 +2808,11 @@ class CrmFlows(object):
 
     def _ringing(self, call, ext):
         shown = self._shown.setdefault(call.linkedid, [])
+        if call.direction == "inbound":
+            self.records.update(call.linkedid, last_rang=ext)
         if call.call_id is not None:
             # Click-to-call: Bitrix24 registered the call and shows the card itself.
-            if not self.records.known(call.linkedid):
+            if not self.records.registered(call.linkedid):
                 self.records.update(call.linkedid, direction=call.direction, call_id=call.call_id,
                                     external_number=self._number(call), started_at=call.started_at,
                                     source="click-to-call")
@@ -2812,6 +2832,9 @@ class CrmFlows(object):
     def _card_only_for(self, call, ext):
         """One employee has the client now: hide the card from the others ringing."""
         shown = self._shown.setdefault(call.linkedid, [])
+        # Kept in the state store so that a restarted daemon finishes the call right.
+        row = self.records.get(call.linkedid) or {}
+        self.records.update(call.linkedid, talker=ext, answered_at=row.get("answered_at") or call.answered_at)
         if not self._registered(call) and call.call_id is None:
             self._register(call, ext, show=True)
             shown.append(ext)
@@ -2831,12 +2854,20 @@ class CrmFlows(object):
         row = self.records.get(linkedid)
         if row is not None and row.get("ended_at") is not None:
             return  # already reported
-        answered = call.disposition == "ANSWERED"
-        talker = call.ended_with if answered else None
-        last_rang = call.rang[-1] if call.rang else (call.placer if call.direction == "outbound" else None)
+        row = row or {}
+        answered_at = call.answered_at or row.get("answered_at")
+        answered = answered_at is not None
+        # A call adopted after a restart: the earlier life of the daemon saw the answer.
+        talker = (call.ended_with or row.get("talker")) if answered else None
+        billsec = call.billsec
+        if answered and call.answered_at is None:
+            billsec = max(0, int((call.ended_at or time.time()) - answered_at + 0.5))
+        disposition = "ANSWERED" if answered else call.disposition
+        last_rang = (call.rang[-1] if call.rang else row.get("last_rang")) or \
+            (call.placer if call.direction == "outbound" else None)
         if call.call_id is None and not self._registered(call):
             self._register(call, talker or last_rang or call.placer, show=False)
-        elif call.call_id is not None and row is None:
+        elif call.call_id is not None and not row:
             self.records.update(linkedid, direction=call.direction, call_id=call.call_id,
                                 external_number=self._number(call), started_at=call.started_at,
                                 source="click-to-call")
@@ -2858,8 +2889,8 @@ class CrmFlows(object):
         self.outbox.add(linkedid, "finish", "telephony.externalcall.finish", collections.OrderedDict([
             ("CALL_ID", {"$": "call_id"}),
             ("USER_ID", finisher),
-            ("DURATION", call.billsec if answered else 0),
-            ("STATUS_CODE", STATUS_CODES.get(call.disposition, "603")),
+            ("DURATION", billsec if answered else 0),
+            ("STATUS_CODE", STATUS_CODES.get(disposition, "603")),
             ("ADD_TO_CHAT", 1 if self.crm["add_to_chat"] else 0),
         ]), PRIORITY_FINISH)
         if call.recording and self.attach and answered:
@@ -3063,6 +3094,21 @@ class OutboxSender(object):
                 log.info("call %s: no missed-call task, %s got through since", req.linkedid,
                          check.get("number"))
                 return False
+            if req.attempts and (req.last_error is None or req.last_error.startswith("no answer")):
+                # An earlier attempt got no answer (or the daemon died): the task may
+                # exist already, and tasks.task.add is not idempotent.
+                try:
+                    fields = self.resolve(req, req.params["fields"])
+                    found = self.client.call("tasks.task.list", {
+                        "filter": {"TITLE": fields["TITLE"], "RESPONSIBLE_ID": fields["RESPONSIBLE_ID"]},
+                        "select": ["ID", "TITLE"]})
+                except (BitrixError, Unresolved, NotReady) as exc:
+                    self.outbox.retry(req, self._backoff(req), "no answer: checking for the task: %s" % exc)
+                    return False
+                tasks = (found or {}).get("tasks") if isinstance(found, dict) else found
+                if tasks:
+                    self.outbox.done(req, note="the task was created by an earlier attempt")
+                    return False
         if req.kind in ("show", "hide"):
             try:
                 users = self.resolve(req, req.params["USER_ID"])
@@ -3115,8 +3161,11 @@ class OutboxSender(object):
             members.append((key, req, None))
             if req.kind == "register":
                 refs[req.linkedid] = key
+                # Only the card rides along: a finish in the same batch as its register
+                # would, after a crash before the answer, meet a re-sent register that
+                # can no longer be de-duplicated (Bitrix24 matches unfinished calls only).
                 for follower in self.outbox.followers(req):
-                    if len(commands) >= 50 or follower.kind not in ("show", "hide", "finish"):
+                    if len(commands) >= 50 or follower.kind not in ("show", "hide"):
                         break
                     try:
                         fparams = self.resolve(follower, follower.params, refs)

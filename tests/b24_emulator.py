@@ -100,7 +100,7 @@ class Bitrix24Emulator(object):
 
     def __init__(self, rate=2.0, burst=50, simple_crm=False, refuse_webhook_telephony=False,
                  webhook_user=1, webhook_code="s3cr3tc0de", client_id="local.app1", client_secret="appsecret",
-                 token_lifetime=3600, clock=time.monotonic, delay=0.0):
+                 token_lifetime=3600, clock=time.monotonic, delay=0.0, reply_delay=0.0):
         self.rate = rate
         self.burst = burst
         self.simple_crm = simple_crm
@@ -111,7 +111,8 @@ class Bitrix24Emulator(object):
         self.client_secret = client_secret
         self.token_lifetime = token_lifetime
         self.clock = clock
-        self.delay = delay
+        self.delay = delay                # before handling a request
+        self.reply_delay = reply_delay    # after handling it, before answering (work done, no answer yet)
         self.lock = threading.RLock()
         self.level = 0.0
         self.level_at = clock()
@@ -232,6 +233,8 @@ class Bitrix24Emulator(object):
         return Handler
 
     def _reply(self, req, status, payload, raw=None):
+        if self.reply_delay:
+            time.sleep(self.reply_delay)
         body = raw if raw is not None else json.dumps(payload).encode()
         req.send_response(status)
         req.send_header("Content-Type", "text/html" if raw is not None else "application/json")

@@ -84,7 +84,7 @@ class ChannelTable(object):
 class FakeAmiServer(object):
     def __init__(self, captures=(), username="bx24", secret="s3cret", speed=None,
                  drop_after=None, gap=0, restart_after=None, garbage_at=None, garbage=b"",
-                 seed=1, max_chunk=1500):
+                 seed=1, max_chunk=1500, pause_at=None):
         self.messages = []
         for path in captures:
             self.messages.extend(capture_messages(path))
@@ -98,12 +98,14 @@ class FakeAmiServer(object):
         self.garbage = garbage
         self.rng = random.Random(seed)
         self.max_chunk = max_chunk
+        self.pause_at = pause_at     # stop streaming there until the next connection
         self.cursor = 0
         self.table = ChannelTable()
         self.actions = []          # every action received, as dicts
         self.connections = 0
         self.logins = 0
         self.dropped = False
+        self.paused = False
         self.restarted = False
         self.finished = threading.Event()
         self._lock = threading.Lock()
@@ -171,6 +173,8 @@ class FakeAmiServer(object):
         with self._lock:
             self.connections += 1
             number = self.connections
+            if number > 1:
+                self.pause_at = None
         parser = bx24ast.AmiParser(accept_actions=True)
         parser.reset(expect_banner=False)
         state = {"events": False, "logged_in": False, "challenge": None}
@@ -210,6 +214,9 @@ class FakeAmiServer(object):
         """Serve due events; False when this connection must be dropped."""
         sent = 0
         while self.cursor < len(self.messages) and sent < 200:
+            if self.pause_at is not None and self.cursor >= self.pause_at:
+                self.paused = True
+                return True
             raw, t = self.messages[self.cursor]
             if self.speed:
                 first_t = self.messages[0][1]

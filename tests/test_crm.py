@@ -367,3 +367,19 @@ def test_click_to_call_is_never_registered(tmp_path):
             h.wait_idle()
             assert not [e for e in emu.journal if e["method"] == "telephony.externalcall.register"]
             assert emu.stats[call_id]["CALL_DURATION"] == 12 and emu.stats[call_id]["PORTAL_USER_ID"] == 5
+
+
+def test_a_burst_of_200_calls_never_exceeds_the_limit(tmp_path):
+    with Bitrix24Emulator(rate=2.0, burst=50) as emu:
+        with Harness(tmp_path, emu, {"crm": {"callback_window_minutes": 0}}) as h:
+            pbx = Pbx(h.rules, base=time.time() - 100)
+            pbx.tracker = h.tracker
+            for i in range(200):
+                _inbound(pbx, "%d.1" % (3000 + i), "+7916%07d" % i, ext=("101", "102", "103")[i % 3],
+                         answer=i % 4 != 0, t0=i * 0.01)
+            h.wait_idle(timeout=120)
+            assert emu.rejected_503 == 0
+            assert len(emu.stats) == 200 and not emu.active_calls
+            assert len(emu.tasks) == 50
+            http_requests = [e for e in emu.journal if not e.get("in_batch")]
+            assert len(http_requests) < 40, "a backlog must be sent in batches"

@@ -6,6 +6,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from conftest import FIXTURES, ROOT, load_expected
 from fake_ami import FakeAmiServer
 from test_ami import PJSIP, _compare, _expected
@@ -88,3 +90,79 @@ def test_replay_of_a_missing_capture_is_an_error(tmp_path):
     proc = subprocess.run([sys.executable, SCRIPT, "replay", str(tmp_path / "nothing")],
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
     assert proc.returncode == 1 and "no capture" in proc.stderr
+
+
+@pytest.mark.parametrize("half", [600, 1500], ids=["while-ringing", "while-ending"])
+def test_kill_9_in_the_middle_of_a_burst_loses_and_duplicates_nothing(tmp_path, half):
+    """A real `bx24ast.py run`, killed with SIGKILL while its outbox is busy, then
+    started again: the portal ends with exactly one finished call per call."""
+    import sqlite3
+    from b24_emulator import Bitrix24Emulator
+    path = os.path.join(PJSIP, "concurrent_burst")
+    expected = load_expected(path)["calls"]
+    with Bitrix24Emulator(reply_delay=0.4) as emu, FakeAmiServer([path], pause_at=half, seed=21) as server:
+        conf = tmp_path / "bx24ast.conf"
+        conf.write_text("[ami]\nhost = 127.0.0.1\nport = %d\nusername = bx24\nsecret = s3cret\n"
+                         "reconnect_max_delay = 1\n[bitrix24]\nwebhook_url = %s\ntimeout = 3\n"
+                         "[crm]\ncallback_window_minutes = 0\n[storage]\nstate_dir = %s\n[recordings]\npath = %s\nsettle_seconds = 0\n"
+                         % (server.port, emu.webhook_url, tmp_path, os.path.join(path, "recordings")))
+        db = str(tmp_path / "bx24ast.db")
+
+        def outbox_counts():
+            try:
+                con = sqlite3.connect(db, timeout=5)
+                rows = dict(con.execute("SELECT state, COUNT(*) FROM outbox GROUP BY state").fetchall())
+                con.close()
+                return rows
+            except sqlite3.Error:
+                return {}
+
+        def start():
+            return subprocess.Popen([sys.executable, SCRIPT, "-c", str(conf), "run", "-f"],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        first = start()
+        try:
+            deadline = time.time() + 30
+            while time.time() < deadline:
+                counts = outbox_counts()
+                if server.paused and counts.get("pending", 0) >= 1:
+                    break
+                time.sleep(0.01)
+            assert server.paused and counts.get("pending", 0) >= 1, counts
+            # kill while a request is done by the portal but not yet answered
+            time.sleep(0.1)
+            first.send_signal(signal.SIGKILL)
+            first.wait(10)
+        finally:
+            if first.poll() is None:
+                first.kill()
+            first.stderr.close()
+        second = start()
+        try:
+            deadline = time.time() + 60
+            while time.time() < deadline:
+                if server.finished.is_set() and len(emu.stats) >= 20 and not emu.active_calls \
+                        and not outbox_counts().get("pending"):
+                    break
+                time.sleep(0.1)
+            second.send_signal(signal.SIGTERM)
+            _, err = second.communicate(timeout=15)
+        finally:
+            if second.poll() is None:
+                second.kill()
+                second.communicate()
+    assert second.returncode == 0, err[-2000:]
+    per_call = {}
+    for rec in emu.stats.values():
+        per_call.setdefault(rec["EXTERNAL_CALL_ID"], []).append(rec)
+    assert sorted(per_call) == sorted(c["linkedid"] for c in expected), set(c["linkedid"] for c in expected) - set(per_call)
+    assert all(len(v) == 1 for v in per_call.values()), [k for k, v in per_call.items() if len(v) > 1]
+    assert not emu.active_calls, "a registered call was never finished"
+    registered = {}
+    for entry in emu.journal:
+        if entry["method"] == "telephony.externalcall.register" and entry.get("status") == 200:
+            registered.setdefault(entry["params"]["EXTERNAL_CALL_ID"], set()).add(entry["result"]["CALL_ID"])
+    assert all(len(ids) == 1 for ids in registered.values()), "a register was repeated with a new CALL_ID"
+    missed = [c["linkedid"] for c in expected if c["disposition"] != "ANSWERED"]
+    assert len(emu.tasks) == len(missed)
+    assert not outbox_counts().get("parked")
