@@ -383,3 +383,73 @@ def test_a_burst_of_200_calls_never_exceeds_the_limit(tmp_path):
             assert len(emu.tasks) == 50
             http_requests = [e for e in emu.journal if not e.get("in_batch")]
             assert len(http_requests) < 40, "a backlog must be sent in batches"
+
+
+def test_replay_dry_run_prints_the_requests_of_each_call(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from conftest import ROOT
+    conf = tmp_path / "c.conf"
+    conf.write_text("[users]\n101 = 5\n102 = 7\n[lines]\n74951234567 = ADVERTISING\n")
+    out = subprocess.check_output([sys.executable, os.path.join(ROOT, "bx24ast.py"), "-c", str(conf),
+                                   "replay", "--dry-run", os.path.join(PJSIP, "inbound_answered")],
+                                  universal_newlines=True)
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert rows[0]["direction"] == "inbound"
+    requests = [(r["method"], r["params"]) for r in rows[1:]]
+    assert [m for m, _ in requests] == ["telephony.externalcall.register", "telephony.externalcall.show",
+                                        "telephony.externalcall.hide", "telephony.externalcall.finish",
+                                        "telephony.externalCall.attachRecord"]
+    register = requests[0][1]
+    assert register["USER_ID"] == 5 and register["TYPE"] == 2 and register["CRM_SOURCE"] == "ADVERTISING"
+    assert register["EXTERNAL_CALL_ID"] == "1795667003.0" and register["PHONE_NUMBER"] == "+79161234567"
+    assert register["CRM_CREATE"] == 1 and register["LINE_NUMBER"] == "74951234567"
+    assert requests[1][1]["USER_ID"] == [7] and requests[2][1]["USER_ID"] == [5]
+    finish = requests[3][1]
+    assert finish == {"CALL_ID": "<CALL_ID from register>", "USER_ID": 7, "DURATION": 5,
+                      "STATUS_CODE": "200", "ADD_TO_CHAT": 0}
+
+
+def test_outbox_list_and_retry_commands(tmp_path):
+    import subprocess
+    import sys
+    from conftest import ROOT
+    script = os.path.join(ROOT, "bx24ast.py")
+    with Bitrix24Emulator(refuse_webhook_telephony=True) as emu:
+        with Harness(tmp_path, emu) as h:
+            h.replay(os.path.join(PJSIP, "inbound_answered"))
+            assert wait_for(lambda: h.bridge.outbox.counts().get("parked", 0) >= 1)
+            h.bridge.sender.stop()
+            conf = tmp_path / "cli.conf"
+            conf.write_text("[storage]\nstate_dir = %s\n" % tmp_path)
+            listing = subprocess.check_output([sys.executable, script, "-c", str(conf), "outbox", "list"],
+                                              universal_newlines=True)
+            assert "parked" in listing and "telephony.externalcall.register" in listing
+            assert "WRONG_AUTH_TYPE" in listing and emu.webhook_code not in listing
+            out = subprocess.check_output([sys.executable, script, "-c", str(conf), "outbox", "retry"],
+                                          universal_newlines=True)
+            assert out.startswith("%d parked" % len(h.bridge.outbox.listing(("pending",))))
+
+
+def test_recordings_in_other_formats_are_converted_or_skipped(tmp_path, caplog, monkeypatch):
+    src = os.path.join(PJSIP, "inbound_answered", "recordings")
+    wav = open(os.path.join(src, os.listdir(src)[0]), "rb").read()
+    files = bx24ast.RecordingFiles(str(tmp_path))
+    upper = tmp_path / "call.WAV"
+    upper.write_bytes(wav)
+    assert files.prepare(str(upper)) == ("call.wav", wav)  # PCM inside: only the name changes
+    gsm = tmp_path / "call49.wav"
+    gsm.write_bytes(wav[:20] + b"\x31\x00" + wav[22:])  # WAVE with GSM 6.10 format tag
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(bx24ast.RecordingProblem) as err:
+        files.prepare(str(gsm))
+    assert "ffmpeg, sox nor lame" in str(err.value)
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    fake = tools / "ffmpeg"
+    fake.write_text("#!/bin/sh\nfor a; do out=$a; done\nprintf 'ID3' > \"$out\"\nhead -c 4000 /dev/zero >> \"$out\"\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tools) + os.pathsep + "/usr/bin:/bin")
+    name, data = files.prepare(str(gsm))
+    assert name == "call49.mp3" and data.startswith(b"ID3")
