@@ -645,6 +645,11 @@ class Outbox(object):
         self.store.execute("UPDATE outbox SET state = 'parked', last_error = ? WHERE id = ?",
                            (reason[:1000], request.id))
 
+    def parked_reason(self, linkedid, kind):
+        rows = self.store.query("SELECT last_error FROM outbox WHERE linkedid = ? AND kind = ? AND "
+                                "state = 'parked' ORDER BY id DESC LIMIT 1", (linkedid, kind))
+        return rows[0]["last_error"] if rows else None
+
     def park_call(self, linkedid, reason):
         self.store.execute("UPDATE outbox SET state = 'parked', last_error = ? WHERE linkedid = ? "
                            "AND state = 'pending'", (reason[:1000], linkedid))
@@ -2970,6 +2975,10 @@ class OutboxSender(object):
                     return row["call_id"]
                 if refs and request.linkedid in refs:
                     return "$result[%s][CALL_ID]" % refs[request.linkedid]
+                reason = self.outbox.parked_reason(request.linkedid, "register")
+                if reason:
+                    raise Unresolved(reason if reason.startswith("register failed") else
+                                     "register failed: " + reason)
                 raise Unresolved("no CALL_ID yet (register not done)")
             if kind == "user":
                 user = self._user(value["ext"])
@@ -3202,6 +3211,11 @@ class OutboxSender(object):
 
     def _send_record(self, req):
         row = self.records.get(req.linkedid) or {}
+        call_id = row.get("call_id")
+        if not call_id:
+            reason = self.outbox.parked_reason(req.linkedid, "register")
+            self._park(req, "register failed: " + reason if reason else "no CALL_ID for the recording")
+            return
         spec = req.params["FILENAME"]
         path = self.recordings.locate(spec["name"], spec.get("started_at"))
         if path is None:
@@ -3217,10 +3231,6 @@ class OutboxSender(object):
         except RecordingProblem as exc:
             log.warning("call %s: recording not attached: %s", req.linkedid, exc)
             self.outbox.done(req, note=str(exc))
-            return
-        call_id = row.get("call_id")
-        if not call_id:
-            self._park(req, "no CALL_ID for the recording")
             return
         self.outbox.mark_sending([req])
         try:

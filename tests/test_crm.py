@@ -317,7 +317,7 @@ def test_wrong_auth_type_parks_with_the_reason(tmp_path, caplog):
     with Bitrix24Emulator(refuse_webhook_telephony=True) as emu:
         with Harness(tmp_path, emu) as h:
             h.replay(path)
-            assert wait_for(lambda: h.bridge.outbox.counts().get("parked", 0) >= 5)
+            assert wait_for(lambda: h.bridge.outbox.counts().get("parked", 0) >= 5), [(r, r.state, r.last_error) for r in h.bridge.outbox.requests_of("1795667003.0")]
             registers = [e for e in emu.journal if e["method"] == "telephony.externalcall.register"]
             assert len(registers) == 1, "WRONG_AUTH_TYPE must not be retried"
             assert "local application" in h.bridge.sender.alert
