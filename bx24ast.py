@@ -14,6 +14,7 @@ Sections, in the order data flows:
     Calls            phone numbers, channel names, CallTracker (events -> calls)
     Bitrix24         BitrixClient: webhook/OAuth, LeakyBucket, batch, error classes
     CRM flows        UserDirectory, CrmFlows (calls -> requests), OutboxSender
+    CEL              SqliteCel, cel_events (CEL rows -> AMI events), CelRecovery
     Captures         record-ami / replay: AMI byte streams with their timing sidecar
     Service          the foreground daemon: threads, signals, logging
     Command line     main()
@@ -494,6 +495,7 @@ class StateStore(object):
         except sqlite3.Error as exc:
             raise StorageError("cannot open the state database %s: %s" % (path, exc))
         self.lock = threading.RLock()
+        self.depth = 0
 
     @classmethod
     def open_dir(cls, state_dir):
@@ -524,17 +526,26 @@ class StateStore(object):
 
 
 class _Transaction(object):
+    """BEGIN IMMEDIATE ... COMMIT; nested uses join the outer transaction, so that
+    everything one call event writes (call record and its requests) lands at once."""
+
     def __init__(self, store):
         self.store = store
+        self.outer = False
 
     def __enter__(self):
         self.store.lock.acquire()
-        self.store.db.execute("BEGIN IMMEDIATE")
+        self.outer = self.store.depth == 0
+        self.store.depth += 1
+        if self.outer:
+            self.store.db.execute("BEGIN IMMEDIATE")
         return self.store.db
 
     def __exit__(self, exc_type, exc, tb):
         try:
-            self.store.db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+            self.store.depth -= 1
+            if self.outer:
+                self.store.db.execute("COMMIT" if exc_type is None else "ROLLBACK")
         finally:
             self.store.lock.release()
 
@@ -2014,7 +2025,10 @@ class CallTracker(object):
             return
         best = None
         for party in call.channels.values():
-            if not party.party or party.hungup_at is not None or party.bridge is None:
+            # The party itself may be outside any bridge while the other half of its
+            # Local channel is in one (a trunk simulated or routed through Local).
+            if not party.party or party.hungup_at is not None or (
+                    party.bridge is None and party.pair_key is None):
                 continue
             for uid in self._component(party):
                 chan = self.channels[uid]
@@ -2672,6 +2686,26 @@ class RecordingFiles(object):
                 return os.path.join(root, name)
         return None
 
+    def find_for_call(self, uniqueids, started_at=None):
+        """A recording whose name carries one of the call's uniqueids (FreePBX names end in
+        -<uniqueid>.wav): how CEL-recovered calls find theirs, CEL having no file names."""
+        dirs = [self.path]
+        if started_at:
+            for t in (time.localtime(started_at), time.gmtime(started_at)):
+                d = os.path.join(self.path, time.strftime("%Y/%m/%d", t))
+                if d not in dirs:
+                    dirs.insert(0, d)
+        marks = ["-%s." % u for u in uniqueids if u]
+        for d in dirs:
+            try:
+                names = sorted(os.listdir(d))
+            except OSError:
+                continue
+            for name in names:
+                if any(m in name for m in marks) and _RECORDING_EXT.search(name):
+                    return name
+        return None
+
     def settled(self, path, now=None):
         """MixMonitor may still be writing right after the hang-up."""
         now = time.time() if now is None else now
@@ -2763,7 +2797,7 @@ class CrmFlows(object):
     def on_call_event(self, kind, call, extension):
         if not is_reportable(call, self.rules):
             return
-        with self._lock:
+        with self._lock, self.records.store.transaction():
             if kind == "ringing":
                 self._ringing(call, extension)
             elif kind == "answered":
@@ -2776,7 +2810,7 @@ class CrmFlows(object):
 
     def report_finished(self, call):
         """A whole call at once (found in CEL after a restart): no card, same records."""
-        with self._lock:
+        with self._lock, self.records.store.transaction():
             if self.records.registered(call.linkedid):
                 return False
             self._ended(call, late=True)
@@ -3320,6 +3354,310 @@ class OutboxSender(object):
             if isinstance(exc, BitrixAuthFailed):
                 self.alert = str(exc)
             self._park(req, str(exc))
+
+
+###############################################################################
+# CEL #########################################################################
+###############################################################################
+# Asterisk's Channel Event Logging table is the memory of every call, also of
+# those made while bx24ast was not connected. A finished call's CEL rows are
+# turned into the AMI events CallTracker understands, so recovered calls are
+# read with exactly the rules of live ones.
+
+class CelError(Exception):
+    """The CEL store cannot be read (missing, locked, wrong table or credentials)."""
+
+
+CEL_COLUMNS = ("id", "eventtype", "eventtime", "cid_name", "cid_num", "exten", "context", "channame",
+               "appname", "uniqueid", "linkedid", "peer", "extra")
+
+
+def cel_time(text):
+    """CEL eventtime (dateformat %F %T, the PBX's local time; or epoch seconds)."""
+    text = (text or "").strip()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    m = re.match(r"(\d{4})-(\d\d)-(\d\d)[ T](\d\d):(\d\d):(\d\d)(\.\d+)?", text)
+    if not m:
+        raise CelError("CEL eventtime %r is not a date" % text)
+    parts = [int(x) for x in m.groups()[:6]]
+    return time.mktime(tuple(parts) + (0, 0, -1)) + float(m.group(7) or 0)
+
+
+class SqliteCel(object):
+    """CEL written by cel_sqlite3_custom, read-only: Asterisk keeps writing meanwhile."""
+
+    def __init__(self, path, table="cel", id_column="AcctId"):
+        self.path = path
+        self.table = table
+        self.id_column = id_column
+        if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", table) or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", id_column):
+            raise CelError("CEL table/column names must be plain identifiers: %r, %r" % (table, id_column))
+
+    def describe(self):
+        return "sqlite %s (table %s)" % (self.path, self.table)
+
+    def _connect(self):
+        if not os.path.exists(self.path):
+            raise CelError("CEL database %s does not exist (cel_sqlite3_custom not loaded?)" % self.path)
+        try:
+            db = sqlite3.connect("file:%s?mode=ro" % urllib.parse.quote(os.path.abspath(self.path)),
+                                 uri=True, timeout=5)
+            db.execute("PRAGMA query_only = 1")
+            cols = [r[1] for r in db.execute("PRAGMA table_info(%s)" % self.table)]
+        except sqlite3.Error as exc:
+            raise CelError("cannot read CEL database %s: %s" % (self.path, exc))
+        if not cols:
+            db.close()
+            raise CelError("CEL database %s has no table '%s'" % (self.path, self.table))
+        missing = [c for c in CEL_COLUMNS[1:] if c not in cols]
+        if missing or self.id_column not in cols:
+            db.close()
+            raise CelError("CEL table %s.%s lacks columns %s" % (self.path, self.table,
+                                                                 ", ".join(missing or [self.id_column])))
+        return db
+
+    def rows(self, after_id=0, since=None, batch=5000):
+        """CEL rows with id > after_id (and eventtime >= since), in id order, streamed."""
+        db = self._connect()
+        select = ", ".join(["%s AS id" % self.id_column] + list(CEL_COLUMNS[1:]))
+        last = after_id
+        try:
+            while True:
+                sql = "SELECT %s FROM %s WHERE %s > ?" % (select, self.table, self.id_column)
+                args = [last]
+                if since:
+                    sql += " AND eventtime >= ?"
+                    args.append(time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since)))
+                sql += " ORDER BY %s LIMIT %d" % (self.id_column, batch)
+                try:
+                    chunk = db.execute(sql, args).fetchall()
+                except sqlite3.Error as exc:
+                    raise CelError("reading CEL from %s failed: %s" % (self.path, exc))
+                for row in chunk:
+                    yield dict(zip(CEL_COLUMNS, row))
+                if len(chunk) < batch:
+                    return
+                last = chunk[-1][0]
+        finally:
+            db.close()
+
+    def newest(self):
+        """(id, eventtime) of the last CEL row, or (None, None) for an empty table."""
+        db = self._connect()
+        try:
+            row = db.execute("SELECT %s, eventtime FROM %s ORDER BY %s DESC LIMIT 1"
+                             % (self.id_column, self.table, self.id_column)).fetchone()
+        except sqlite3.Error as exc:
+            raise CelError("reading CEL from %s failed: %s" % (self.path, exc))
+        finally:
+            db.close()
+        return (row[0], cel_time(row[1])) if row else (None, None)
+
+
+_HANGUP_CAUSE_STATUS = {17: "BUSY", 21: "BUSY", 18: "NOANSWER", 19: "NOANSWER", 26: "CANCEL",
+                        1: "CHANUNAVAIL", 3: "CHANUNAVAIL", 20: "CHANUNAVAIL", 27: "CHANUNAVAIL",
+                        34: "CONGESTION", 38: "CONGESTION", 42: "CONGESTION"}
+
+
+def _cel_extra(row):
+    try:
+        extra = json.loads(row.get("extra") or "{}")
+        return extra if isinstance(extra, dict) else {}
+    except ValueError:
+        return {}
+
+
+def cel_events(rows, rules):
+    """The AMI events that a finished call's CEL rows stand for.
+
+    CEL has no Dial events: a channel that starts after the first one of the call
+    was dialled by it (the trunk dials the ring group, the phone dials the trunk),
+    and its ANSWER or HANGUP cause tells how that dial ended. The second half of a
+    Local channel is not dialled, it is born with the first.
+    """
+    rows = list(rows)
+    if not rows:
+        return []
+    linkedid = rows[0]["linkedid"]
+    by_channel = collections.OrderedDict()
+    for row in rows:
+        by_channel.setdefault(row["uniqueid"], []).append(row)
+    origin_uid = linkedid if linkedid in by_channel else next(iter(by_channel))
+    events = []
+
+    def event(name, row, **headers):
+        h = {"Event": name, "Channel": row["channame"], "Uniqueid": row["uniqueid"],
+             "Linkedid": row["linkedid"], "Context": row["context"] or "", "Exten": row["exten"] or "",
+             "CallerIDNum": row["cid_num"] or ""}
+        h.update(headers)
+        msg = Message(h, True, name, cel_time(row["eventtime"]))
+        events.append(msg)
+        return msg
+
+    def dest_headers(row):
+        return {"DestChannel": row["channame"], "DestUniqueid": row["uniqueid"],
+                "DestLinkedid": row["linkedid"], "DestContext": row["context"] or "",
+                "DestExten": row["exten"] or "", "DestCallerIDNum": row["cid_num"] or ""}
+
+    def origin_source():
+        first = by_channel[origin_uid][0]
+        return {"Channel": first["channame"], "Uniqueid": origin_uid, "Linkedid": linkedid}
+
+    # CallerID and the number dialled may be filled in after CHAN_START (Local
+    # channels, trunk legs starting at 's'): look ahead in the channel's rows.
+    first_cid, any_cid, dialled = {}, {}, {}
+    for uid, chan_rows in by_channel.items():
+        for row in chan_rows:
+            cid = row.get("cid_num") or ""
+            if cid and uid not in any_cid:
+                any_cid[uid] = cid
+            if cid and uid not in first_cid and rules.is_extension(cid):
+                first_cid[uid] = cid
+            if uid not in dialled:
+                number = rules.dialled_number(row.get("exten"), cid)
+                if number:
+                    dialled[uid] = number
+    answered = set()
+    for row in rows:
+        kind = row["eventtype"]
+        uid = row["uniqueid"]
+        name = row["channame"] or ""
+        local_second = name.endswith(";2") and name.startswith("Local/")
+        if kind == "CHAN_START":
+            if uid == origin_uid:
+                calling = rules.is_inbound_context(row["context"]) or rules.is_trunk_channel(name) or (
+                    rules.is_internal_context(row["context"]) and row["exten"] not in ("", "s"))
+                if rules.is_inbound_context(row["context"]) or rules.is_trunk_channel(name):
+                    cid = row["cid_num"] or any_cid.get(uid, "")
+                else:
+                    cid = first_cid.get(uid) or row["cid_num"] or ""
+                msg = event("Newchannel", row, ChannelState="4" if calling else "0", CallerIDNum=cid)
+                if not calling:
+                    # Originated (click-to-call): nobody dialled it, it rang first.
+                    dial = dict(dest_headers(row), Event="DialBegin", DialString=row["exten"] or "")
+                    events.append(Message(dial, True, "DialBegin", msg.time))
+            else:
+                msg = event("Newchannel", row, ChannelState="4" if local_second else "0")
+                if not local_second:
+                    dial = dict(origin_source(), Event="DialBegin",
+                                DialString=dialled.get(uid) or row["exten"] or "")
+                    dial.update(dest_headers(row))
+                    events.append(Message(dial, True, "DialBegin", msg.time))
+        elif kind == "ANSWER":
+            if uid != origin_uid and not local_second and uid not in answered:
+                answered.add(uid)
+                end = dict(origin_source(), Event="DialEnd", DialStatus="ANSWER")
+                end.update(dest_headers(row))
+                events.append(Message(end, True, "DialEnd", cel_time(row["eventtime"])))
+        elif kind in ("BRIDGE_ENTER", "BRIDGE_EXIT"):
+            bridge = _cel_extra(row).get("bridge_id")
+            if bridge:
+                event("BridgeEnter" if kind == "BRIDGE_ENTER" else "BridgeLeave", row, BridgeUniqueid=bridge)
+        elif kind == "BLINDTRANSFER":
+            extra = _cel_extra(row)
+            event("BlindTransfer", row, TransfererUniqueid=uid, TransfererLinkedid=linkedid,
+                  TransfereeUniqueid=extra.get("transferee_channel_uniqueid", ""),
+                  Extension=extra.get("extension", ""), Result="Success")
+        elif kind == "ATTENDEDTRANSFER":
+            extra = _cel_extra(row)
+            event("AttendedTransfer", row, OrigTransfererUniqueid=uid,
+                  TransfereeUniqueid=extra.get("transferee_channel_uniqueid", ""),
+                  TransferTargetUniqueid=extra.get("transfer_target_channel_uniqueid", ""),
+                  Result="Success")
+        elif kind == "HANGUP":
+            if uid != origin_uid and not local_second and uid not in answered:
+                cause = _cel_extra(row).get("hangupcause")
+                try:
+                    status = _HANGUP_CAUSE_STATUS.get(int(cause), "NOANSWER")
+                except (TypeError, ValueError):
+                    status = "NOANSWER"
+                end = dict(origin_source(), Event="DialEnd", DialStatus=status)
+                end.update(dest_headers(row))
+                events.append(Message(end, True, "DialEnd", cel_time(row["eventtime"])))
+            event("Hangup", row)
+    return events
+
+
+def rebuild_calls(rows, rules):
+    """The finished calls in a set of CEL rows (grouped by linkedid), live rules."""
+    groups = collections.OrderedDict()
+    for row in rows:
+        groups.setdefault(row["linkedid"], []).append(row)
+    calls = []
+
+    def on_call_event(kind, call, extension):
+        if kind == "ended":
+            calls.append(call)
+    tracker = CallTracker(rules, on_call_event)
+    for linkedid, group in groups.items():
+        for msg in cel_events(group, rules):
+            tracker.handle(msg)
+    return calls
+
+
+class CelRecovery(object):
+    """Reports to Bitrix24 the calls CEL holds that the live path never reported.
+
+    A checkpoint (last CEL id read) lives in the state store. Rows are read from
+    it; a call counts once LINKEDID_END closed it; calls still open stay for the
+    next pass, and the checkpoint never moves past their first row.
+    """
+
+    CHECKPOINT = "cel.checkpoint"
+
+    def __init__(self, source, store, rules, crm=None, recordings=None):
+        self.source = source
+        self.store = store
+        self.rules = rules
+        self.crm = crm
+        self.recordings = recordings
+
+    def checkpoint(self):
+        return self.store.get_setting(self.CHECKPOINT)
+
+    def start_from_now(self):
+        """First start: history before bx24ast was installed is not replayed."""
+        if self.checkpoint() is None:
+            newest, _ = self.source.newest()
+            self.store.set_setting(self.CHECKPOINT, newest or 0)
+
+    def run_once(self, since=None, dry_run=False, report=None):
+        """One pass; returns the calls found (reported or, with dry_run, only listed)."""
+        start = 0 if since is not None else (self.checkpoint() or 0)
+        open_calls = collections.OrderedDict()
+        first_open_id = {}
+        found = []
+        last_id = start
+        for row in self.source.rows(start, since):
+            last_id = row["id"]
+            linkedid = row["linkedid"]
+            if linkedid not in open_calls:
+                open_calls[linkedid] = []
+                first_open_id[linkedid] = row["id"]
+            open_calls[linkedid].append(row)
+            if row["eventtype"] == "LINKEDID_END":
+                group = open_calls.pop(linkedid)
+                first_open_id.pop(linkedid, None)
+                for call in rebuild_calls(group, self.rules):
+                    if not is_reportable(call, self.rules):
+                        continue
+                    if self.recordings is not None and call.recording is None:
+                        call.recording = self.recordings.find_for_call(
+                            [r["uniqueid"] for r in group], call.started_at)
+                    found.append(call)
+                    if report is not None:
+                        report(call)
+                    if not dry_run and self.crm is not None:
+                        if self.crm.report_finished(call):
+                            log.info("call %s: found in CEL, reported late (%s, %s)", call.linkedid,
+                                     call.direction, call.disposition)
+        if since is None and not dry_run:
+            new = (min(first_open_id.values()) - 1) if first_open_id else last_id
+            self.store.set_setting(self.CHECKPOINT, max(start, new))
+        return found
 
 
 ###############################################################################
