@@ -14,7 +14,8 @@ Sections, in the order data flows:
     Calls            phone numbers, channel names, CallTracker (events -> calls)
     Bitrix24         BitrixClient: webhook/OAuth, LeakyBucket, batch, error classes
     CRM flows        UserDirectory, CrmFlows (calls -> requests), OutboxSender
-    CEL              SqliteCel, cel_events (CEL rows -> AMI events), CelRecovery
+    CEL              SqliteCel, MysqlCel, cel_events (CEL rows -> AMI events),
+                     CelRecovery, detect_cel, cel_health
     Captures         record-ami / replay: AMI byte streams with their timing sidecar
     Service          the foreground daemon: threads, signals, logging
     Command line     main()
@@ -220,6 +221,13 @@ def _as_template(text):
     return text
 
 
+def _as_identifier(text):
+    text = text.strip()
+    if not re.match(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$", text):
+        raise ValueError("a plain SQL name (letters, digits, _)")
+    return text
+
+
 def _as_dir(text):
     text = text.strip()
     if not text or "\0" in text:
@@ -280,6 +288,17 @@ CONFIG_SCHEMA = [
     ("pbx", "international_prefix", "810|00", _as_pattern_text, "Regex: prefix dialled before a country code (810 and 00 in Russia)."),
     ("pbx", "ignore_numbers", "", _as_regex, "Regex: external numbers never reported (voicemail, feature codes, test lines)."),
     ("pbx", "call_max_hours", "12", _as_float(0.1, 24 * 30), "A call with no AMI event for this long is closed (its Hangup was lost)."),
+    ("cel", "backend", "auto", _as_choice("auto", "sqlite", "mysql", "off"), "Where CEL is: auto (found as bx24ast.py detect does), sqlite, mysql, or off (no recovery)."),
+    ("cel", "sqlite_path", "/var/log/asterisk/master.db", _as_dir, "cel_sqlite3_custom database."),
+    ("cel", "table", "cel", _as_identifier, "CEL table name."),
+    ("cel", "mysql_host", "localhost", _as_host, "MySQL/MariaDB host of the CEL table (FreePBX: asteriskcdrdb.cel)."),
+    ("cel", "mysql_port", "3306", _as_int(1, 65535), "MySQL port."),
+    ("cel", "mysql_socket", "", _as_str, "MySQL unix socket (instead of host/port when set)."),
+    ("cel", "mysql_user", "", _as_str, "MySQL user with SELECT on the CEL table."),
+    ("cel", "mysql_password", "", _as_str, "Its password (passed to the mysql client in a 0600 file, never on the command line)."),
+    ("cel", "mysql_database", "asteriskcdrdb", _as_identifier, "Database holding the CEL table."),
+    ("cel", "recover_interval_minutes", "5", _as_float(0.1, 24 * 60), "How often CEL is read for calls the live path missed."),
+    ("cel", "asterisk_etc", "/etc/asterisk", _as_dir, "Asterisk configuration directory (for detection)."),
     ("storage", "state_dir", "/var/lib/bx24ast", _as_dir, "Directory for the state database (outbox, tokens, checkpoints)."),
     ("log", "level", "info", _as_choice("debug", "info", "warning", "error"), "Log verbosity."),
     ("log", "file", "", _as_str, "Log file; empty logs to stderr."),
@@ -3660,6 +3679,295 @@ class CelRecovery(object):
         return found
 
 
+class MysqlCel(object):
+    """CEL in MySQL/MariaDB (FreePBX's asteriskcdrdb.cel), read through the mysql
+    command-line client: no driver to install on the PBX. Values travel as HEX()
+    so that tabs, newlines and NULLs inside them cannot break the rows apart."""
+
+    def __init__(self, database="asteriskcdrdb", table="cel", user="", password="", host="localhost",
+                 port=3306, socket_path="", id_column="id", client="mysql", timeout=60):
+        for name in (database, table, id_column):
+            if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", name):
+                raise CelError("CEL database/table/column names must be plain identifiers: %r" % name)
+        self.database, self.table, self.id_column = database, table, id_column
+        self.user, self.password = user, password
+        self.host, self.port, self.socket_path = host, port, socket_path
+        self.client = client
+        self.timeout = timeout
+
+    def describe(self):
+        where = self.socket_path or "%s:%s" % (self.host, self.port)
+        return "mysql %s.%s at %s as %s" % (self.database, self.table, where, self.user or "(default user)")
+
+    def _options_file(self):
+        import tempfile
+        fd, path = tempfile.mkstemp(prefix="bx24ast-my-", suffix=".cnf")
+        os.fchmod(fd, 0o600)
+        lines = ["[client]"]
+        for key, value in (("user", self.user), ("password", self.password), ("host", self.host),
+                           ("port", self.port), ("socket", self.socket_path)):
+            if value not in ("", None):
+                lines.append("%s=%s" % (key, str(value).replace("\n", "")))
+        with os.fdopen(fd, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        return path
+
+    def _run(self, sql):
+        """Yield the output lines of one query; CelError with the reason on failure."""
+        options = self._options_file()
+        cmd = [self.client, "--defaults-extra-file=" + options, "--batch", "--raw", "--skip-column-names",
+               "--connect-timeout=10", "--database=" + self.database, "--execute=" + sql]
+        try:
+            try:
+                proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE)
+            except OSError as exc:
+                raise CelError("the mysql client (%s) cannot be run: %s; install mariadb-client "
+                               "(apt) or mariadb (yum)" % (self.client, exc.strerror))
+            complete = False
+            try:
+                for line in proc.stdout:
+                    yield line
+                complete = True
+            finally:
+                if not complete:
+                    proc.kill()
+                proc.stdout.close()
+                err = proc.stderr.read().decode("utf-8", "replace").strip()
+                proc.stderr.close()
+                code = proc.wait()
+            if code != 0:
+                if "Access denied" in err:
+                    raise CelError("MySQL refused [cel] mysql_user/mysql_password: %s" % err.splitlines()[-1])
+                if "doesn't exist" in err:
+                    raise CelError("MySQL has no table %s.%s ([cel] mysql_database, table): %s"
+                                   % (self.database, self.table, err.splitlines()[-1]))
+                raise CelError("mysql failed (exit %d): %s" % (code, (err.splitlines() or ["no message"])[-1]))
+        finally:
+            os.unlink(options)
+
+    def rows(self, after_id=0, since=None, batch=50000):
+        cols = ", ".join(["`%s`" % self.id_column] + ["HEX(`%s`)" % c for c in CEL_COLUMNS[1:]])
+        last = int(after_id or 0)
+        while True:
+            where = "`%s` > %d" % (self.id_column, last)
+            if since:
+                where += " AND eventtime >= '%s'" % time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since))
+            sql = "SELECT %s FROM `%s` WHERE %s ORDER BY `%s` LIMIT %d" % (
+                cols, self.table, where, self.id_column, batch)
+            count = 0
+            for line in self._run(sql):
+                fields = line.rstrip(b"\n").split(b"\t")
+                if len(fields) != len(CEL_COLUMNS):
+                    raise CelError("unexpected mysql output (%d fields)" % len(fields))
+                row = {"id": int(fields[0])}
+                for name, value in zip(CEL_COLUMNS[1:], fields[1:]):
+                    row[name] = None if value == b"NULL" else bytes.fromhex(value.decode("ascii")).decode(
+                        "utf-8", "replace")
+                last = row["id"]
+                count += 1
+                yield row
+            if count < batch:
+                return
+
+    def newest(self):
+        lines = list(self._run("SELECT `%s`, HEX(eventtime) FROM `%s` ORDER BY `%s` DESC LIMIT 1"
+                               % (self.id_column, self.table, self.id_column)))
+        if not lines:
+            return None, None
+        ident, stamp = lines[0].rstrip(b"\n").split(b"\t")
+        return int(ident), cel_time(bytes.fromhex(stamp.decode()).decode())
+
+
+NEEDED_CEL_EVENTS = ("CHAN_START", "ANSWER", "HANGUP", "BRIDGE_ENTER", "BRIDGE_EXIT", "LINKEDID_END")
+
+
+def _read_ini(path):
+    """An Asterisk/ODBC style .conf file as {section: {key: value}}, or None."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+    except (IOError, OSError):
+        return None
+    out = collections.OrderedDict()
+    section = None
+    for raw in text.splitlines():
+        line = raw.split(";", 1)[0].strip()
+        if not line or line.startswith("#"):
+            continue
+        m = re.match(r"^\[([^\]]+)\]", line)
+        if m:
+            section = out.setdefault(m.group(1).strip(), collections.OrderedDict())
+            continue
+        if section is not None and ("=" in line):
+            key, _, value = line.partition("=")
+            # Asterisk accepts both "key = value" and "key => value".
+            section[key.strip().lower()] = value.lstrip(">").strip().strip('"')
+    return out
+
+
+def detect_cel(root="/", asterisk_etc=None):
+    """Where this PBX keeps CEL, the way an admin would look: FreePBX's database
+    settings, cel_odbc + res_odbc + odbc.ini, cel_sqlite3_custom, and which CEL
+    events cel.conf enables. Candidates, best first; passwords are kept for use,
+    never for printing (see describe_detection)."""
+    etc = asterisk_etc or os.path.join(root, "etc", "asterisk")
+    found, warnings = [], []
+    cel_conf = _read_ini(os.path.join(etc, "cel.conf"))
+    if cel_conf is None:
+        warnings.append("no %s: CEL is not configured" % os.path.join(etc, "cel.conf"))
+    else:
+        general = cel_conf.get("general", {})
+        if general.get("enable", "no").lower() not in ("yes", "true", "1", "on"):
+            warnings.append("cel.conf: enable is not 'yes': Asterisk writes no CEL")
+        events = set(e.strip().upper() for e in general.get("events", "").split(",") if e.strip())
+        if "ALL" not in events:
+            missing = [e for e in NEEDED_CEL_EVENTS if e not in events]
+            if missing:
+                warnings.append("cel.conf: events %s are off; recovery needs them (events=ALL)"
+                                % ", ".join(missing))
+    amp = {}
+    amportal = os.path.join(root, "etc", "amportal.conf")
+    try:
+        with open(amportal, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                m = re.match(r"^\s*([A-Z_]+)\s*=\s*(.*?)\s*$", line)
+                if m:
+                    amp[m.group(1)] = m.group(2).strip('"')
+    except (IOError, OSError):
+        pass
+    freepbx = os.path.join(root, "etc", "freepbx.conf")
+    try:
+        with open(freepbx, encoding="utf-8", errors="replace") as f:
+            for key, value in re.findall(r"\$amp_conf\[['\"](\w+)['\"]\]\s*=\s*['\"]([^'\"]*)['\"]", f.read()):
+                amp.setdefault(key, value)
+    except (IOError, OSError):
+        pass
+    odbc = _read_ini(os.path.join(etc, "cel_odbc.conf")) or {}
+    res_odbc = _read_ini(os.path.join(etc, "res_odbc.conf")) or {}
+    odbc_ini = _read_ini(os.path.join(root, "etc", "odbc.ini")) or {}
+    for name, section in odbc.items():
+        conn = res_odbc.get(section.get("connection", ""), {})
+        dsn = odbc_ini.get(conn.get("dsn", ""), {})
+        if not conn:
+            continue
+        lower = dict((k.lower(), v) for k, v in dsn.items())
+        found.append({"backend": "mysql", "confidence": "high", "source": "cel_odbc.conf [%s]" % name,
+                      "settings": {"mysql_host": lower.get("server", "localhost"),
+                                   "mysql_port": lower.get("port", "3306"),
+                                   "mysql_socket": lower.get("socket", ""),
+                                   "mysql_user": conn.get("username", ""),
+                                   "mysql_password": conn.get("password", ""),
+                                   "mysql_database": lower.get("database", amp.get("CDRDBNAME", "asteriskcdrdb")),
+                                   "table": section.get("table", "cel")}})
+    if amp.get("AMPDBUSER"):
+        found.append({"backend": "mysql", "confidence": "high" if not found else "medium",
+                      "source": "FreePBX (%s)" % ("freepbx.conf" if os.path.exists(freepbx) else "amportal.conf"),
+                      "settings": {"mysql_host": amp.get("CDRDBHOST") or amp.get("AMPDBHOST") or "localhost",
+                                   "mysql_port": amp.get("CDRDBPORT") or "3306", "mysql_socket": "",
+                                   "mysql_user": amp.get("CDRDBUSER") or amp["AMPDBUSER"],
+                                   "mysql_password": amp.get("CDRDBPASS") or amp.get("AMPDBPASS", ""),
+                                   "mysql_database": amp.get("CDRDBNAME") or "asteriskcdrdb",
+                                   "table": amp.get("CELDBTABLENAME") or "cel"}})
+    sqlite_conf = _read_ini(os.path.join(etc, "cel_sqlite3_custom.conf"))
+    if sqlite_conf:
+        master = sqlite_conf.get("master", {})
+        ast = _read_ini(os.path.join(etc, "asterisk.conf")) or {}
+        logdir = ast.get("directories", {}).get("astlogdir") or "/var/log/asterisk"
+        path = os.path.join(root, logdir.lstrip("/")) if root != "/" else logdir
+        path = os.path.join(path, "master.db")
+        found.append({"backend": "sqlite", "confidence": "high" if os.path.exists(path) else "low",
+                      "source": "cel_sqlite3_custom.conf",
+                      "settings": {"sqlite_path": path, "table": master.get("table", "cel")}})
+    return found, warnings
+
+
+def describe_detection(found, warnings):
+    lines = []
+    if not found:
+        lines.append("CEL store: none found (FreePBX, cel_odbc, cel_sqlite3_custom); set [cel] by hand")
+    for i, cand in enumerate(found):
+        shown = dict((k, ("***" if "password" in k and v else v)) for k, v in cand["settings"].items())
+        lines.append("%s %s via %s, confidence %s: %s" % ("CEL store:" if i == 0 else "also:", cand["backend"],
+                                                          cand["source"], cand["confidence"],
+                                                          ", ".join("%s=%s" % kv for kv in sorted(shown.items()))))
+    for w in warnings:
+        lines.append("WARNING: %s" % w)
+    return lines
+
+
+def open_cel_source(config, root="/"):
+    """The CEL reader the configuration asks for; None when CEL is off or not found."""
+    cel = config.section("cel")
+    backend = cel["backend"]
+    settings = dict(cel)
+    if backend == "off":
+        return None
+    if backend == "auto":
+        found, _warnings = detect_cel(root, cel["asterisk_etc"])
+        usable = [c for c in found if c["confidence"] != "low"]
+        if not usable:
+            return None
+        backend = usable[0]["backend"]
+        settings.update(usable[0]["settings"])
+    if backend == "sqlite":
+        return SqliteCel(settings["sqlite_path"], settings["table"])
+    return MysqlCel(settings["mysql_database"], settings["table"], settings["mysql_user"],
+                    settings["mysql_password"], settings["mysql_host"], int(settings["mysql_port"]),
+                    settings["mysql_socket"])
+
+
+def cel_health(source, now=None, max_age=3600):
+    """[(level, message)]: reachable, and a CEL event written within the last hour."""
+    now = time.time() if now is None else now
+    try:
+        newest_id, newest_time = source.newest()
+    except CelError as exc:
+        return [("CRITICAL", "CEL unreachable: %s" % exc)]
+    if newest_id is None:
+        return [("WARNING", "CEL table is empty: is cel.conf enabled?")]
+    age = now - newest_time
+    if age > max_age:
+        return [("WARNING", "no CEL event written in the last %d minutes (newest is %d minutes old): "
+                            "calls made now could not be recovered" % (max_age // 60, age // 60))]
+    return [("OK", "CEL reachable (%s), newest event %d s old" % (source.describe(), max(0, age)))]
+
+
+class CelWatcher(object):
+    """Runs CelRecovery at start-up and every few minutes, in its own thread."""
+
+    def __init__(self, recovery, interval):
+        self.recovery = recovery
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = None
+
+    def start(self):
+        self._thread = threading.Thread(target=self._run, name="cel", daemon=True)
+        self._thread.start()
+
+    def stop(self):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+
+    def _run(self):
+        try:
+            self.recovery.start_from_now()
+        except CelError as exc:
+            log.warning("CEL: %s; calls missed while bx24ast is down cannot be recovered", exc)
+        while not self._stop.is_set():
+            try:
+                found = self.recovery.run_once()
+                if found:
+                    log.info("CEL: %d finished call(s) read", len(found))
+            except CelError as exc:
+                log.warning("CEL: %s", exc)
+            except Exception:
+                log.exception("CEL: recovery failed")
+            self._stop.wait(self.interval)
+
+
 ###############################################################################
 # Captures ####################################################################
 ###############################################################################
@@ -3867,11 +4175,27 @@ class Bridge(object):
                                          int(rec["inline_max_mb"] * 1024 * 1024))
         self.sender = OutboxSender(self.outbox, self.records, self.client, self.users, self.recordings,
                                    crm["default_user_id"])
+        self.cel = None
+        try:
+            source = open_cel_source(config)
+        except CelError as exc:
+            log.warning("CEL: %s", exc)
+            source = None
+        if source is not None:
+            recovery = CelRecovery(source, self.store, rules, self.crm, self.recordings)
+            self.cel = CelWatcher(recovery, config.get("cel", "recover_interval_minutes") * 60)
 
     def start(self):
         self.sender.start()
+        if self.cel is not None:
+            log.info("CEL: recovering missed calls from %s", self.cel.recovery.source.describe())
+            self.cel.start()
+        else:
+            log.warning("CEL: no CEL store ([cel] backend); calls made while bx24ast is down are lost")
 
     def stop(self):
+        if self.cel is not None:
+            self.cel.stop()
         self.sender.stop()
 
 
@@ -4129,6 +4453,55 @@ def cmd_oauth_code(args):
     return EXIT_OK
 
 
+def cmd_detect(args):
+    config = _load_config(args, required=False)
+    found, warnings = detect_cel(args.root, None if args.root != "/" else config.get("cel", "asterisk_etc"))
+    for line in describe_detection(found, warnings):
+        sys.stdout.write(line + "\n")
+    if found:
+        source = open_cel_source(Config.from_text(
+            "[cel]\nbackend = %s\n%s" % (found[0]["backend"], "".join(
+                "%s = %s\n" % kv for kv in found[0]["settings"].items()))))
+        for level, message in cel_health(source):
+            sys.stdout.write("%s: %s\n" % (level, message))
+    return EXIT_OK if found else EXIT_FAILURE
+
+
+def cmd_recover(args):
+    config = _load_config(args, required=True)
+    try:
+        since = time.mktime(time.strptime(args.since, "%Y-%m-%d %H:%M"))
+    except ValueError:
+        sys.stderr.write("bx24ast: recover: --since %r is not YYYY-MM-DD HH:MM\n" % args.since)
+        return EXIT_CONFIG
+    source = open_cel_source(config)
+    if source is None:
+        sys.stderr.write("bx24ast: recover: no CEL store ([cel] backend, or bx24ast.py detect)\n")
+        return EXIT_FAILURE
+    rules = PbxRules.from_config(config)
+    rec = config.section("recordings")
+    recordings = RecordingFiles(rec["path"], rec["settle_seconds"])
+    crm = None
+    store = StateStore(":memory:") if args.dry_run else StateStore.open_dir(config.get("storage", "state_dir"))
+    if not args.dry_run:
+        crm = CrmFlows(config, Outbox(store), CallRecords(store), rules)
+    records = CallRecords(store)
+    recovery = CelRecovery(source, store, rules, crm, recordings)
+
+    def report(call):
+        row = call.as_dict(rules.number_plan)
+        row["already_reported"] = records.registered(call.linkedid)
+        sys.stdout.write(json.dumps(row, ensure_ascii=False) + "\n")
+    try:
+        found = recovery.run_once(since=since, dry_run=args.dry_run, report=report)
+    except CelError as exc:
+        sys.stderr.write("bx24ast: recover: %s\n" % exc)
+        return EXIT_FAILURE
+    sys.stderr.write("bx24ast: %d call(s) found in CEL%s\n" % (
+        len(found), " (dry run: nothing sent)" if args.dry_run else "; the running service sends them"))
+    return EXIT_OK
+
+
 def cmd_check_config(args):
     config = _load_config(args, required=True)
     sys.stdout.write("%s: OK\n" % config.path)
@@ -4173,6 +4546,15 @@ def build_arg_parser():
     p.add_argument("--seconds", type=float, default=0, help="stop after this many seconds")
     p.set_defaults(func=cmd_record_ami)
 
+    p = sub.add_parser("detect", help="find the CEL store (FreePBX, ODBC, sqlite) and check its health")
+    p.add_argument("--root", default="/", help="look in this tree instead of / (for tests)")
+    p.set_defaults(func=cmd_detect)
+
+    p = sub.add_parser("recover", help="report calls found in CEL since a time (missed while down)")
+    p.add_argument("--since", required=True, help='"YYYY-MM-DD HH:MM", local time')
+    p.add_argument("--dry-run", action="store_true", help="only print the calls")
+    p.set_defaults(func=cmd_recover)
+
     p = sub.add_parser("check-config", help="validate the configuration file")
     p.set_defaults(func=cmd_check_config)
 
@@ -4194,7 +4576,7 @@ def main(argv=None):
     except ConfigError as exc:
         sys.stderr.write("bx24ast: configuration error: %s\n" % exc)
         return EXIT_CONFIG
-    except StorageError as exc:
+    except (StorageError, CelError) as exc:
         sys.stderr.write("bx24ast: %s\n" % exc)
         return EXIT_FAILURE
     except KeyboardInterrupt:
