@@ -3707,7 +3707,9 @@ class MysqlCel(object):
         for key, value in (("user", self.user), ("password", self.password), ("host", self.host),
                            ("port", self.port), ("socket", self.socket_path)):
             if value not in ("", None):
-                lines.append("%s=%s" % (key, str(value).replace("\n", "")))
+                # Quoted, so that '#', ';' or spaces in a password survive the option file.
+                quoted = str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "")
+                lines.append('%s="%s"' % (key, quoted))
         with os.fdopen(fd, "w") as f:
             f.write("\n".join(lines) + "\n")
         return path

@@ -31,3 +31,19 @@ def load_expected(path):
 @pytest.fixture
 def rules():
     return bx24ast.PbxRules.defaults()
+
+
+@pytest.fixture(scope="session")
+def mariadb():
+    """A private MariaDB server (see tests/mariadb.py); skipped outside CI when absent."""
+    from mariadb import MariaDB, binaries
+    server, install, client = binaries()
+    if not (server and install and client):
+        if os.environ.get("CI"):
+            pytest.fail("MariaDB is not installed: .ci/run must apt-get install mariadb-server mariadb-client")
+        pytest.skip("MariaDB server/client not installed (apt-get install mariadb-server mariadb-client)")
+    db = MariaDB().start()
+    try:
+        yield db
+    finally:
+        db.stop()

@@ -252,3 +252,110 @@ def test_recover_command_dry_run(tmp_path):
     bad = subprocess.run([sys.executable, SCRIPT, "-c", str(conf), "recover", "--since", "yesterday"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
     assert bad.returncode == 2 and "--since" in bad.stderr
+
+
+# -- MySQL / MariaDB through the mysql command-line client ---------------------------------------
+
+def _load_mariadb(db, names, table="cel"):
+    from mariadb import FREEPBX_CEL_SCHEMA
+    db.sql("CREATE DATABASE IF NOT EXISTS asteriskcdrdb")
+    db.sql("DROP TABLE IF EXISTS `%s`" % table, "asteriskcdrdb")
+    db.sql(FREEPBX_CEL_SCHEMA % table, "asteriskcdrdb")
+    db.sql("CREATE USER IF NOT EXISTS 'celreader'@'127.0.0.1' IDENTIFIED BY 'pa$$ w#o\"rd';"
+           "GRANT SELECT ON asteriskcdrdb.* TO 'celreader'@'127.0.0.1'")
+    rows = []
+    for name in names:
+        src = sqlite3.connect(os.path.join(PJSIP, name, "cel.sqlite3"))
+        rows.extend(src.execute("SELECT AcctId, eventtype, eventtime, cid_name, cid_num, cid_ani, cid_rdnis, "
+                                "cid_dnid, exten, context, channame, appname, appdata, amaflags, accountcode, "
+                                "uniqueid, linkedid, peer, userdeftype, extra FROM cel ORDER BY AcctId").fetchall())
+    values = []
+    for row in rows:
+        values.append("(%s)" % ",".join("'%s'" % str(v if v is not None else "").replace("\\", "\\\\")
+                                        .replace("'", "\\'") for v in row))
+    for i in range(0, len(values), 200):
+        db.sql("INSERT INTO `%s` VALUES %s" % (table, ",".join(values[i:i + 200])), "asteriskcdrdb")
+    return len(rows)
+
+
+def _mysql_source(db, **kw):
+    args = dict(user="celreader", password='pa$$ w#o"rd', host="127.0.0.1", port=db.port)
+    args.update(kw)
+    return bx24ast.MysqlCel("asteriskcdrdb", kw.pop("table", "cel"), **{k: v for k, v in args.items()
+                                                                          if k != "table"})
+
+
+def test_mysql_back_end_gives_the_same_calls_as_sqlite(mariadb, tmp_path):
+    count = _load_mariadb(mariadb, NAMES)
+    source = _mysql_source(mariadb)
+    rows = list(source.rows())
+    assert len(rows) == count
+    rules = bx24ast.PbxRules.defaults()
+    from_mysql = dict((c.linkedid, c.as_dict(rules.number_plan)) for c in bx24ast.rebuild_calls(rows, rules))
+    lite = []
+    for name in NAMES:
+        lite.extend(cel_rows(os.path.join(PJSIP, name)))
+    from_sqlite = dict((c.linkedid, c.as_dict(rules.number_plan)) for c in bx24ast.rebuild_calls(lite, rules))
+    assert from_mysql == from_sqlite and len(from_mysql) == 27
+    newest_id, newest_time = source.newest()
+    assert newest_id == rows[-1]["id"] and newest_time == bx24ast.cel_time(rows[-1]["eventtime"])
+    # the password never appears on a command line
+    assert "pa$$" not in " ".join(source.describe().split())
+
+
+def test_mysql_values_with_tabs_quotes_newlines_and_nulls(mariadb):
+    _load_mariadb(mariadb, ["inbound_answered"], table="cel_odd")
+    mariadb.sql("ALTER TABLE cel_odd MODIFY cid_name varchar(80) NULL, MODIFY peer varchar(80) NULL",
+                "asteriskcdrdb")
+    mariadb.sql("INSERT INTO cel_odd (eventtype, eventtime, cid_name, cid_num, cid_ani, cid_rdnis, cid_dnid, exten, "
+                "context, channame, appname, appdata, amaflags, accountcode, uniqueid, linkedid, peer, userdeftype, "
+                "extra) VALUES ('CHAN_START', '2026-11-26 05:00:00', NULL, '101', '', '', '', 's', 'from-internal', "
+                "'PJSIP/101-000000ff', 'App\\tName', 'a\\nb', 3, '', '9.9', '9.9', NULL, '', "
+                "'{\\\"x\\\": \\\"it''s \\\\\\\\ \\\\t\\\"}')", "asteriskcdrdb")
+    rows = list(_mysql_source(mariadb, table="cel_odd").rows())
+    odd = rows[-1]
+    assert odd["cid_name"] is None and odd["peer"] is None
+    assert odd["appname"] == "App\tName" and odd["channame"] == "PJSIP/101-000000ff"
+    assert odd["extra"] == '{"x": "it\'s \\\\ \\t"}'
+    assert len(rows) == 17 and rows[0]["eventtype"] == "CHAN_START"
+
+
+def test_mysql_wrong_password_missing_table_missing_client(mariadb):
+    _load_mariadb(mariadb, ["inbound_answered"])
+    with pytest.raises(bx24ast.CelError) as err:
+        list(_mysql_source(mariadb, password="wrong").rows())
+    assert "refused [cel] mysql_user/mysql_password" in str(err.value) and "wrong" not in str(err.value)
+    with pytest.raises(bx24ast.CelError) as err:
+        list(_mysql_source(mariadb, table="nosuch").rows())
+    assert "no table asteriskcdrdb.nosuch" in str(err.value)
+    with pytest.raises(bx24ast.CelError) as err:
+        list(_mysql_source(mariadb, client="/nonexistent/mysql").rows())
+    assert "install mariadb-client" in str(err.value)
+
+
+def test_mysql_server_stopped_mid_read_keeps_the_checkpoint(tmp_path):
+    from mariadb import MariaDB, binaries
+    if not all(binaries()):
+        pytest.skip("MariaDB not installed")
+    db = MariaDB().start()
+    try:
+        _load_mariadb(db, ["inbound_answered", "outbound_answered"])
+        source = _mysql_source(db)
+        store = bx24ast.StateStore(str(tmp_path / "s.db"))
+        reported = []
+
+        class Crm(object):
+            def report_finished(self, call):
+                reported.append(call.linkedid)
+                if len(reported) == 1:
+                    db.proc.kill()  # the server dies while the next rows are still to come
+                    db.proc.wait()
+                return True
+        recovery = bx24ast.CelRecovery(source, store, bx24ast.PbxRules.defaults(), Crm())
+        original_rows = source.rows
+        source.rows = lambda after_id=0, since=None: original_rows(after_id, since, batch=5)
+        with pytest.raises(bx24ast.CelError):
+            recovery.run_once()
+        assert reported == ["1795667003.0"] and recovery.checkpoint() is None
+    finally:
+        db.stop()
