@@ -2184,9 +2184,15 @@ class CallTracker(object):
             call.expired = True
             log.warning("call %s: no AMI event for %.0f h, closing it", call.linkedid,
                         self.rules.call_max_seconds / 3600.0)
+            self.close_call(call.linkedid, call.last_event_at)
+
+    def close_call(self, linkedid, when):
+        """Hang up what is left of a call whose end was never reported."""
+        call = self.calls.get(linkedid)
+        if call is not None:
             for chan in list(call.channels.values()):
                 if chan.hungup_at is None:
-                    self._hangup_channel(chan, call.last_event_at)
+                    self._hangup_channel(chan, when)
 
     def resync(self, channels, now, gone_at=None):
         """Align with CoreShowChannels after a reconnect: channels that vanished while we
@@ -3391,8 +3397,21 @@ CEL_COLUMNS = ("id", "eventtype", "eventtime", "cid_name", "cid_num", "exten", "
                "appname", "uniqueid", "linkedid", "peer", "extra")
 
 
+_CEL_TIMES = {}
+
+
 def cel_time(text):
     """CEL eventtime (dateformat %F %T, the PBX's local time; or epoch seconds)."""
+    cached = _CEL_TIMES.get(text)
+    if cached is not None:
+        return cached
+    if len(_CEL_TIMES) > 4096:
+        _CEL_TIMES.clear()  # one-second resolution: a call's rows share a handful of times
+    _CEL_TIMES[text] = value = _cel_time(text)
+    return value
+
+
+def _cel_time(text):
     text = (text or "").strip()
     try:
         return float(text)
@@ -3535,7 +3554,7 @@ def cel_events(rows, rules):
                 any_cid[uid] = cid
             if cid and uid not in first_cid and rules.is_extension(cid):
                 first_cid[uid] = cid
-            if uid not in dialled:
+            if uid not in dialled and uid != origin_uid:
                 number = rules.dialled_number(row.get("exten"), cid)
                 if number:
                     dialled[uid] = number
@@ -3600,20 +3619,38 @@ def cel_events(rows, rules):
     return events
 
 
+class CelCallBuilder(object):
+    """Feeds finished calls' CEL rows through one CallTracker (the live rules)."""
+
+    def __init__(self, rules):
+        self.rules = rules
+        self._ended = []
+        self.tracker = CallTracker(rules, self._on_call_event)
+
+    def _on_call_event(self, kind, call, extension):
+        if kind == "ended":
+            self._ended.append(call)
+
+    def calls(self, group):
+        """The call(s) one linkedid's rows make."""
+        handle = self.tracker.handle
+        for msg in cel_events(group, self.rules):
+            handle(msg)
+        # A call whose CEL lacks a HANGUP (a crash of Asterisk) is still closed here.
+        self.tracker.close_call(group[0]["linkedid"], cel_time(group[-1]["eventtime"]))
+        ended, self._ended = self._ended, []
+        return ended
+
+
 def rebuild_calls(rows, rules):
     """The finished calls in a set of CEL rows (grouped by linkedid), live rules."""
     groups = collections.OrderedDict()
     for row in rows:
         groups.setdefault(row["linkedid"], []).append(row)
+    builder = CelCallBuilder(rules)
     calls = []
-
-    def on_call_event(kind, call, extension):
-        if kind == "ended":
-            calls.append(call)
-    tracker = CallTracker(rules, on_call_event)
-    for linkedid, group in groups.items():
-        for msg in cel_events(group, rules):
-            tracker.handle(msg)
+    for group in groups.values():
+        calls.extend(builder.calls(group))
     return calls
 
 
@@ -3650,6 +3687,7 @@ class CelRecovery(object):
         first_open_id = {}
         found = []
         last_id = start
+        builder = CelCallBuilder(self.rules)
         for row in self.source.rows(start, since):
             last_id = row["id"]
             linkedid = row["linkedid"]
@@ -3660,7 +3698,7 @@ class CelRecovery(object):
             if row["eventtype"] == "LINKEDID_END":
                 group = open_calls.pop(linkedid)
                 first_open_id.pop(linkedid, None)
-                for call in rebuild_calls(group, self.rules):
+                for call in builder.calls(group):
                     if not is_reportable(call, self.rules):
                         continue
                     if self.recordings is not None and call.recording is None:

@@ -1,0 +1,115 @@
+#!/usr/bin/env python3
+"""Recovering calls from CEL: rows/s and memory, from sqlite and through the mysql client.
+
+Builds a CEL table of N calls (default 100,000, about 2 million rows) by replicating
+the real rows of the fixtures with new ids, uniqueids and linkedids, then runs one
+CelRecovery pass over it (rebuild every call with the live rules; nothing is sent)
+and prints rows/s and peak RSS. The MariaDB part runs when the server binaries are
+installed (a private server in a temp dir, as the tests do).
+
+Usage: python3 bench/bench_cel.py [--calls 100000] [--skip-mysql]
+"""
+import argparse
+import glob
+import os
+import resource
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+import bx24ast  # noqa: E402
+
+COLS = ("eventtype, eventtime, cid_name, cid_num, cid_ani, cid_rdnis, cid_dnid, exten, context, channame, "
+        "appname, appdata, amaflags, accountcode, uniqueid, linkedid, peer, userdeftype, extra")
+
+
+def template_calls():
+    """Each fixture call's rows (pjsip set), as lists of tuples without the id."""
+    calls = []
+    for path in sorted(glob.glob(os.path.join(ROOT, "tests", "fixtures", "asterisk-22.10.1-pjsip", "*",
+                                              "cel.sqlite3"))):
+        db = sqlite3.connect(path)
+        groups = {}
+        for row in db.execute("SELECT %s FROM cel ORDER BY AcctId" % COLS):
+            groups.setdefault(row[15], []).append(row)
+        calls.extend(groups.values())
+    return calls
+
+
+def generate(n_calls):
+    """Yield CEL rows (without id) for n_calls calls, new uniqueids per copy."""
+    calls = template_calls()
+    for i in range(n_calls):
+        rows = calls[i % len(calls)]
+        shift = 10 ** 6 * (i + 1)
+        for row in rows:
+            row = list(row)
+            for col in (14, 15):
+                head, _, tail = row[col].partition(".")
+                row[col] = "%d.%s" % (int(head) + shift, tail)
+            yield row
+
+
+def peak_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def run_recovery(source, label, rows_total):
+    store = bx24ast.StateStore(":memory:")
+    recovery = bx24ast.CelRecovery(source, store, bx24ast.PbxRules.defaults())
+    count = [0]
+    rss_before = peak_mb()
+    t0 = time.perf_counter()
+    found = recovery.run_once(dry_run=False, report=lambda call: count.__setitem__(0, count[0] + 1))
+    dt = time.perf_counter() - t0
+    print("%-7s: %d rows, %d calls rebuilt in %.1f s = %.0f rows/s; peak RSS %.0f MB (was %.0f MB before)"
+          % (label, rows_total, len(found), dt, rows_total / dt, peak_mb(), rss_before))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--calls", type=int, default=100000)
+    ap.add_argument("--skip-mysql", action="store_true")
+    args = ap.parse_args()
+    print("Python %s" % sys.version.split()[0])
+    tmp = tempfile.mkdtemp(prefix="bench-cel-")
+    path = os.path.join(tmp, "master.db")
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE cel (AcctId INTEGER PRIMARY KEY, %s)" % COLS)
+    db.executemany("INSERT INTO cel (%s) VALUES (%s)" % (COLS, ",".join("?" * 19)), generate(args.calls))
+    db.commit()
+    total = db.execute("SELECT COUNT(*) FROM cel").fetchone()[0]
+    db.close()
+    run_recovery(bx24ast.SqliteCel(path), "sqlite", total)
+    if args.skip_mysql:
+        return
+    from mariadb import MariaDB, binaries, FREEPBX_CEL_SCHEMA
+    if not all(binaries()):
+        print("mysql  : skipped (MariaDB not installed)")
+        return
+    server = MariaDB().start()
+    try:
+        server.sql("CREATE DATABASE asteriskcdrdb")
+        server.sql(FREEPBX_CEL_SCHEMA % "cel", "asteriskcdrdb")
+        tsv = os.path.join(tmp, "cel.tsv")
+        with open(tsv, "w", encoding="utf-8") as f:
+            for row in sqlite3.connect(path).execute("SELECT %s FROM cel ORDER BY AcctId" % COLS):
+                f.write("\t".join(str(v).replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n")
+                                  for v in row) + "\n")
+        server.sql("SET GLOBAL local_infile = 1")
+        subprocess.check_call([server.client, "--no-defaults", "--local-infile=1", "--user=root",
+                               "--socket=" + server.socket, "--database=asteriskcdrdb", "--execute=LOAD DATA LOCAL "
+                               "INFILE '%s' INTO TABLE cel (%s)" % (tsv, COLS)])
+        source = bx24ast.MysqlCel("asteriskcdrdb", "cel", user="root", socket_path=server.socket)
+        run_recovery(source, "mysql", total)
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()
