@@ -3395,6 +3395,11 @@ class CelError(Exception):
 
 CEL_COLUMNS = ("id", "eventtype", "eventtime", "cid_name", "cid_num", "exten", "context", "channame",
                "appname", "uniqueid", "linkedid", "peer", "extra")
+# The rows a call is rebuilt from; the database skips the others (CHAN_END, DTMF,
+# STREAM_*, HOLD, APP_*...), which on a busy PBX are most of the table.
+CEL_USED_EVENTS = ("CHAN_START", "ANSWER", "HANGUP", "BRIDGE_ENTER", "BRIDGE_EXIT", "BLINDTRANSFER",
+                   "ATTENDEDTRANSFER", "LINKEDID_END")
+_CEL_EVENTS_SQL = "eventtype IN (%s)" % ", ".join("'%s'" % e for e in CEL_USED_EVENTS)
 
 
 _CEL_TIMES = {}
@@ -3464,7 +3469,8 @@ class SqliteCel(object):
         last = after_id
         try:
             while True:
-                sql = "SELECT %s FROM %s WHERE %s > ?" % (select, self.table, self.id_column)
+                sql = "SELECT %s FROM %s WHERE %s > ? AND %s" % (select, self.table, self.id_column,
+                                                                  _CEL_EVENTS_SQL)
                 args = [last]
                 if since:
                     sql += " AND eventtime >= ?"
@@ -3498,6 +3504,9 @@ class SqliteCel(object):
 _HANGUP_CAUSE_STATUS = {17: "BUSY", 21: "BUSY", 18: "NOANSWER", 19: "NOANSWER", 26: "CANCEL",
                         1: "CHANUNAVAIL", 3: "CHANUNAVAIL", 20: "CHANUNAVAIL", 27: "CHANUNAVAIL",
                         34: "CONGESTION", 38: "CONGESTION", 42: "CONGESTION"}
+
+
+_BRIDGE_ID = re.compile(r'"bridge_id"\s*:\s*"([^"]*)"')
 
 
 def _cel_extra(row):
@@ -3546,18 +3555,19 @@ def cel_events(rows, rules):
 
     # CallerID and the number dialled may be filled in after CHAN_START (Local
     # channels, trunk legs starting at 's'): look ahead in the channel's rows.
-    first_cid, any_cid, dialled = {}, {}, {}
-    for uid, chan_rows in by_channel.items():
-        for row in chan_rows:
-            cid = row.get("cid_num") or ""
-            if cid and uid not in any_cid:
-                any_cid[uid] = cid
-            if cid and uid not in first_cid and rules.is_extension(cid):
-                first_cid[uid] = cid
-            if uid not in dialled and uid != origin_uid:
-                number = rules.dialled_number(row.get("exten"), cid)
-                if number:
-                    dialled[uid] = number
+    def first_cid(uid, extension_only):
+        for row in by_channel[uid]:
+            cid = row.get("cid_num")
+            if cid and (not extension_only or rules.is_extension(cid)):
+                return cid
+        return ""
+
+    def dialled(uid):
+        for row in by_channel[uid]:
+            number = rules.dialled_number(row.get("exten"), row.get("cid_num"))
+            if number:
+                return number
+        return None
     answered = set()
     for row in rows:
         kind = row["eventtype"]
@@ -3569,9 +3579,9 @@ def cel_events(rows, rules):
                 calling = rules.is_inbound_context(row["context"]) or rules.is_trunk_channel(name) or (
                     rules.is_internal_context(row["context"]) and row["exten"] not in ("", "s"))
                 if rules.is_inbound_context(row["context"]) or rules.is_trunk_channel(name):
-                    cid = row["cid_num"] or any_cid.get(uid, "")
+                    cid = row["cid_num"] or first_cid(uid, False)
                 else:
-                    cid = first_cid.get(uid) or row["cid_num"] or ""
+                    cid = first_cid(uid, True) or row["cid_num"] or ""
                 msg = event("Newchannel", row, ChannelState="4" if calling else "0", CallerIDNum=cid)
                 if not calling:
                     # Originated (click-to-call): nobody dialled it, it rang first.
@@ -3580,8 +3590,8 @@ def cel_events(rows, rules):
             else:
                 msg = event("Newchannel", row, ChannelState="4" if local_second else "0")
                 if not local_second:
-                    dial = dict(origin_source(), Event="DialBegin",
-                                DialString=dialled.get(uid) or row["exten"] or "")
+                    number = None if rules.extension_of_channel(name) else dialled(uid)
+                    dial = dict(origin_source(), Event="DialBegin", DialString=number or row["exten"] or "")
                     dial.update(dest_headers(row))
                     events.append(Message(dial, True, "DialBegin", msg.time))
         elif kind == "ANSWER":
@@ -3591,7 +3601,8 @@ def cel_events(rows, rules):
                 end.update(dest_headers(row))
                 events.append(Message(end, True, "DialEnd", cel_time(row["eventtime"])))
         elif kind in ("BRIDGE_ENTER", "BRIDGE_EXIT"):
-            bridge = _cel_extra(row).get("bridge_id")
+            m = _BRIDGE_ID.search(row.get("extra") or "")
+            bridge = m.group(1) if m else None
             if bridge:
                 event("BridgeEnter" if kind == "BRIDGE_ENTER" else "BridgeLeave", row, BridgeUniqueid=bridge)
         elif kind == "BLINDTRANSFER":
@@ -3790,7 +3801,7 @@ class MysqlCel(object):
         cols = ", ".join(["`%s`" % self.id_column] + ["HEX(`%s`)" % c for c in CEL_COLUMNS[1:]])
         last = int(after_id or 0)
         while True:
-            where = "`%s` > %d" % (self.id_column, last)
+            where = "`%s` > %d AND %s" % (self.id_column, last, _CEL_EVENTS_SQL)
             if since:
                 where += " AND eventtime >= '%s'" % time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since))
             sql = "SELECT %s FROM `%s` WHERE %s ORDER BY `%s` LIMIT %d" % (
