@@ -187,29 +187,29 @@ def _as_host(text):
     return text.strip("[]")
 
 
-def _as_webhook_url(text):
-    text = text.strip()
-    if not text:
-        return ""
-    if not re.match(r"^https?://[^/\s]+/rest/\d+/[^/\s]+/?$", text):
-        raise ValueError("empty, or an inbound webhook URL like https://<portal>/rest/<user>/<token>/")
-    return text if text.endswith("/") else text + "/"
+def _as_matching(pattern, expected, allow_empty=False, finish=None):
+    """A converter that accepts text matching pattern (and, if allowed, nothing)."""
+    compiled = re.compile(pattern)
+
+    def convert(text):
+        text = text.strip()
+        if not text and allow_empty:
+            return ""
+        if not compiled.match(text):
+            raise ValueError(expected)
+        return finish(text) if finish else text
+    return convert
 
 
-def _as_url(text):
-    text = text.strip()
-    if not re.match(r"^https?://[^/\s]+(/\S*)?$", text):
-        raise ValueError("an http(s) URL")
-    return text
-
-
-def _as_portal_url(text):
-    text = text.strip()
-    if not text:
-        return ""
-    if not re.match(r"^https?://[^/\s]+/?$", text):
-        raise ValueError("empty, or the portal address like https://<portal>.bitrix24.ru/")
-    return text.rstrip("/") + "/"
+_as_webhook_url = _as_matching(
+    r"^https?://[^/\s]+/rest/\d+/[^/\s]+/?$",
+    "empty, or an inbound webhook URL like https://<portal>/rest/<user>/<token>/",
+    allow_empty=True, finish=lambda t: t if t.endswith("/") else t + "/")
+_as_url = _as_matching(r"^https?://[^/\s]+(/\S*)?$", "an http(s) URL")
+_as_portal_url = _as_matching(r"^https?://[^/\s]+/?$",
+                              "empty, or the portal address like https://<portal>.bitrix24.ru/",
+                              allow_empty=True, finish=lambda t: t.rstrip("/") + "/")
+_as_identifier = _as_matching(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$", "a plain SQL name (letters, digits, _)")
 
 
 def _as_template(text):
@@ -218,13 +218,6 @@ def _as_template(text):
         text.format(number="", did="", line="", time="", linkedid="")
     except (KeyError, IndexError, ValueError) as exc:
         raise ValueError("text with only {number}, {did}, {line}, {time}, {linkedid} (%s)" % exc)
-    return text
-
-
-def _as_identifier(text):
-    text = text.strip()
-    if not re.match(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$", text):
-        raise ValueError("a plain SQL name (letters, digits, _)")
     return text
 
 

@@ -28,6 +28,17 @@ def load_expected(path):
         return json.load(f)
 
 
+def wait_for(cond, timeout=20.0):
+    """Poll cond until it is true or timeout seconds pass; returns whether it became true."""
+    import time
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return False
+
+
 @pytest.fixture
 def rules():
     return bx24ast.PbxRules.defaults()

@@ -10,7 +10,7 @@ import time
 import pytest
 
 import bx24ast
-from conftest import FIXTURES, load_expected
+from conftest import FIXTURES, load_expected, wait_for
 from fake_ami import FakeAmiServer
 from test_calls import expected_row
 
@@ -219,15 +219,6 @@ def test_stream_survives_a_failing_handler(caplog):
 
 # -- the live connection against the fake server ----------------------------------------
 
-def _wait(cond, timeout=10.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return False
-
-
 def make_connection(server, on_event=None, **kw):
     kw.setdefault("reconnect_max_delay", 1.0)
     return bx24ast.AmiConnection("127.0.0.1", server.port, kw.pop("username", "bx24"),
@@ -274,7 +265,7 @@ def test_wrong_secret_is_logged_and_retried(caplog):
         with caplog.at_level(logging.ERROR):
             conn.start()
             try:
-                assert _wait(lambda: server.connections >= 2)
+                assert wait_for(lambda: server.connections >= 2)
                 assert not conn.connected.is_set()
             finally:
                 conn.stop()
@@ -304,7 +295,7 @@ def test_not_an_ami_port_is_refused(caplog):
                                  reconnect_max_delay=1.0)
     with caplog.at_level(logging.ERROR):
         conn.start()
-        assert _wait(lambda: "not an Asterisk Manager Interface" in caplog.text)
+        assert wait_for(lambda: "not an Asterisk Manager Interface" in caplog.text)
         conn.stop()
     stop.set()
     srv.close()
@@ -319,7 +310,7 @@ def test_reconnects_when_asterisk_goes_away_and_comes_back():
     try:
         assert conn.connected.wait(5)
         server.stop()
-        assert _wait(lambda: not conn.connected.is_set())
+        assert wait_for(lambda: not conn.connected.is_set())
         with pytest.raises(bx24ast.AmiError):
             conn.ping(timeout=1)
         # Asterisk comes back on the same port
@@ -347,7 +338,7 @@ def test_keepalive_ping_detects_a_silent_server():
         conn.start()
         try:
             assert conn.connected.wait(5)
-            assert _wait(lambda: any(a.get("Action") == "Ping" for a in server.actions), 5)
+            assert wait_for(lambda: any(a.get("Action") == "Ping" for a in server.actions), 5)
         finally:
             conn.stop()
 
@@ -380,7 +371,7 @@ class Engine(object):
         self.thread.join(10)
 
     def wait_done(self, server, count, timeout=30):
-        assert _wait(lambda: server.finished.is_set() and len(self.ended) >= count
+        assert wait_for(lambda: server.finished.is_set() and len(self.ended) >= count
                      and not self.daemon.tracker.calls, timeout), \
             (server.finished.is_set(), len(self.ended), count, list(self.daemon.tracker.calls))
 
@@ -504,7 +495,7 @@ def test_events_in_the_same_read_as_the_login_answer_are_kept():
     conn = bx24ast.AmiConnection("127.0.0.1", srv.getsockname()[1], "u", "s", got.append)
     conn.start()
     try:
-        assert _wait(lambda: len(got) == 2, 5)
+        assert wait_for(lambda: len(got) == 2, 5)
         assert [m.name for m in got] == ["Newchannel", "Hangup"]
     finally:
         conn.stop()

@@ -10,21 +10,12 @@ import pytest
 
 import bx24ast
 from b24_emulator import Bitrix24Emulator
-from conftest import FIXTURES, load_expected
+from conftest import FIXTURES, load_expected, wait_for
 from test_calls import Pbx
 
 PJSIP = os.path.join(FIXTURES, "asterisk-22.10.1-pjsip")
 LOCAL = os.path.join(FIXTURES, "asterisk-22.10.1")
 USERS = {"101": 5, "102": 7, "103": 9}
-
-
-def wait_for(cond, timeout=20.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 class Harness(object):
