@@ -68,7 +68,7 @@ def run_recovery(source, label, rows_total):
     found = recovery.run_once(dry_run=False, report=lambda call: count.__setitem__(0, count[0] + 1))
     dt = time.perf_counter() - t0
     print("%-7s: %d rows, %d calls rebuilt in %.1f s = %.0f rows/s; peak RSS %.0f MB (was %.0f MB before)"
-          % (label, rows_total, len(found), dt, rows_total / dt, peak_mb(), rss_before))
+          % (label, rows_total, found, dt, rows_total / dt, peak_mb(), rss_before))
 
 
 def main():
