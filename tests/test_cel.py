@@ -294,7 +294,7 @@ def test_mysql_back_end_gives_the_same_calls_as_sqlite(mariadb, tmp_path):
     lite_rows = []
     for name in NAMES:
         lite_rows.extend(cel_rows(os.path.join(PJSIP, name)))
-    assert rows == lite_rows
+    assert rows == [dict(r) for r in lite_rows]
     rules = bx24ast.PbxRules.defaults()
     from_mysql = dict((c.linkedid, c.as_dict(rules.number_plan)) for c in bx24ast.rebuild_calls(rows, rules))
     lite = []
@@ -314,13 +314,15 @@ def test_mysql_values_with_tabs_quotes_newlines_and_nulls(mariadb):
                 "asteriskcdrdb")
     mariadb.sql("INSERT INTO cel_odd (eventtype, eventtime, cid_name, cid_num, cid_ani, cid_rdnis, cid_dnid, exten, "
                 "context, channame, appname, appdata, amaflags, accountcode, uniqueid, linkedid, peer, userdeftype, "
-                "extra) VALUES ('CHAN_START', '2026-11-26 05:00:00', NULL, '101', '', '', '', 's', 'from-internal', "
+                "extra) VALUES ('CHAN_START', '2026-11-26 05:00:00', NULL, '101', '', '', '', 's', "
+                "CONCAT('from-int', CHAR(10), 'ernal', CHAR(9), 'x'), "
                 "'PJSIP/101-000000ff', 'App\\tName', 'a\\nb', 3, '', '9.9', '9.9', NULL, '', "
                 "'{\\\"x\\\": \\\"it''s \\\\\\\\ \\\\t\\\"}')", "asteriskcdrdb")
     rows = list(_mysql_source(mariadb, table="cel_odd").rows())
     odd = rows[-1]
     assert odd["cid_name"] is None and odd["peer"] is None
     assert odd["appname"] == "App\tName" and odd["channame"] == "PJSIP/101-000000ff"
+    assert odd["context"] == "from-int\nernal\tx"
     assert odd["extra"] == '{"x": "it\'s \\\\ \\t"}'
     assert len(rows) == 14 and rows[0]["eventtype"] == "CHAN_START"
 
