@@ -122,7 +122,7 @@ def test_parser_empty_values_and_case():
     parser.reset(expect_banner=False)
     [msg] = parser.feed(b"Event: Cdr\r\nAccountCode:\r\nUniqueID: 1.2\r\nDestination: 101\r\n\r\n")
     assert msg["AccountCode"] == ""
-    assert msg.get("Uniqueid") == "1.2"
+    assert msg.header("Uniqueid") == "1.2" and msg.get("Uniqueid") is None
 
 
 def test_parser_skips_garbage_and_recovers(caplog):
