@@ -3188,14 +3188,19 @@ class OutboxSender(object):
     def _backoff(self, req):
         return min(self.BACKOFF_CAP, 0.5 * (1.6 ** max(0, req.attempts - 1)))
 
-    def _send_single(self, req):
+    def _params(self, req):
+        """The request's parameters filled in, or None (then parked or postponed)."""
         try:
-            params = self.resolve(req, req.params)
+            return self.resolve(req, req.params)
         except Unresolved as exc:
             self._park(req, str(exc))
-            return
         except NotReady as exc:
             self.outbox.retry(req, 2.0, str(exc))
+        return None
+
+    def _send_single(self, req):
+        params = self._params(req)
+        if params is None:
             return
         self.outbox.mark_sending([req])
         self.sent_single += 1
@@ -3211,13 +3216,8 @@ class OutboxSender(object):
         for req in heads:
             if len(commands) >= 50:
                 break
-            try:
-                params = self.resolve(req, req.params)
-            except Unresolved as exc:
-                self._park(req, str(exc))
-                continue
-            except NotReady as exc:
-                self.outbox.retry(req, 2.0, str(exc))
+            params = self._params(req)
+            if params is None:
                 continue
             key = "r%d" % req.id
             commands.append((key, req.method, params))
@@ -4239,8 +4239,10 @@ class Bridge(object):
         if self.cel is not None:
             log.info("CEL: recovering missed calls from %s", self.cel.recovery.source.describe())
             self.cel.start()
+        elif self.config.get("cel", "backend") == "off":
+            log.warning("CEL: recovery is off ([cel] backend = off): calls made while bx24ast is down are lost")
         else:
-            log.warning("CEL: no CEL store ([cel] backend); calls made while bx24ast is down are lost")
+            log.warning("CEL: no CEL store found (bx24ast.py detect); calls made while bx24ast is down are lost")
 
     def stop(self):
         if self.cel is not None:

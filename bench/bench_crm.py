@@ -28,13 +28,19 @@ from test_calls import Pbx  # noqa: E402
 RATE, BURST = 2.0, 50
 
 
-def bridge_for(emu, state_dir):
+def bridge_for(emu):
+    """bx24ast's Bitrix24 side, started, and a PBX that feeds it call events."""
     config = bx24ast.Config.from_text(
         "[bitrix24]\nwebhook_url = %s\nrate = %s\nburst = %s\n[storage]\nstate_dir = %s\n"
-        "[crm]\nmissed_task = no\n[recordings]\nattach = no\n" % (emu.webhook_url, RATE, BURST, state_dir))
+        "[crm]\nmissed_task = no\n[recordings]\nattach = no\n[cel]\nbackend = off\n"
+        % (emu.webhook_url, RATE, BURST, tempfile.mkdtemp(prefix="bench-crm-")))
     rules = bx24ast.PbxRules.from_config(config)
     bridge = bx24ast.Bridge(config, rules)
-    return bridge, rules
+    bridge.users.refresh()
+    bridge.start()
+    pbx = Pbx(rules, base=time.time())
+    pbx.tracker = bx24ast.CallTracker(rules, bridge.crm.on_call_event)
+    return bridge, pbx
 
 
 def requests_needed(commands, per_request=50):
@@ -49,13 +55,7 @@ def minimum_seconds(requests):
 
 def run_burst(k):
     with Bitrix24Emulator(rate=RATE, burst=BURST) as emu:
-        tmp = tempfile.mkdtemp(prefix="bench-crm-")
-        bridge, rules = bridge_for(emu, tmp)
-        bridge.users.refresh()
-        bridge.start()
-        tracker = bx24ast.CallTracker(rules, bridge.crm.on_call_event)
-        pbx = Pbx(rules, base=time.time())
-        pbx.tracker = tracker
+        bridge, pbx = bridge_for(emu)
         t0 = time.time()
         for i in range(k):
             n = 5000 + i
@@ -94,13 +94,7 @@ def card_latency(n=40, spacing=1.2):
     """Each call is answered and ended (register + finish: 2 requests), one every
     `spacing` seconds: 1.7 requests/s, under the 2/s limit, so no backlog forms."""
     with Bitrix24Emulator(rate=RATE, burst=BURST) as emu:
-        tmp = tempfile.mkdtemp(prefix="bench-crm-")
-        bridge, rules = bridge_for(emu, tmp)
-        bridge.users.refresh()
-        bridge.start()
-        tracker = bx24ast.CallTracker(rules, bridge.crm.on_call_event)
-        pbx = Pbx(rules, base=time.time())
-        pbx.tracker = tracker
+        bridge, pbx = bridge_for(emu)
         lat = []
         for i in range(n):
             num = 9000 + i
