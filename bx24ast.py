@@ -4414,7 +4414,10 @@ def cmd_replay(args):
                         ensure_ascii=False) + "\n")
         del results[:]
 
-    timed = {"value": bool(Capture(args.capture).sidecar_path)}
+    probe = Capture(args.capture)
+    # Times come from the sidecar, else from Timestamp headers (timestampevents = yes).
+    timed = {"value": bool(probe.sidecar_path) or (os.path.exists(probe.path)
+                                                  and b"\r\nTimestamp: " in probe.read())}
     tracker = CallTracker(rules, on_call_event)
     capture = Capture(args.capture)
     if not os.path.exists(capture.path):

@@ -166,3 +166,20 @@ def test_kill_9_in_the_middle_of_a_burst_loses_and_duplicates_nothing(tmp_path, 
     missed = [c["linkedid"] for c in expected if c["disposition"] != "ANSWERED"]
     assert len(emu.tasks) == len(missed)
     assert not outbox_counts().get("parked")
+
+
+def test_replay_uses_timestamp_headers_when_there_is_no_sidecar(tmp_path):
+    """timestampevents = yes in manager.conf: every event carries its own time."""
+    src = os.path.join(PJSIP, "inbound_answered")
+    data = open(os.path.join(src, "ami.log"), "rb").read()
+    times = [json.loads(l) for l in open(os.path.join(src, "ami.timestamps.jsonl"))]
+    out, pos = [], 0
+    for rec in times:
+        chunk = data[rec["offset"]:rec["offset"] + rec["len"]]
+        stamp = ("\r\nTimestamp: %.6f" % (1795667003.0 + rec["t"])).encode()
+        out.append(chunk.replace(b"\r\nPrivilege:", stamp + b"\r\nPrivilege:"))
+    bare = tmp_path / "stamped.log"
+    bare.write_bytes(b"".join(out))
+    row = json.loads(subprocess.check_output([sys.executable, SCRIPT, "replay", str(bare)],
+                                             universal_newlines=True))
+    assert row["billsec"] == 5 and row["started_at"].startswith("2026-11-26T")
