@@ -28,7 +28,6 @@ import base64
 import calendar
 import collections
 import configparser
-import errno
 import hashlib
 import json
 import logging
@@ -660,10 +659,6 @@ class Outbox(object):
         self.store.execute("UPDATE outbox SET next_at = ?, last_error = ? WHERE id = ?",
                            (time.time() + delay, error[:1000], request.id))
 
-    def update_params(self, request, params):
-        request.params = params
-        self.store.execute("UPDATE outbox SET params = ? WHERE id = ?", (json.dumps(params), request.id))
-
     def park(self, request, reason):
         self.store.execute("UPDATE outbox SET state = 'parked', last_error = ? WHERE id = ?",
                            (reason[:1000], request.id))
@@ -844,12 +839,6 @@ class Message(dict):
             if k.lower() == low:
                 return v
         return default
-
-    def first(self, key, default=None):
-        value = self.header(key, default)
-        if isinstance(value, list):
-            return value[0]
-        return value
 
     def all(self, key):
         value = self.header(key)
@@ -1533,14 +1522,6 @@ class PbxRules(object):
     @classmethod
     def defaults(cls):
         return cls.from_config(Config.defaults())
-
-    def variable_names(self):
-        """Every spelling of the variables the engine reads (inherited ones start with _ or __)."""
-        names = set()
-        for var in (self.extension_variables + self.did_variables + self.recording_variables
-                    + [self.call_id_variable]):
-            names.update((var, "_" + var, "__" + var))
-        return names
 
     def is_extension(self, text):
         return bool(text) and self.extension_pattern.match(text) is not None
@@ -2621,7 +2602,6 @@ class UserDirectory(object):
         self.default_user_id = default_user_id or None
         self.refresh_seconds = refresh_seconds
         self._map = {}
-        self._names = {}
         self._lock = threading.Lock()
         self.loaded_at = None
         self.next_try = 0.0
@@ -2632,19 +2612,6 @@ class UserDirectory(object):
         with self._lock:
             return self.overrides.get(ext) or self._map.get(ext)
 
-    def extension_of(self, user_id):
-        with self._lock:
-            for ext, uid in list(self.overrides.items()) + list(self._map.items()):
-                if uid == user_id:
-                    return ext
-        return None
-
-    def mapping(self):
-        with self._lock:
-            merged = dict(self._map)
-            merged.update(self.overrides)
-            return merged
-
     def stale(self, now=None):
         now = time.time() if now is None else now
         if self.client is None or now < self.next_try:
@@ -2653,7 +2620,7 @@ class UserDirectory(object):
 
     def refresh(self):
         """Read every active user's UF_PHONE_INNER (paged user.get)."""
-        found, names, start, owners = {}, {}, 0, {}
+        found, start, owners = {}, 0, {}
         while True:
             page = self.client.call("user.get", {"FILTER": {"ACTIVE": True}, "start": start})
             for user in page or []:
@@ -2665,7 +2632,6 @@ class UserDirectory(object):
                     owners.setdefault(ext, {found[ext]}).add(uid)
                     continue
                 found[ext] = uid
-                names[uid] = " ".join(x for x in (user.get("NAME"), user.get("LAST_NAME")) if x)
             if not page or len(page) < 50:
                 break
             start += 50
@@ -2673,7 +2639,7 @@ class UserDirectory(object):
             log.warning("Bitrix24: extension %s is the UF_PHONE_INNER of several users %s; using %s "
                         "(set [users] %s = <ID> to choose)", ext, sorted(uids), found[ext], ext)
         with self._lock:
-            self._map, self._names = found, names
+            self._map = found
             self.loaded_at = time.time()
         log.info("Bitrix24: %d extensions mapped to users", len(found))
         return found
@@ -2985,6 +2951,9 @@ class OutboxSender(object):
     builds up, within the leaky bucket; retries, refreshes or parks by error."""
 
     BACKOFF_CAP = 60.0
+    HOUSEKEEPING_EVERY = 3600.0
+    KEEP_DONE_SECONDS = 7 * 86400      # done requests, for `outbox list` and support
+    KEEP_CALLS_SECONDS = 90 * 86400    # call records: "already reported" for CEL recovery
 
     def __init__(self, outbox, records, client, users, recordings, default_user_id=None,
                  clock=time.time):
@@ -3002,7 +2971,7 @@ class OutboxSender(object):
         self._thread = None
         self.sent_batches = 0
         self.sent_single = 0
-        self.hooks = []          # callables run each loop in this thread (polling, refresh)
+        self._housekept = 0.0
 
     # -- placeholders -------------------------------------------------------------------------
     def _user(self, ext):
@@ -3113,12 +3082,9 @@ class OutboxSender(object):
 
     def step(self):
         """Send what is due; True when something was sent."""
-        for hook in self.hooks:
-            try:
-                hook()
-            except Exception:
-                log.exception("outbox: periodic task failed")
         now = self.clock()
+        if now - self._housekept > self.HOUSEKEEPING_EVERY:
+            self.housekeeping(now)
         if self.users.stale(now):
             try:
                 self.users.refresh()
@@ -3142,6 +3108,12 @@ class OutboxSender(object):
         for r in singles[:1]:
             self._send_record(r)
         return True
+
+    def housekeeping(self, now):
+        """Months of uptime must not grow the state database without bound."""
+        self._housekept = now
+        self.outbox.purge_done(now - self.KEEP_DONE_SECONDS)
+        self.records.purge(now - self.KEEP_CALLS_SECONDS)
 
     def _pre_send(self, req, now):
         """Work that needs no request, or decides a request is not needed."""
@@ -4040,35 +4012,49 @@ class Capture(object):
         with open(self.path, "rb") as f:
             return f.read()
 
-    def reads(self):
-        """(bytes, seconds since connect or None, wall clock or None) per recorded recv()."""
-        data = self.read()
+    def sidecar(self):
+        """The timing records: [{t, offset, len, wall?}], or [] without a sidecar."""
         if self.sidecar_path is None:
-            yield data, None, None
-            return
-        used = 0
+            return []
+        records = []
         with open(self.sidecar_path, encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
                 try:
                     rec = json.loads(line)
-                    offset, length, t = int(rec["offset"]), int(rec["len"]), float(rec["t"])
+                    records.append((int(rec["offset"]), int(rec["len"]), float(rec["t"]), rec.get("wall")))
                 except (ValueError, KeyError, TypeError):
-                    raise ValueError("%s:%d: not a {t, offset, len} record"
-                                     % (self.sidecar_path, lineno))
-                yield data[offset:offset + length], t, rec.get("wall")
-                used = max(used, offset + length)
+                    raise ValueError("%s:%d: not a {t, offset, len} record" % (self.sidecar_path, lineno))
+        return records
+
+    def reads(self, data=None, records=None):
+        """(bytes, seconds since connect or None, wall clock or None) per recorded recv()."""
+        data = self.read() if data is None else data
+        records = self.sidecar() if records is None else records
+        if not records:
+            yield data, None, None
+            return
+        used = 0
+        for offset, length, t, wall in records:
+            yield data[offset:offset + length], t, wall
+            used = max(used, offset + length)
         if used < len(data):
             yield data[used:], None, None
 
-    def wall_clock_base(self):
-        """Wall-clock time of t = 0, for captures whose sidecar has no 'wall' field:
+    def wall_clock_base(self, data=None, records=None):
+        """Wall-clock time of t = 0: from the sidecar's 'wall' (record-ami writes it), else
         anchored on the first event that carries its own time (EventTV of security
         events, or Timestamp when timestampevents = yes)."""
-        data = self.read()
+        data = self.read() if data is None else data
+        records = self.sidecar() if records is None else records
+        if not records:
+            return None
+        offset, length, t, wall = records[0]
+        if wall is not None:
+            return float(wall) - t
         hit = re.search(rb"\r\n(EventTV|Timestamp): ([^\r\n]+)", data)
-        if hit is None or self.sidecar_path is None:
+        if hit is None:
             return None
         try:
             if hit.group(1) == b"Timestamp":
@@ -4077,19 +4063,9 @@ class Capture(object):
                 stamp = parse_iso_time(hit.group(2).decode("ascii", "replace"))
         except ValueError:
             return None
-        for chunk, t, wall in self.reads():
-            if wall is not None and t is not None:
-                return float(wall) - t
-            break
-        offset = 0
-        with open(self.sidecar_path, encoding="utf-8") as f:
-            for line in f:
-                if not line.strip():
-                    continue
-                rec = json.loads(line)
-                offset = int(rec["offset"]) + int(rec["len"])
-                if offset > hit.start():
-                    return stamp - float(rec["t"])
+        for offset, length, t, wall in records:
+            if offset + length > hit.start():
+                return stamp - t
         return None
 
 
@@ -4118,8 +4094,9 @@ def replay_capture(capture, tracker, parser=None, on_time=None):
         tracker.handle(msg)
 
     stream = AmiStream(on_event, parser)
-    base = capture.wall_clock_base() if capture.sidecar_path else None
-    for chunk, t, wall in capture.reads():
+    data, records = capture.read(), capture.sidecar()
+    base = capture.wall_clock_base(data, records)
+    for chunk, t, wall in capture.reads(data, records):
         if wall is not None and t is not None:
             base = float(wall) - t
         when = None

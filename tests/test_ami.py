@@ -332,15 +332,29 @@ def test_reconnects_when_asterisk_goes_away_and_comes_back():
         conn.stop()
 
 
-def test_keepalive_ping_detects_a_silent_server():
-    with FakeAmiServer() as server:
+def test_keepalive_ping_detects_a_silent_server(caplog):
+    """A PBX that stops answering (hung, or a NAT dropped the session) is noticed by
+    the unanswered Ping, and the connection is rebuilt."""
+    class Silent(FakeAmiServer):
+        def _answer(self, conn, msg, state):
+            if (msg.get("Action") or "").lower() == "ping" and self.connections == 1:
+                with self._lock:
+                    self.actions.append(dict(msg))
+                return True  # swallowed: no Pong
+            return FakeAmiServer._answer(self, conn, msg, state)
+
+    with Silent() as server:
         conn = make_connection(server, ping_interval=1.0)
-        conn.start()
-        try:
-            assert conn.connected.wait(5)
-            assert wait_for(lambda: any(a.get("Action") == "Ping" for a in server.actions), 5)
-        finally:
-            conn.stop()
+        with caplog.at_level(logging.WARNING):
+            conn.start()
+            try:
+                assert conn.connected.wait(5)
+                assert wait_for(lambda: server.logins >= 2, 10), "the dead session was not replaced"
+                assert any(a.get("Action") == "Ping" for a in server.actions)
+                assert "no answer to Ping" in caplog.text
+                assert conn.ping().response["Ping"] == "Pong"
+            finally:
+                conn.stop()
 
 
 # -- the whole engine over a socket --------------------------------------------------------
