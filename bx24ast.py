@@ -25,6 +25,7 @@ Importing this module runs nothing.
 
 import argparse
 import base64
+import binascii
 import calendar
 import collections
 import configparser
@@ -3360,8 +3361,11 @@ class CelError(Exception):
     """The CEL store cannot be read (missing, locked, wrong table or credentials)."""
 
 
-CEL_COLUMNS = ("id", "eventtype", "eventtime", "cid_name", "cid_num", "exten", "context", "channame",
-               "appname", "uniqueid", "linkedid", "peer", "extra")
+# The columns a call is rebuilt from, in the order every back-end yields them.
+# Rows are plain named tuples: reading them is most of the cost of a recovery.
+CelRow = collections.namedtuple("CelRow", "id eventtype eventtime cid_num exten context channame "
+                                          "uniqueid linkedid extra")
+CEL_COLUMNS = CelRow._fields
 # The rows a call is rebuilt from; the database skips the others (CHAN_END, DTMF,
 # STREAM_*, HOLD, APP_*...), which on a busy PBX are most of the table.
 CEL_USED_EVENTS = ("CHAN_START", "ANSWER", "HANGUP", "BRIDGE_ENTER", "BRIDGE_EXIT", "BLINDTRANSFER",
@@ -3396,6 +3400,9 @@ def _cel_time(text):
     return time.mktime(tuple(parts) + (0, 0, -1)) + float(m.group(7) or 0)
 
 
+_make_cel_row = CelRow._make
+
+
 class SqliteCel(object):
     """CEL written by cel_sqlite3_custom, read-only: Asterisk keeps writing meanwhile."""
 
@@ -3416,8 +3423,6 @@ class SqliteCel(object):
             db = sqlite3.connect("file:%s?mode=ro" % urllib.parse.quote(os.path.abspath(self.path)),
                                  uri=True, timeout=5)
             db.execute("PRAGMA query_only = 1")
-            # Rows keyed by column name, built in C: the reading is the costly part.
-            db.row_factory = sqlite3.Row
             cols = [r[1] for r in db.execute("PRAGMA table_info(%s)" % self.table)]
         except sqlite3.Error as exc:
             raise CelError("cannot read CEL database %s: %s" % (self.path, exc))
@@ -3449,7 +3454,7 @@ class SqliteCel(object):
                     chunk = db.execute(sql, args).fetchall()
                 except sqlite3.Error as exc:
                     raise CelError("reading CEL from %s failed: %s" % (self.path, exc))
-                for row in chunk:
+                for row in map(_make_cel_row, chunk):
                     yield row
                 if len(chunk) < batch:
                     return
@@ -3478,9 +3483,9 @@ _HANGUP_CAUSE_STATUS = {17: "BUSY", 21: "BUSY", 18: "NOANSWER", 19: "NOANSWER", 
 _BRIDGE_ID = re.compile(r'"bridge_id"\s*:\s*"([^"]*)"')
 
 
-def _cel_extra(row):
+def _cel_extra(extra):
     try:
-        extra = json.loads(row["extra"] or "{}")
+        extra = json.loads(extra or "{}")
         return extra if isinstance(extra, dict) else {}
     except ValueError:
         return {}
@@ -3494,109 +3499,119 @@ def cel_events(rows, rules):
     and its ANSWER or HANGUP cause tells how that dial ended. The second half of a
     Local channel is not dialled, it is born with the first.
     """
-    rows = list(rows)
     if not rows:
         return []
-    linkedid = rows[0]["linkedid"]
+    linkedid = rows[0].linkedid
     by_channel = collections.OrderedDict()
     for row in rows:
-        by_channel.setdefault(row["uniqueid"], []).append(row)
-    origin_uid = linkedid if linkedid in by_channel else next(iter(by_channel))
+        chan_rows = by_channel.get(row.uniqueid)
+        if chan_rows is None:
+            by_channel[row.uniqueid] = [row]
+        else:
+            chan_rows.append(row)
+    origin_uid = linkedid if linkedid in by_channel else rows[0].uniqueid
+    origin = {"Channel": by_channel[origin_uid][0].channame, "Uniqueid": origin_uid, "Linkedid": linkedid}
     events = []
-
-    def event(name, row, **headers):
-        h = {"Event": name, "Channel": row["channame"], "Uniqueid": row["uniqueid"],
-             "Linkedid": row["linkedid"], "Context": row["context"] or "", "Exten": row["exten"] or "",
-             "CallerIDNum": row["cid_num"] or ""}
-        h.update(headers)
-        msg = Message(h, True, name, cel_time(row["eventtime"]))
-        events.append(msg)
-        return msg
-
-    def dest_headers(row):
-        return {"DestChannel": row["channame"], "DestUniqueid": row["uniqueid"],
-                "DestLinkedid": row["linkedid"], "DestContext": row["context"] or "",
-                "DestExten": row["exten"] or "", "DestCallerIDNum": row["cid_num"] or ""}
-
-    def origin_source():
-        first = by_channel[origin_uid][0]
-        return {"Channel": first["channame"], "Uniqueid": origin_uid, "Linkedid": linkedid}
-
-    # CallerID and the number dialled may be filled in after CHAN_START (Local
-    # channels, trunk legs starting at 's'): look ahead in the channel's rows.
-    def first_cid(uid, extension_only):
-        for row in by_channel[uid]:
-            cid = row["cid_num"]
-            if cid and (not extension_only or rules.is_extension(cid)):
-                return cid
-        return ""
-
-    def dialled(uid):
-        for row in by_channel[uid]:
-            number = rules.dialled_number(row["exten"], row["cid_num"])
-            if number:
-                return number
-        return None
+    append = events.append
     answered = set()
+    # The hot loop of a recovery: headers are built inline, not through helpers.
     for row in rows:
-        kind = row["eventtype"]
-        uid = row["uniqueid"]
-        name = row["channame"] or ""
-        local_second = name.endswith(";2") and name.startswith("Local/")
+        _, kind, stamp, cid, exten, context, name, uid, row_linkedid, extra = row
+        when = cel_time(stamp)
+        name = name or ""
+        if kind == "HANGUP" or kind == "ANSWER" or kind == "CHAN_START":
+            local_second = name.endswith(";2") and name.startswith("Local/")
+            dest = {"DestChannel": name, "DestUniqueid": uid, "DestLinkedid": row_linkedid,
+                    "DestContext": context or "", "DestExten": exten or "", "DestCallerIDNum": cid or ""}
         if kind == "CHAN_START":
+            head = {"Event": "Newchannel", "Channel": name, "Uniqueid": uid, "Linkedid": row_linkedid,
+                    "Context": context or "", "Exten": exten or "", "CallerIDNum": cid or ""}
             if uid == origin_uid:
-                calling = rules.is_inbound_context(row["context"]) or rules.is_trunk_channel(name) or (
-                    rules.is_internal_context(row["context"]) and row["exten"] not in ("", "s"))
-                if rules.is_inbound_context(row["context"]) or rules.is_trunk_channel(name):
-                    cid = row["cid_num"] or first_cid(uid, False)
+                trunk = rules.is_inbound_context(context) or rules.is_trunk_channel(name)
+                calling = trunk or (rules.is_internal_context(context) and exten not in ("", "s"))
+                # CallerID may be filled in after CHAN_START (Local channels, trunk
+                # legs starting at 's'): look ahead in the channel's rows.
+                if trunk:
+                    head["CallerIDNum"] = cid or _first_cid(by_channel[uid], rules, False)
                 else:
-                    cid = first_cid(uid, True) or row["cid_num"] or ""
-                msg = event("Newchannel", row, ChannelState="4" if calling else "0", CallerIDNum=cid)
+                    head["CallerIDNum"] = _first_cid(by_channel[uid], rules, True) or cid or ""
+                head["ChannelState"] = "4" if calling else "0"
+                append(Message(head, True, "Newchannel", when))
                 if not calling:
                     # Originated (click-to-call): nobody dialled it, it rang first.
-                    dial = dict(dest_headers(row), Event="DialBegin", DialString=row["exten"] or "")
-                    events.append(Message(dial, True, "DialBegin", msg.time))
+                    dest["Event"] = "DialBegin"
+                    dest["DialString"] = exten or ""
+                    append(Message(dest, True, "DialBegin", when))
             else:
-                msg = event("Newchannel", row, ChannelState="4" if local_second else "0")
+                head["ChannelState"] = "4" if local_second else "0"
+                append(Message(head, True, "Newchannel", when))
                 if not local_second:
-                    number = None if rules.extension_of_channel(name) else dialled(uid)
-                    dial = dict(origin_source(), Event="DialBegin", DialString=number or row["exten"] or "")
-                    dial.update(dest_headers(row))
-                    events.append(Message(dial, True, "DialBegin", msg.time))
+                    number = None if rules.extension_of_channel(name) else _dialled(by_channel[uid], rules)
+                    dest.update(origin)
+                    dest["Event"] = "DialBegin"
+                    dest["DialString"] = number or exten or ""
+                    append(Message(dest, True, "DialBegin", when))
+        elif kind == "BRIDGE_ENTER" or kind == "BRIDGE_EXIT":
+            m = _BRIDGE_ID.search(extra or "")
+            if m:
+                event = "BridgeEnter" if kind == "BRIDGE_ENTER" else "BridgeLeave"
+                append(Message({"Event": event, "Channel": name, "Uniqueid": uid, "Linkedid": row_linkedid,
+                                "Context": context or "", "Exten": exten or "", "CallerIDNum": cid or "",
+                                "BridgeUniqueid": m.group(1)}, True, event, when))
         elif kind == "ANSWER":
             if uid != origin_uid and not local_second and uid not in answered:
                 answered.add(uid)
-                end = dict(origin_source(), Event="DialEnd", DialStatus="ANSWER")
-                end.update(dest_headers(row))
-                events.append(Message(end, True, "DialEnd", cel_time(row["eventtime"])))
-        elif kind in ("BRIDGE_ENTER", "BRIDGE_EXIT"):
-            m = _BRIDGE_ID.search(row["extra"] or "")
-            bridge = m.group(1) if m else None
-            if bridge:
-                event("BridgeEnter" if kind == "BRIDGE_ENTER" else "BridgeLeave", row, BridgeUniqueid=bridge)
-        elif kind == "BLINDTRANSFER":
-            extra = _cel_extra(row)
-            event("BlindTransfer", row, TransfererUniqueid=uid, TransfererLinkedid=linkedid,
-                  TransfereeUniqueid=extra.get("transferee_channel_uniqueid", ""),
-                  Extension=extra.get("extension", ""), Result="Success")
-        elif kind == "ATTENDEDTRANSFER":
-            extra = _cel_extra(row)
-            event("AttendedTransfer", row, OrigTransfererUniqueid=uid,
-                  TransfereeUniqueid=extra.get("transferee_channel_uniqueid", ""),
-                  TransferTargetUniqueid=extra.get("transfer_target_channel_uniqueid", ""),
-                  Result="Success")
+                dest.update(origin)
+                dest["Event"] = "DialEnd"
+                dest["DialStatus"] = "ANSWER"
+                append(Message(dest, True, "DialEnd", when))
         elif kind == "HANGUP":
             if uid != origin_uid and not local_second and uid not in answered:
-                cause = _cel_extra(row).get("hangupcause")
+                cause = _cel_extra(extra).get("hangupcause")
                 try:
                     status = _HANGUP_CAUSE_STATUS.get(int(cause), "NOANSWER")
                 except (TypeError, ValueError):
                     status = "NOANSWER"
-                end = dict(origin_source(), Event="DialEnd", DialStatus=status)
-                end.update(dest_headers(row))
-                events.append(Message(end, True, "DialEnd", cel_time(row["eventtime"])))
-            event("Hangup", row)
+                dest.update(origin)
+                dest["Event"] = "DialEnd"
+                dest["DialStatus"] = status
+                append(Message(dest, True, "DialEnd", when))
+            if events and events[-1].name == "BridgeLeave" and events[-1]["Uniqueid"] == uid:
+                events.pop()  # a Hangup leaves the bridge itself; one event less to track
+            append(Message({"Event": "Hangup", "Channel": name, "Uniqueid": uid, "Linkedid": row_linkedid,
+                            "Context": context or "", "Exten": exten or "", "CallerIDNum": cid or ""},
+                           True, "Hangup", when))
+        elif kind == "BLINDTRANSFER" or kind == "ATTENDEDTRANSFER":
+            info = _cel_extra(extra)
+            head = {"Channel": name, "Uniqueid": uid, "Linkedid": row_linkedid, "Context": context or "",
+                    "Exten": exten or "", "CallerIDNum": cid or "", "Result": "Success",
+                    "TransfereeUniqueid": info.get("transferee_channel_uniqueid", "")}
+            if kind == "BLINDTRANSFER":
+                head.update(Event="BlindTransfer", TransfererUniqueid=uid, TransfererLinkedid=linkedid,
+                            Extension=info.get("extension", ""))
+                append(Message(head, True, "BlindTransfer", when))
+            else:
+                head.update(Event="AttendedTransfer", OrigTransfererUniqueid=uid,
+                            TransferTargetUniqueid=info.get("transfer_target_channel_uniqueid", ""))
+                append(Message(head, True, "AttendedTransfer", when))
     return events
+
+
+def _first_cid(chan_rows, rules, extension_only):
+    for row in chan_rows:
+        cid = row.cid_num
+        if cid and (not extension_only or rules.is_extension(cid)):
+            return cid
+    return ""
+
+
+def _dialled(chan_rows, rules):
+    """The external number a channel dialled, from the first of its rows that shows one."""
+    for row in chan_rows:
+        number = rules.dialled_number(row.exten, row.cid_num)
+        if number:
+            return number
+    return None
 
 
 class CelCallBuilder(object):
@@ -3617,7 +3632,7 @@ class CelCallBuilder(object):
         for msg in cel_events(group, self.rules):
             handle(msg)
         # A call whose CEL lacks a HANGUP (a crash of Asterisk) is still closed here.
-        self.tracker.close_call(group[0]["linkedid"], cel_time(group[-1]["eventtime"]))
+        self.tracker.close_call(group[0].linkedid, cel_time(group[-1].eventtime))
         ended, self._ended = self._ended, []
         return ended
 
@@ -3626,7 +3641,7 @@ def rebuild_calls(rows, rules):
     """The finished calls in a set of CEL rows (grouped by linkedid), live rules."""
     groups = collections.OrderedDict()
     for row in rows:
-        groups.setdefault(row["linkedid"], []).append(row)
+        groups.setdefault(row.linkedid, []).append(row)
     builder = CelCallBuilder(rules)
     calls = []
     for group in groups.values():
@@ -3664,19 +3679,20 @@ class CelRecovery(object):
         """One pass; returns how many finished external calls CEL held (each handed to
         report(call) as it is rebuilt, so memory stays flat whatever the backlog)."""
         start = 0 if since is not None else (self.checkpoint() or 0)
-        open_calls = collections.OrderedDict()
+        open_calls = {}
         first_open_id = {}
         found = 0
         last_id = start
         builder = CelCallBuilder(self.rules)
         for row in self.source.rows(start, since):
-            last_id = row["id"]
-            linkedid = row["linkedid"]
-            if linkedid not in open_calls:
-                open_calls[linkedid] = []
-                first_open_id[linkedid] = row["id"]
-            open_calls[linkedid].append(row)
-            if row["eventtype"] == "LINKEDID_END":
+            last_id = row.id
+            linkedid = row.linkedid
+            group = open_calls.get(linkedid)
+            if group is None:
+                group = open_calls[linkedid] = []
+                first_open_id[linkedid] = last_id
+            group.append(row)
+            if row.eventtype == "LINKEDID_END":
                 group = open_calls.pop(linkedid)
                 first_open_id.pop(linkedid, None)
                 for call in builder.calls(group):
@@ -3684,7 +3700,7 @@ class CelRecovery(object):
                         continue
                     if self.recordings is not None and call.recording is None:
                         call.recording = self.recordings.find_for_call(
-                            [r["uniqueid"] for r in group], call.started_at)
+                            [r.uniqueid for r in group], call.started_at)
                     found += 1
                     if report is not None:
                         report(call)
@@ -3747,8 +3763,20 @@ class MysqlCel(object):
                                "(apt) or mariadb (yum)" % (self.client, exc.strerror))
             complete = False
             try:
-                for line in proc.stdout:
-                    yield line
+                # Read in large blocks and split here: line by line from the pipe
+                # costs more than parsing the rows. No value holds a raw newline
+                # (free text travels as HEX), so every b"\n" ends a row.
+                tail = b""
+                while True:
+                    block = proc.stdout.read(1 << 18)
+                    if not block:
+                        break
+                    lines = (tail + block).split(b"\n")
+                    tail = lines.pop()
+                    for line in lines:
+                        yield line
+                if tail:
+                    yield tail
                 complete = True
             finally:
                 if not complete:
@@ -3767,8 +3795,16 @@ class MysqlCel(object):
         finally:
             os.unlink(options)
 
+    # Columns Asterisk fills with its own tokens travel raw; those a caller, the
+    # dialplan or a channel driver can fill (a CallerID may hold a tab) travel as
+    # HEX(), a NULL as an empty value (the call engine reads both alike).
+    _RAW_COLUMNS = frozenset(("eventtype", "eventtime", "uniqueid", "linkedid"))
+
     def rows(self, after_id=0, since=None, batch=50000):
-        cols = ", ".join(["`%s`" % self.id_column] + ["HEX(`%s`)" % c for c in CEL_COLUMNS[1:]])
+        cols = ", ".join(["`%s`" % self.id_column] + [
+            ("`%s`" if c in self._RAW_COLUMNS else "COALESCE(HEX(`%s`), '')") % c for c in CEL_COLUMNS[1:]])
+        unhex = binascii.unhexlify
+        width = len(CEL_COLUMNS)
         last = int(after_id or 0)
         while True:
             where = "`%s` > %d AND %s" % (self.id_column, last, _CEL_EVENTS_SQL)
@@ -3778,16 +3814,17 @@ class MysqlCel(object):
                 cols, self.table, where, self.id_column, batch)
             count = 0
             for line in self._run(sql):
-                fields = line.rstrip(b"\n").split(b"\t")
-                if len(fields) != len(CEL_COLUMNS):
-                    raise CelError("unexpected mysql output (%d fields)" % len(fields))
-                row = {"id": int(fields[0])}
-                for name, value in zip(CEL_COLUMNS[1:], fields[1:]):
-                    row[name] = None if value == b"NULL" else bytes.fromhex(value.decode("ascii")).decode(
-                        "utf-8", "replace")
-                last = row["id"]
+                f = line.split(b"\t")
+                if len(f) != width:
+                    raise CelError("unexpected mysql output (%d fields, %d expected)" % (len(f), width))
+                # Spelled out column by column (CelRow's order): this runs for every row.
+                last = int(f[0])
                 count += 1
-                yield row
+                yield CelRow(last, f[1].decode("ascii", "replace"), f[2].decode("ascii", "replace"),
+                             unhex(f[3]).decode("utf-8", "replace"), unhex(f[4]).decode("utf-8", "replace"),
+                             unhex(f[5]).decode("utf-8", "replace"), unhex(f[6]).decode("utf-8", "replace"),
+                             f[7].decode("ascii", "replace"), f[8].decode("ascii", "replace"),
+                             unhex(f[9]).decode("utf-8", "replace"))
             if count < batch:
                 return
 
@@ -3796,7 +3833,7 @@ class MysqlCel(object):
                                % (self.id_column, self.table, self.id_column)))
         if not lines:
             return None, None
-        ident, stamp = lines[0].rstrip(b"\n").split(b"\t")
+        ident, stamp = lines[0].split(b"\t")
         return int(ident), cel_time(bytes.fromhex(stamp.decode()).decode())
 
 
