@@ -30,6 +30,8 @@ import calendar
 import collections
 import configparser
 import hashlib
+import hmac
+import http.server
 import json
 import logging
 import os
@@ -37,6 +39,7 @@ import re
 import select
 import signal
 import socket
+import socketserver
 import sqlite3
 import ssl
 import subprocess
@@ -209,6 +212,8 @@ _as_url = _as_matching(r"^https?://[^/\s]+(/\S*)?$", "an http(s) URL")
 _as_portal_url = _as_matching(r"^https?://[^/\s]+/?$",
                               "empty, or the portal address like https://<portal>.bitrix24.ru/",
                               allow_empty=True, finish=lambda t: t.rstrip("/") + "/")
+_as_identifier_dash = _as_matching(r"^[A-Za-z0-9_][A-Za-z0-9_\-]{0,79}$", "a dialplan context name (letters, digits, _ and -)")
+_as_optional_url = _as_matching(r"^https?://[^/\s]+(/\S*)?$", "empty, or an http(s) URL", allow_empty=True)
 _as_identifier = _as_matching(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$", "a plain SQL name (letters, digits, _)")
 
 
@@ -218,6 +223,29 @@ def _as_template(text):
         text.format(number="", did="", line="", time="", linkedid="")
     except (KeyError, IndexError, ValueError) as exc:
         raise ValueError("text with only {number}, {did}, {line}, {time}, {linkedid} (%s)" % exc)
+    return text
+
+
+def _as_listen(text):
+    """host:port to listen on; empty turns the listener off."""
+    text = text.strip()
+    if not text:
+        return None
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not re.match(r"^[A-Za-z0-9.:\-_]*$", host):
+        raise ValueError("empty, or address:port like 127.0.0.1:4573 or 0.0.0.0:8077")
+    return host or "0.0.0.0", int(port)
+
+
+def _as_channel_template(text):
+    text = text.strip()
+    if "{extension}" not in text or not re.match(r"^[A-Za-z0-9/@_.\-{}]+$", text):
+        raise ValueError("a channel with {extension}, like Local/{extension}@from-internal or PJSIP/{extension}")
+    try:
+        text.format(extension="101")
+    except (KeyError, IndexError, ValueError):
+        raise ValueError("a channel with only {extension} in braces")
     return text
 
 
@@ -292,6 +320,27 @@ CONFIG_SCHEMA = [
     ("cel", "mysql_database", "asteriskcdrdb", _as_identifier, "Database holding the CEL table."),
     ("cel", "recover_interval_minutes", "5", _as_float(0.1, 24 * 60), "How often CEL is read for calls the live path missed."),
     ("cel", "asterisk_etc", "/etc/asterisk", _as_dir, "Asterisk configuration directory (for detection)."),
+    ("routing", "agi_listen", "127.0.0.1:4573", _as_listen, "FastAGI server for AGI(agi://127.0.0.1:4573/responsible); empty turns it off."),
+    ("routing", "http_listen", "127.0.0.1:4574", _as_listen, "Local HTTP lookup GET /responsible?number=... (JSON) for CURL() dialplans; empty turns it off."),
+    ("routing", "budget_ms", "500", _as_int(50, 10000), "Longest a caller waits for the lookup; a slower Bitrix24 answers empty (and fills the cache)."),
+    ("routing", "cache_minutes", "10", _as_float(0, 24 * 60), "How long a found responsible is remembered (an unknown caller: at most 1 minute)."),
+    ("routing", "check_extension_state", "yes", _as_bool, "Ask Asterisk (ExtensionState) and skip a responsible whose phone is unavailable."),
+    ("routing", "hint_context", "from-internal", _as_identifier_dash, "Context where the extensions' hints are found (ExtensionState)."),
+    ("routing", "set_callerid_name", "no", _as_bool, "Also put the client's CRM name into CALLERID(name)."),
+    ("click_to_call", "mode", "off", _as_choice("off", "port", "offline"), "port: Bitrix24 POSTs OnExternalCallStart to [click_to_call] listen; offline: poll the portal's offline events (no inbound port, local application with an admin's token)."),
+    ("click_to_call", "listen", "0.0.0.0:8077", _as_listen, "Where port mode listens for Bitrix24's event POSTs."),
+    ("click_to_call", "tls_cert", "", _as_str, "Certificate (PEM) for HTTPS in port mode; empty serves plain HTTP (put a TLS proxy in front)."),
+    ("click_to_call", "tls_key", "", _as_str, "Private key (PEM) of tls_cert."),
+    ("click_to_call", "application_token", "", _as_str, "auth[application_token] of the outbound webhook or application; events without it are refused (403)."),
+    ("click_to_call", "public_url", "", _as_optional_url, "The handler URL Bitrix24 should POST to (bind-events in port mode), e.g. https://pbx.example.com:8077/bitrix24."),
+    ("click_to_call", "phone_channel", "Local/{extension}@from-internal", _as_channel_template, "How the employee's phone is rung first: a channel with {extension}, e.g. Local/{extension}@from-internal or PJSIP/{extension}."),
+    ("click_to_call", "outbound_context", "from-internal", _as_identifier_dash, "Context that dials the client once the employee answers (your outbound routes)."),
+    ("click_to_call", "number_format", "national", _as_choice("national", "e164", "digits"), "How the client's number is dialled: national (8916..., 00<cc>... abroad), e164 (+7916...), digits (7916...)."),
+    ("click_to_call", "international_dial_prefix", "00", _as_matching(r"^\d{0,4}$", "digits, like 00 or 810"), "Dialled before a foreign number in national format."),
+    ("click_to_call", "ring_timeout", "30", _as_int(5, 300), "Seconds the employee's phone rings before the click is given up."),
+    ("click_to_call", "user_interval_seconds", "10", _as_float(0, 3600), "A user's clicks closer together than this are refused (a stuck button must not dial ten times)."),
+    ("click_to_call", "poll_interval", "2", _as_float(0.5, 300), "Offline mode: seconds between polls of event.offline.get (longer when the rate limit is tight)."),
+    ("click_to_call", "callback_extension", "", _as_matching(r"^[0-9*#]{1,20}$", "empty, or the extension or ring group number to ring", allow_empty=True), "CRM callback form (OnExternalCallBackStart): ring this extension or group first, then the client; empty refuses callbacks."),
     ("storage", "state_dir", "/var/lib/bx24ast", _as_dir, "Directory for the state database (outbox, tokens, checkpoints)."),
     ("log", "level", "info", _as_choice("debug", "info", "warning", "error"), "Log verbosity."),
     ("log", "file", "", _as_str, "Log file; empty logs to stderr."),
@@ -476,6 +525,12 @@ CREATE TABLE IF NOT EXISTS calls (
     source TEXT,
     updated_at REAL);
 CREATE INDEX IF NOT EXISTS calls_number ON calls (external_number, ended_at);
+CREATE TABLE IF NOT EXISTS clicks (
+    key TEXT PRIMARY KEY,
+    user_id INTEGER,
+    number TEXT,
+    at REAL NOT NULL,
+    outcome TEXT);
 """
 
 
@@ -2527,10 +2582,10 @@ class BitrixClient(object):
             body = dict(params)
             if token:
                 body["auth"] = token
+            if not wait and self.bucket.delay() > 0:
+                raise BitrixRateLimited("Bitrix24 %s: local rate limit reached" % method, method=method)
             delay = self.bucket.take()
             if delay > 0:
-                if not wait:
-                    raise BitrixRateLimited("Bitrix24 %s: local rate limit" % method, method=method)
                 self.sleep(delay)
             self.requests_sent += 1
             status, answer = self._http("POST", url, json.dumps(body).encode("utf-8"),
@@ -2612,6 +2667,17 @@ class UserDirectory(object):
             return None
         with self._lock:
             return self.overrides.get(ext) or self._map.get(ext)
+
+    def extension_of(self, user_id):
+        """The extension that rings user_id (click-to-call, routing); [users] first."""
+        with self._lock:
+            for ext, uid in self.overrides.items():
+                if uid == user_id:
+                    return ext
+            for ext, uid in self._map.items():
+                if uid == user_id and ext not in self.overrides:
+                    return ext
+        return None
 
     def stale(self, now=None):
         now = time.time() if now is None else now
@@ -2947,6 +3013,21 @@ class NotReady(Exception):
     """Not sendable yet: the extension -> user map has never been read from Bitrix24."""
 
 
+class _Ride(object):
+    """A request of another part (the offline-event poll) carried in an outbox batch."""
+
+    def __init__(self, method, params):
+        self.method = method
+        self.params = params
+        self.done = threading.Event()
+        self.result = None
+        self.error = None
+
+    def finish(self, result, error):
+        self.result, self.error = result, error
+        self.done.set()
+
+
 class OutboxSender(object):
     """Sends the outbox: one request at a time when idle, batches when a backlog
     builds up, within the leaky bucket; retries, refreshes or parks by error."""
@@ -2973,6 +3054,8 @@ class OutboxSender(object):
         self.sent_batches = 0
         self.sent_single = 0
         self._housekept = 0.0
+        self._riders = []
+        self._riders_lock = threading.Lock()
 
     # -- placeholders -------------------------------------------------------------------------
     def _user(self, ext):
@@ -3046,6 +3129,32 @@ class OutboxSender(object):
             return out
         return value
 
+    # -- requests of others riding in our batches ---------------------------------------------
+    def backlog(self):
+        """True when requests are waiting, so a batch is about to go anyway."""
+        return self._thread is not None and self.clock() >= self.paused_until and \
+            bool(self.outbox.ready(self.clock(), 2))
+
+    def ride(self, method, params):
+        """Put one request into the next batch (the offline-event poll); wait on
+        ride.done, then read ride.result or ride.error."""
+        ride = _Ride(method, params)
+        with self._riders_lock:
+            self._riders.append(ride)
+        with self.outbox.wakeup:
+            self.outbox.wakeup.notify_all()
+        return ride
+
+    def unride(self, ride):
+        with self._riders_lock:
+            if ride in self._riders:
+                self._riders.remove(ride)
+
+    def _take_riders(self, room):
+        with self._riders_lock:
+            taken, self._riders = self._riders[:room], self._riders[room:]
+        return taken
+
     # -- the loop -----------------------------------------------------------------------------
     def start(self):
         self._thread = threading.Thread(target=self.run, name="outbox", daemon=True)
@@ -3102,10 +3211,11 @@ class OutboxSender(object):
             return True
         singles = [r for r in ready if r.kind == "record"]
         rest = [r for r in ready if r.kind != "record"]
-        if len(rest) == 1 and not singles:
+        riders = self._take_riders(5) if rest else []
+        if len(rest) == 1 and not singles and not riders:
             self._send_single(rest[0])
         elif rest:
-            self._send_batch(rest)
+            self._send_batch(rest, riders)
         for r in singles[:1]:
             self._send_record(r)
         return True
@@ -3184,10 +3294,11 @@ class OutboxSender(object):
             return
         self._succeeded(req, result)
 
-    def _send_batch(self, heads):
+    def _send_batch(self, heads, riders=()):
         commands, members, refs = [], [], {}
+        room = 50 - len(riders)
         for req in heads:
-            if len(commands) >= 50:
+            if len(commands) >= room:
                 break
             params = self._params(req)
             if params is None:
@@ -3201,7 +3312,7 @@ class OutboxSender(object):
                 # would, after a crash before the answer, meet a re-sent register that
                 # can no longer be de-duplicated (Bitrix24 matches unfinished calls only).
                 for follower in self.outbox.followers(req):
-                    if len(commands) >= 50 or follower.kind not in ("show", "hide"):
+                    if len(commands) >= room or follower.kind not in ("show", "hide"):
                         break
                     try:
                         fparams = self.resolve(follower, follower.params, refs)
@@ -3211,15 +3322,30 @@ class OutboxSender(object):
                     commands.append((fkey, follower.method, fparams))
                     members.append((fkey, follower, key))
         if not commands:
+            with self._riders_lock:
+                self._riders[:0] = list(riders)  # nothing to carry them: they wait for the next batch
             return
+        for n, ride in enumerate(riders):
+            commands.append(("x%d" % n, ride.method, ride.params))
         self.outbox.mark_sending([m[1] for m in members])
         self.sent_batches += 1
         try:
             results, errors = self.client.batch(commands)
         except BitrixError as exc:
+            for ride in riders:
+                ride.finish(None, exc)
             for _key, req, _dep in members:
                 self._failed(req, exc)
             return
+        for n, ride in enumerate(riders):
+            key = "x%d" % n
+            if key in errors:
+                ride.finish(None, classify_error(None, errors[key], ride.method))
+            elif key in results:
+                ride.finish(results[key], None)
+            else:
+                ride.finish(None, BitrixUnavailable("Bitrix24 batch: no answer for %s" % ride.method,
+                                                    method=ride.method))
         failed = set()
         for key, req, depends_on in members:
             if depends_on is not None and depends_on in failed:
@@ -4027,6 +4153,752 @@ class CelWatcher(object):
 
 
 ###############################################################################
+# Routing and click-to-call ###################################################
+###############################################################################
+# The two features that touch live calls. ResponsibleLookup answers "who owns
+# this caller" within a budget (FastAgiServer for the dialplan, a local HTTP
+# twin for CURL()); ClickToCall turns Bitrix24's OnExternalCallStart into one
+# validated AMI Originate, whether the event is POSTed to EventListener (port
+# mode) or fetched by OfflineEventPoller (no inbound port).
+
+def php_form(text):
+    """A form body with PHP-style keys (data[CALL_ID]=..&auth[application_token]=..)
+    as nested dicts, the way Bitrix24 posts events."""
+    out = {}
+    for name, value in urllib.parse.parse_qsl(text, keep_blank_values=True):
+        m = re.match(r"^([^\[\]]+)((?:\[[^\[\]]*\])*)$", name)
+        if not m:
+            continue
+        keys = [m.group(1)] + re.findall(r"\[([^\[\]]*)\]", m.group(2))
+        node = out
+        for key in keys[:-1]:
+            child = node.get(key)
+            if not isinstance(child, dict):
+                child = node[key] = {}
+            node = child
+        node[keys[-1]] = value
+    return out
+
+
+_CLICK_NUMBER_FORMATTING = re.compile(r"[ \t\-().]")
+_CLICK_NUMBER = re.compile(r"^\+?[0-9]{3,20}\Z")
+
+
+def clean_phone_number(text):
+    """A number from Bitrix24 made safe for the dialplan: digits with an optional
+    leading +, 3 to 20 digits, after dropping spaces, dashes, dots and brackets.
+    None for anything else: nothing unvalidated ever reaches AMI."""
+    if not isinstance(text, str) or len(text) > 64:
+        return None
+    text = _CLICK_NUMBER_FORMATTING.sub("", text)
+    return text if _CLICK_NUMBER.match(text) else None
+
+
+def _agi_text(value, limit=80):
+    """A value for SET VARIABLE: no quotes, backslashes or control characters, so
+    it cannot end the command or start another."""
+    text = re.sub(r'[\x00-\x1f\x7f"\\]', "", str(value or ""))
+    return text[:limit]
+
+
+class ResponsibleLookup(object):
+    """Caller's number -> the employee who owns the client in the CRM, fast.
+
+    One searchCrmEntities per number, remembered for cache_minutes; a lookup that
+    takes longer than the budget answers empty and keeps running in the background,
+    so that the next call from that number is answered from the cache."""
+
+    MAX_IN_FLIGHT = 16
+    MISS_SECONDS = 60.0
+
+    def __init__(self, client, users, rules, ami=None, budget=0.5, cache_seconds=600.0,
+                 check_state=True, hint_context="from-internal", clock=monotonic):
+        self.client = client
+        self.users = users
+        self.rules = rules
+        self.ami = ami
+        self.budget = budget
+        self.cache_seconds = cache_seconds
+        self.check_state = check_state
+        self.hint_context = hint_context
+        self.clock = clock
+        self._cache = {}
+        self._in_flight = {}
+        self._lock = threading.Lock()
+        self.lookups = 0
+        self.cache_hits = 0
+
+    @classmethod
+    def from_config(cls, config, client, users, rules, ami=None):
+        r = config.section("routing")
+        return cls(client, users, rules, ami, r["budget_ms"] / 1000.0, r["cache_minutes"] * 60,
+                   r["check_extension_state"], r["hint_context"])
+
+    def lookup(self, number):
+        """{"status", "number", "extension", "user_id", "crm_entity", "name"}; status is
+        FOUND, NOT_FOUND, NO_EXTENSION, UNAVAILABLE, TIMEOUT, LIMITED, ERROR or INVALID."""
+        started = self.clock()
+        deadline = started + self.budget
+        self.lookups += 1
+        key = self.rules.number_plan.normalize(clean_phone_number(number or "") or "")
+        if not key:
+            return self._result("INVALID", number)
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None and hit[0] > started:
+                self.cache_hits += 1
+                found = dict(hit[1])
+            else:
+                found = None
+                pending = self._in_flight.get(key)
+                if pending is None:
+                    if len(self._in_flight) >= self.MAX_IN_FLIGHT:
+                        return self._result("LIMITED", key)
+                    pending = self._in_flight[key] = [threading.Event(), None]
+                    threading.Thread(target=self._fetch, args=(key, pending), name="lookup",
+                                     daemon=True).start()
+        if found is None:
+            if not pending[0].wait(max(0.0, deadline - self.clock())):
+                return self._result("TIMEOUT", key)
+            found = dict(pending[1])
+        if found["status"] == "FOUND" and self.check_state and self.ami is not None:
+            if not self._reachable(found["extension"], deadline):
+                found["status"], found["extension"] = "UNAVAILABLE", ""
+        return found
+
+    def _result(self, status, number, **fields):
+        out = {"status": status, "number": number or "", "extension": "", "user_id": "",
+               "crm_entity": "", "name": ""}
+        out.update(fields)
+        return out
+
+    def _fetch(self, key, pending):
+        try:
+            result, keep = self._search(key)
+            if keep:
+                ttl = self.cache_seconds if result["status"] != "NOT_FOUND" else \
+                    min(self.cache_seconds, self.MISS_SECONDS)
+                with self._lock:
+                    if len(self._cache) > 20000:
+                        now = self.clock()
+                        self._cache = dict((k, v) for k, v in self._cache.items() if v[0] > now)
+                    self._cache[key] = (self.clock() + ttl, result)
+            pending[1] = result
+        except Exception:
+            log.exception("routing: lookup of %s failed", key)
+            pending[1] = self._result("ERROR", key)
+        finally:
+            with self._lock:
+                self._in_flight.pop(key, None)
+            pending[0].set()
+
+    def _search(self, key):
+        """(result, cacheable) from Bitrix24."""
+        try:
+            # wait=False: when the rate budget is spent the caller must not wait for it.
+            found = self.client.call("telephony.externalCall.searchCrmEntities", {"PHONE_NUMBER": key},
+                                     wait=False)
+        except BitrixRateLimited as exc:
+            log.info("routing: %s not looked up: %s", key, exc)
+            return self._result("LIMITED", key), False
+        except BitrixError as exc:
+            log.warning("routing: searchCrmEntities for %s failed: %s", key, exc)
+            return self._result("ERROR", key), False
+        best = None
+        for entity in found if isinstance(found, list) else []:
+            if not isinstance(entity, dict):
+                continue
+            try:
+                user = int(entity.get("ASSIGNED_BY_ID") or (entity.get("ASSIGNED_BY") or {}).get("ID") or 0)
+            except (TypeError, ValueError):
+                user = 0
+            ext = self.users.extension_of(user) if user else None
+            if ext is None:
+                inner = (entity.get("ASSIGNED_BY") or {}).get("USER_PHONE_INNER")
+                ext = inner.strip() if isinstance(inner, str) else None
+            fields = {"user_id": str(user) if user else "", "name": _agi_text(entity.get("NAME")),
+                      "crm_entity": "%s_%s" % (_agi_text(entity.get("CRM_ENTITY_TYPE"), 20),
+                                               _agi_text(entity.get("CRM_ENTITY_ID"), 20))}
+            if ext and self.rules.is_extension(ext):
+                return self._result("FOUND", key, extension=ext, **fields), True
+            if best is None:
+                best = self._result("NO_EXTENSION", key, **fields)
+        return (best or self._result("NOT_FOUND", key)), True
+
+    def _reachable(self, ext, deadline):
+        """False only when Asterisk says the phone is unavailable (ExtensionState 4)."""
+        remaining = deadline - self.clock()
+        if remaining <= 0.005:
+            return True
+        try:
+            pending = self.ami.action("ExtensionState", [("Exten", ext), ("Context", self.hint_context)],
+                                      timeout=remaining)
+        except AmiError as exc:
+            log.debug("routing: ExtensionState %s@%s: %s", ext, self.hint_context, exc)
+            return True
+        return pending.response.get("Status") != "4"
+
+
+class FastAgiServer(object):
+    """AGI(agi://127.0.0.1:4573/responsible[,number]): sets BX24_RESPONSIBLE_EXT,
+    BX24_RESPONSIBLE_USER, BX24_CRM_ENTITY and BX24_RESPONSIBLE_STATUS."""
+
+    MAX_LINE = 4096
+    MAX_ENV_LINES = 200
+
+    def __init__(self, lookup, host="127.0.0.1", port=4573, set_callerid_name=False):
+        self.lookup = lookup
+        self.set_callerid_name = set_callerid_name
+        server = self
+
+        class Handler(socketserver.StreamRequestHandler):
+            timeout = 10
+
+            def handle(self):
+                server.session(self.rfile, self.wfile, self.client_address)
+
+        self.server = _ThreadingTCPServer((host, port), Handler)
+        self.address = self.server.server_address[:2]
+        self._thread = None
+
+    def start(self):
+        self._thread = threading.Thread(target=self.server.serve_forever, name="fastagi", daemon=True)
+        self._thread.start()
+        log.info("routing: FastAGI on %s:%d (AGI(agi://%s:%d/responsible))", self.address[0], self.address[1],
+                 self.address[0], self.address[1])
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+    def _read_env(self, rfile, peer):
+        env = {}
+        for _ in range(self.MAX_ENV_LINES):
+            line = rfile.readline(self.MAX_LINE + 1)
+            if not line:
+                return None
+            if len(line) > self.MAX_LINE:
+                log.warning("AGI from %s: a line over %d bytes; session dropped", peer[0], self.MAX_LINE)
+                return None
+            text = line.decode("utf-8", "replace").rstrip("\r\n")
+            if not text:
+                return env
+            name, sep, value = text.partition(":")
+            if not sep or not name.startswith("agi_"):
+                log.warning("AGI from %s: %r is not an agi_* variable line; session dropped", peer[0], text[:80])
+                return None
+            env[name] = value.strip()
+        log.warning("AGI from %s: more than %d environment lines; session dropped", peer[0], self.MAX_ENV_LINES)
+        return None
+
+    def session(self, rfile, wfile, peer):
+        try:
+            env = self._read_env(rfile, peer)
+            if env is None:
+                return
+            script = env.get("agi_network_script", "").split("?", 1)[0].strip("/")
+            if script != "responsible":
+                log.warning("AGI from %s: unknown script %r (only agi://.../responsible)", peer[0], script)
+                self._command(rfile, wfile, 'VERBOSE "bx24ast: unknown AGI script" 1')
+                return
+            number = env.get("agi_arg_1") or env.get("agi_callerid") or ""
+            started = monotonic()
+            found = self.lookup.lookup(number)
+            log.info("routing: AGI %s -> %s %s (%.0f ms)", _agi_text(number, 30), found["status"],
+                     found["extension"] or "-", (monotonic() - started) * 1000)
+            commands = [("BX24_RESPONSIBLE_EXT", found["extension"]), ("BX24_RESPONSIBLE_USER", found["user_id"]),
+                        ("BX24_CRM_ENTITY", found["crm_entity"] if found["user_id"] else ""),
+                        ("BX24_RESPONSIBLE_STATUS", found["status"])]
+            if self.set_callerid_name and found["name"]:
+                commands.append(("CALLERID(name)", found["name"]))
+            for variable, value in commands:
+                if not self._command(rfile, wfile, 'SET VARIABLE %s "%s"' % (variable, _agi_text(value))):
+                    return
+        except (OSError, socket.timeout) as exc:
+            log.info("AGI from %s: connection lost: %s", peer[0], exc)
+
+    def _command(self, rfile, wfile, command):
+        """Send one command; False when the channel hung up or the session is over."""
+        wfile.write(command.encode("utf-8") + b"\n")
+        wfile.flush()
+        while True:
+            line = rfile.readline(self.MAX_LINE + 1)
+            if not line:
+                return False
+            text = line.decode("utf-8", "replace").strip()
+            if text == "HANGUP":
+                return False  # the caller hung up: Asterisk answers 511 to anything more
+            if text.startswith("200 "):
+                return True
+            if text.startswith("520-"):
+                continue  # usage text follows until "520 End of proper usage."
+            log.warning("AGI: %r answered %r", command.split(" ")[0], text[:80])
+            return not text.startswith(("511", "520"))
+
+
+class _ThreadingTCPServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 64
+
+
+class _ThreadingHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    # http.server.ThreadingHTTPServer is 3.7+.
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 64
+
+
+def _json_reply(handler, status, payload):
+    body = json.dumps(payload, ensure_ascii=False).encode("utf-8")
+    handler.send_response(status)
+    handler.send_header("Content-Type", "application/json; charset=utf-8")
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
+def _is_loopback(address):
+    return address.startswith("127.") or address in ("::1", "::ffff:127.0.0.1")
+
+
+class LookupHttpServer(object):
+    """GET /responsible?number=... on a local address, for dialplans using CURL()."""
+
+    def __init__(self, lookup, host="127.0.0.1", port=4574):
+        self.lookup = lookup
+        owner = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            server_version = "bx24ast"
+            timeout = 10
+
+            def log_message(self, fmt, *args):
+                log.debug("routing http: " + fmt, *args)
+
+            def do_GET(self):
+                url = urllib.parse.urlsplit(self.path)
+                if not _is_loopback(self.client_address[0]):
+                    return _json_reply(self, 403, {"error": "the lookup answers only local clients"})
+                if url.path.rstrip("/") != "/responsible":
+                    return _json_reply(self, 404, {"error": "unknown path %s; use /responsible?number=..."
+                                                            % url.path[:80]})
+                query = dict(urllib.parse.parse_qsl(url.query))
+                if not query.get("number"):
+                    return _json_reply(self, 400, {"error": "the number parameter is missing"})
+                return _json_reply(self, 200, owner.lookup.lookup(query["number"]))
+
+        self.server = _ThreadingHTTPServer((host, port), Handler)
+        self.address = self.server.server_address[:2]
+
+    def start(self):
+        threading.Thread(target=self.server.serve_forever, name="lookup-http", daemon=True).start()
+        log.info("routing: HTTP lookup on http://%s:%d/responsible?number=...", *self.address)
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+# OriginateResponse Reason -> how the Bitrix24 card is closed when the phone never answered.
+_ORIGINATE_FAILURE_STATUS = {"3": "304", "5": "486"}
+
+
+class ClickToCall(object):
+    """OnExternalCallStart -> one AMI Originate: the employee's phone first, then the
+    client through the outbound routes, under Bitrix24's own CALL_ID."""
+
+    def __init__(self, ami, users, store, outbox, rules, settings, clock=time.time):
+        self.ami = ami
+        self.users = users
+        self.store = store
+        self.outbox = outbox
+        self.rules = rules
+        self.settings = settings
+        self.clock = clock
+        self._last_by_user = {}
+        self._originating = {}   # ActionID -> (CALL_ID, user)
+        self._lock = threading.Lock()
+
+    def dial_string(self, number):
+        """The validated number in the form the outbound routes expect."""
+        fmt = self.settings["number_format"]
+        plan = self.rules.number_plan
+        e164 = plan.normalize(number)
+        if not e164 or not e164.startswith("+"):
+            return number.lstrip("+") if fmt != "e164" else number
+        if fmt == "e164":
+            return e164
+        if fmt == "digits":
+            return e164[1:]
+        if plan.country_code and e164.startswith("+" + plan.country_code) and \
+                len(e164) == 1 + len(plan.country_code) + plan.national_number_length:
+            return plan.national_prefix + e164[1 + len(plan.country_code):]
+        return self.settings["international_dial_prefix"] + e164[1:]
+
+    def _claim(self, key, user, number):
+        """True the first time a click is seen (kept in the state store, so that a
+        restart or a redelivered event never dials twice)."""
+        try:
+            with self.store.transaction() as db:
+                db.execute("INSERT INTO clicks (key, user_id, number, at) VALUES (?, ?, ?, ?)",
+                           (key, user, number, self.clock()))
+            return True
+        except sqlite3.IntegrityError:
+            return False
+
+    def _outcome(self, key, outcome):
+        self.store.execute("UPDATE clicks SET outcome = ? WHERE key = ?", (outcome, key))
+
+    def start(self, data, source):
+        """Handle one OnExternalCallStart's data; returns (originated, reason)."""
+        if not isinstance(data, dict):
+            return self._refuse(None, None, None, "%s: the event has no data[...] fields" % source)
+        call_id = data.get("CALL_ID")
+        if not isinstance(call_id, str) or not re.match(r"^[A-Za-z0-9._\-]{1,100}$", call_id):
+            return self._refuse(None, None, None, "%s: data[CALL_ID] %r is not a Bitrix24 call id"
+                                % (source, str(call_id)[:60]))
+        user = data.get("USER_ID")
+        user = int(user) if isinstance(user, str) and user.isdigit() and len(user) < 10 else None
+        if user is None:
+            return self._refuse(call_id, None, None, "%s: data[USER_ID] %r is not a user id"
+                                % (source, str(data.get("USER_ID"))[:30]))
+        number = clean_phone_number(data.get("PHONE_NUMBER_INTERNATIONAL")) or \
+            clean_phone_number(data.get("PHONE_NUMBER"))
+        if number is None:
+            return self._refuse(call_id, user, None, "%s: data[PHONE_NUMBER] %r is not a phone number "
+                                "(digits, optional +, 3-20 long)" % (source, str(data.get("PHONE_NUMBER"))[:40]))
+        if not self._claim(call_id, user, number):
+            log.info("click-to-call %s: already handled; not dialled again", call_id)
+            return False, "already handled"
+        ext = self.users.extension_of(user)
+        if ext is None:
+            return self._refuse(call_id, user, number, "%s: user %d has no extension (UF_PHONE_INNER or [users])"
+                                % (source, user), close=True)
+        now = self.clock()
+        with self._lock:
+            last = self._last_by_user.get(user)
+            if last is not None and now - last < self.settings["user_interval_seconds"]:
+                return self._refuse(call_id, user, number, "user %d clicked again within %g s"
+                                    % (user, self.settings["user_interval_seconds"]), close=True)
+            self._last_by_user[user] = now
+        dial = self.dial_string(number)
+        channel = self.settings["phone_channel"].format(extension=ext)
+        try:
+            pending = self.ami.originate(
+                channel, self.settings["outbound_context"], dial, caller_id='"%s" <%s>' % (number, ext),
+                variables={"__" + self.rules.call_id_variable: call_id},
+                timeout_ms=self.settings["ring_timeout"] * 1000, callback=self._queued)
+        except AmiError as exc:
+            return self._refuse(call_id, user, number, "AMI: %s" % exc, close=True)
+        with self._lock:
+            self._originating[pending.action_id] = (call_id, user)
+        self._outcome(call_id, "originated")
+        log.info("click-to-call %s: user %d (extension %s) -> %s via %s (%s)", call_id, user, ext, dial,
+                 channel, source)
+        return True, "originated"
+
+    def _queued(self, pending):
+        if pending.error is not None or pending.response is None or not pending.response.success:
+            reason = pending.error or (pending.response.get("Message") if pending.response else "no answer")
+            with self._lock:
+                call_id, user = self._originating.pop(pending.action_id, (None, None))
+            if call_id:
+                log.warning("click-to-call %s: Originate refused: %s", call_id, reason)
+                self._close_card(call_id, user, "603")
+
+    def on_originate_response(self, msg):
+        """OriginateResponse: a phone that never answered leaves no call to report,
+        so the card Bitrix24 opened is closed here."""
+        with self._lock:
+            known = self._originating.pop(msg.get("ActionID"), None)
+        if known is None or msg.get("Response") == "Success":
+            return
+        call_id, user = known
+        status = _ORIGINATE_FAILURE_STATUS.get(msg.get("Reason"), "603")
+        log.info("click-to-call %s: the employee's phone did not answer (reason %s)", call_id, msg.get("Reason"))
+        self._outcome(call_id, "not answered (reason %s)" % msg.get("Reason"))
+        self._close_card(call_id, user, status)
+
+    def _close_card(self, call_id, user, status):
+        if self.outbox is None or user is None:
+            return
+        self.outbox.add("click:" + call_id, "close", "telephony.externalcall.finish", collections.OrderedDict([
+            ("CALL_ID", call_id), ("USER_ID", user), ("DURATION", 0), ("STATUS_CODE", status)]), PRIORITY_FINISH)
+
+    def _refuse(self, call_id, user, number, reason, close=False):
+        log.warning("click-to-call refused: %s", reason)
+        if call_id is not None:
+            if number is not None:
+                self._outcome(call_id, "refused: " + reason)
+            if close:
+                self._close_card(call_id, user, "603")
+        return False, reason
+
+    def callback(self, data, source, key):
+        """OnExternalCallBackStart (CRM callback form): ring callback_extension, then the
+        client; no CALL_ID comes with it, the call is registered like any other."""
+        group = self.settings["callback_extension"]
+        if not isinstance(data, dict):
+            return self._refuse(None, None, None, "%s: the callback event has no data[...]" % source)
+        number = clean_phone_number(data.get("PHONE_NUMBER"))
+        if number is None:
+            return self._refuse(None, None, None, "%s: callback data[PHONE_NUMBER] %r is not a phone number"
+                                % (source, str(data.get("PHONE_NUMBER"))[:40]))
+        if not group:
+            return self._refuse(None, None, None, "%s: callback for %s ignored: [click_to_call] "
+                                "callback_extension is empty" % (source, number))
+        if not self._claim("callback:" + key, None, number):
+            return False, "already handled"
+        dial = self.dial_string(number)
+        channel = self.settings["phone_channel"].format(extension=group)
+        try:
+            self.ami.originate(channel, self.settings["outbound_context"], dial,
+                               caller_id='"Callback %s" <%s>' % (number, group),
+                               timeout_ms=self.settings["ring_timeout"] * 1000)
+        except AmiError as exc:
+            self._outcome("callback:" + key, "refused: AMI: %s" % exc)
+            return False, str(exc)
+        self._outcome("callback:" + key, "originated")
+        log.info("callback form: %s rings first, then %s (%s)", group, dial, source)
+        return True, "originated"
+
+    def handle_event(self, event, data, source, key=""):
+        event = (event or "").upper()
+        if event == "ONEXTERNALCALLSTART":
+            return self.start(data, source)
+        if event == "ONEXTERNALCALLBACKSTART":
+            return self.callback(data, source, key or hashlib.sha1(
+                json.dumps(data, sort_keys=True).encode()).hexdigest())
+        log.warning("click-to-call: event %r from %s is not one bx24ast handles", event[:40], source)
+        return False, "unexpected event"
+
+
+class EventListener(object):
+    """Port mode: Bitrix24 POSTs events here (form-encoded, PHP-style keys); only those
+    carrying our application_token are taken."""
+
+    MAX_BODY = 64 * 1024
+    EVENTS = ("ONEXTERNALCALLSTART", "ONEXTERNALCALLBACKSTART")
+
+    def __init__(self, click, token, host="0.0.0.0", port=8077, cert="", key=""):
+        if not token:
+            raise ConfigError("[click_to_call] application_token is empty: port mode refuses every event "
+                              "without it (copy it from the outbound webhook or the application)",
+                              section="click_to_call", key="application_token", value="")
+        self.click = click
+        self.token = token.encode("utf-8")
+        owner = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            server_version = "bx24ast"
+            timeout = 10
+
+            def log_message(self, fmt, *args):
+                log.debug("click-to-call http: " + fmt, *args)
+
+            def do_GET(self):
+                _json_reply(self, 405, {"error": "Bitrix24 events are POSTed here"})
+
+            def do_POST(self):
+                owner.handle_post(self)
+
+        self.server = _ThreadingHTTPServer((host, port), Handler)
+        if cert:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER) if hasattr(ssl, "PROTOCOL_TLS_SERVER") else \
+                ssl.SSLContext(ssl.PROTOCOL_SSLv23)
+            try:
+                context.load_cert_chain(cert, key or None)
+            except (OSError, ssl.SSLError) as exc:
+                self.server.server_close()
+                raise ConfigError("[click_to_call] tls_cert/tls_key cannot be loaded: %s" % exc,
+                                  section="click_to_call", key="tls_cert", value=cert)
+            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+        self.address = self.server.server_address[:2]
+        self.scheme = "https" if cert else "http"
+
+    def handle_post(self, req):
+        peer = req.client_address[0]
+        try:
+            length = int(req.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if length < 0 or length > self.MAX_BODY:
+            log.warning("click-to-call: refused a POST from %s: body of %s bytes", peer, length)
+            return _json_reply(req, 413, {"error": "body too large"})
+        body = req.rfile.read(length).decode("utf-8", "replace")
+        form = php_form(body)
+        auth = form.get("auth") if isinstance(form.get("auth"), dict) else {}
+        given = auth.get("application_token") or ""
+        if not hmac.compare_digest(given.encode("utf-8"), self.token):
+            log.warning("click-to-call: refused an event from %s: %s", peer,
+                        "wrong auth[application_token]" if given else "no auth[application_token]")
+            return _json_reply(req, 403, {"error": "wrong application_token"})
+        event = str(form.get("event", "")).upper()
+        if event not in self.EVENTS:
+            log.warning("click-to-call: event %r from %s is not one bx24ast handles", event[:40], peer)
+            return _json_reply(req, 400, {"error": "unexpected event"})
+        # Answer at once (Bitrix24 does not retry, and slow handlers lose priority);
+        # the Originate is asynchronous anyway.
+        ok, reason = self.click.handle_event(event, form.get("data"), "event from %s" % peer,
+                                             str(form.get("ts", "")) + str(form.get("event_handler_id", "")))
+        return _json_reply(req, 200, {"result": "originated" if ok else "refused", "reason": reason})
+
+    def start(self):
+        threading.Thread(target=self.server.serve_forever, name="events", daemon=True).start()
+        log.info("click-to-call: listening for Bitrix24 events on %s://%s:%d/", self.scheme, *self.address)
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class OfflineEventPoller(object):
+    """No-port mode: fetch OnExternalCallStart from the portal's offline queue.
+
+    event.offline.get with clear=0 reserves the records; they are cleared only
+    after they were handled, so a crash in between re-reads them, and the
+    clicks table stops a re-read click from dialling twice."""
+
+    MAX_INTERVAL = 30.0
+
+    def __init__(self, client, click, sender=None, interval=2.0, clock=monotonic):
+        self.client = client
+        self.click = click
+        self.sender = sender
+        self.interval = interval
+        self.clock = clock
+        self.clear_mode = 0
+        self.bound = None
+        self.polls = 0
+        self._stop = threading.Event()
+        self._thread = None
+
+    def bind(self):
+        """Make sure the offline binding exists; logs clearly whether the portal took it."""
+        for event in ("ONEXTERNALCALLSTART", "ONEXTERNALCALLBACKSTART"):
+            try:
+                self.client.call("event.bind", {"event": event, "event_type": "offline"})
+                log.info("click-to-call: offline binding of %s accepted by the portal", event)
+                self.bound = True
+            except BitrixRejected as exc:
+                if "ALREADY" in (exc.code or "").upper() or "already exist" in str(exc):
+                    log.info("click-to-call: offline binding of %s already in place", event)
+                    self.bound = True
+                else:
+                    log.error("click-to-call: the portal refused the offline binding of %s: %s (offline mode "
+                              "needs a local application authorised by an administrator)", event, exc)
+                    self.bound = self.bound or False
+            except BitrixError as exc:
+                log.error("click-to-call: binding %s failed: %s", event, exc)
+                self.bound = self.bound or False
+        return self.bound
+
+    def start(self):
+        self._thread = threading.Thread(target=self.run, name="offline-events", daemon=True)
+        self._thread.start()
+
+    def stop(self):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+
+    def run(self):
+        try:
+            self.bind()
+        except Exception:
+            log.exception("click-to-call: binding failed")
+        wait = self.interval
+        while not self._stop.wait(wait):
+            try:
+                wait = self.poll_once()
+            except Exception:
+                log.exception("click-to-call: offline poll failed")
+                wait = self.MAX_INTERVAL
+
+    def _get(self, params):
+        """One event.offline.get, riding in the outbox's next batch when it has a
+        backlog: a poll then costs no request of its own."""
+        if self.sender is not None and self.sender.backlog():
+            ride = self.sender.ride("event.offline.get", params)
+            if ride.done.wait(10):
+                if ride.error is not None:
+                    raise ride.error
+                return ride.result
+            self.sender.unride(ride)
+        return self.client.call("event.offline.get", params, wait=False)
+
+    def poll_once(self):
+        """Poll and handle; returns seconds until the next poll."""
+        # The same budget pays for call cards: when it is tight, poll less often.
+        fill = self.client.bucket.fill()
+        if fill > 0.5:
+            return min(self.MAX_INTERVAL, self.interval * (1 + 10 * (fill - 0.5)))
+        params = {"limit": 50, "clear": self.clear_mode}
+        self.polls += 1
+        try:
+            answer = self._get(params)
+        except BitrixRateLimited:
+            return self.interval * 2
+        except BitrixRejected as exc:
+            if self.clear_mode == 0 and ("WRONG_LICENSE" in (exc.code or "") or exc.status == 403):
+                log.warning("click-to-call: the portal cannot reserve offline events (%s); reading them with "
+                            "clear=1, so a crash at the wrong moment can lose one click", exc)
+                self.clear_mode = 1
+                return 0.1
+            log.warning("click-to-call: event.offline.get refused: %s", exc)
+            return self.MAX_INTERVAL
+        except BitrixError as exc:
+            log.warning("click-to-call: event.offline.get failed: %s", exc)
+            return min(self.MAX_INTERVAL, self.interval * 4)
+        answer = answer if isinstance(answer, dict) else {}
+        events = answer.get("events") or []
+        for record in events:
+            if not isinstance(record, dict):
+                continue
+            self.click.handle_event(record.get("EVENT_NAME"), record.get("EVENT_DATA"),
+                                    "offline event %s" % _agi_text(record.get("ID"), 20),
+                                    _agi_text(record.get("MESSAGE_ID"), 64))
+        if events and answer.get("process_id") and self.clear_mode == 0:
+            try:
+                self.client.call("event.offline.clear", {"process_id": answer["process_id"]})
+            except BitrixError as exc:
+                # Re-read later; the clicks table keeps them from dialling twice.
+                log.warning("click-to-call: event.offline.clear failed: %s", exc)
+        return 0.05 if len(events) >= 50 else self.interval
+
+
+def bind_events(client, config, unbind=False):
+    """Bind (or unbind) OnExternalCallStart/OnExternalCallBackStart for the configured
+    mode; returns the portal's list of bindings (event.get)."""
+    c2c = config.section("click_to_call")
+    events = ("ONEXTERNALCALLSTART", "ONEXTERNALCALLBACKSTART")
+    for event in events:
+        if unbind:
+            params = {"event": event}
+            if c2c["mode"] == "port":
+                params["handler"] = c2c["public_url"]
+            else:
+                params["event_type"] = "offline"
+            client.call("event.unbind", params)
+            continue
+        if c2c["mode"] == "port":
+            config.require("click_to_call", "public_url", "bind-events needs the URL Bitrix24 should POST to")
+            params = {"event": event, "handler": c2c["public_url"]}
+        elif c2c["mode"] == "offline":
+            params = {"event": event, "event_type": "offline"}
+        else:
+            raise ConfigError("[click_to_call] mode is off: set port or offline before binding events",
+                              section="click_to_call", key="mode", value="off")
+        try:
+            client.call("event.bind", params)
+        except BitrixRejected as exc:
+            if "already exist" not in str(exc) and "ALREADY" not in (exc.code or "").upper():
+                raise
+    return client.call("event.get")
+
+
+###############################################################################
 # Captures ####################################################################
 ###############################################################################
 # A capture is what bx24ast record-ami writes and what support asks a customer
@@ -4287,11 +5159,56 @@ class Daemon(object):
             auth=ami["auth"], connect_timeout=ami["connect_timeout"],
             ping_interval=ami["ping_interval"], reconnect_max_delay=ami["reconnect_max_delay"],
             max_message_bytes=ami["max_message_bytes"],
-            wanted_events=CallTracker.WANTED_EVENTS,
+            wanted_events=CallTracker.WANTED_EVENTS | frozenset([b"OriginateResponse"]),
             wanted_variables=self.tracker.wanted_variables(),
             on_connect=self._on_connect)
         self.stop_event = threading.Event()
         self.resyncs = 0
+        self.lookup = self.click = None
+        self.listeners = []      # FastAGI, HTTP lookup, event listener: started by run()
+        self.poller = None
+        if self.bridge is not None:
+            self._build_features()
+
+    def _build_features(self):
+        """Responsible routing and click-to-call, as configured (they need Bitrix24)."""
+        config, bridge = self.config, self.bridge
+        routing = config.section("routing")
+        if routing["agi_listen"] or routing["http_listen"]:
+            self.lookup = ResponsibleLookup.from_config(config, bridge.client, bridge.users, self.rules, self.ami)
+        c2c = config.section("click_to_call")
+        if c2c["mode"] == "port":
+            config.require("click_to_call", "application_token",
+                           "port mode refuses every event without it (copy it from the webhook or application)")
+        if c2c["mode"] != "off":
+            self.click = ClickToCall(self.ami, bridge.users, bridge.store, bridge.outbox, self.rules, c2c)
+        if c2c["mode"] == "offline":
+            self.poller = OfflineEventPoller(bridge.client, self.click, bridge.sender, c2c["poll_interval"])
+
+    def _start_listeners(self):
+        """Bind the configured ports; one that is taken is logged and skipped, the
+        call reporting goes on."""
+        routing = self.config.section("routing")
+        c2c = self.config.section("click_to_call")
+        wanted = []
+        if self.lookup is not None and routing["agi_listen"]:
+            wanted.append(("FastAGI ([routing] agi_listen)", routing["agi_listen"],
+                           lambda host, port: FastAgiServer(self.lookup, host, port, routing["set_callerid_name"])))
+        if self.lookup is not None and routing["http_listen"]:
+            wanted.append(("HTTP lookup ([routing] http_listen)", routing["http_listen"],
+                           lambda host, port: LookupHttpServer(self.lookup, host, port)))
+        if self.click is not None and c2c["mode"] == "port":
+            wanted.append(("click-to-call events ([click_to_call] listen)", c2c["listen"],
+                           lambda host, port: EventListener(self.click, c2c["application_token"], host, port,
+                                                            c2c["tls_cert"], c2c["tls_key"])))
+        for label, (host, port), build in wanted:
+            try:
+                server = build(host, port)
+            except OSError as exc:
+                log.error("%s: cannot listen on %s:%d: %s", label, host, port, exc.strerror or exc)
+                continue
+            server.start()
+            self.listeners.append(server)
 
     def _call_event(self, kind, call, extension):
         if kind != "ended" and call.direction == "internal":
@@ -4309,6 +5226,10 @@ class Daemon(object):
     def _on_event(self, msg):
         if msg.name == "FullyBooted":
             log.info("AMI: Asterisk is fully booted (uptime %s s)", msg.get("Uptime", "?"))
+            return
+        if msg.name == "OriginateResponse":
+            if self.click is not None:
+                self.click.on_originate_response(msg)
             return
         if msg.name == "Shutdown":
             log.warning("AMI: Asterisk is shutting down (%s, restart=%s)",
@@ -4341,11 +5262,18 @@ class Daemon(object):
             log.warning("Bitrix24 is not configured ([bitrix24] webhook_url or portal_url + client_id): "
                         "calls are only logged")
         self.ami.start()
+        self._start_listeners()
+        if self.poller is not None:
+            self.poller.start()
         try:
             while not self.stop_event.wait(1.0):
                 with self._lock:
                     self.tracker.expire(time.time())
         finally:
+            for server in self.listeners:
+                server.stop()
+            if self.poller is not None:
+                self.poller.stop()
             self.ami.stop()
             if self.bridge is not None:
                 self.bridge.stop()

@@ -104,7 +104,7 @@ def test_kill_9_in_the_middle_of_a_burst_loses_and_duplicates_nothing(tmp_path, 
         conf = tmp_path / "bx24ast.conf"
         conf.write_text("[ami]\nhost = 127.0.0.1\nport = %d\nusername = bx24\nsecret = s3cret\n"
                          "reconnect_max_delay = 1\n[bitrix24]\nwebhook_url = %s\ntimeout = 3\n"
-                         "[crm]\ncallback_window_minutes = 0\n[storage]\nstate_dir = %s\n[recordings]\npath = %s\nsettle_seconds = 0\n"
+                         "[routing]\nagi_listen =\nhttp_listen =\n[crm]\ncallback_window_minutes = 0\n[storage]\nstate_dir = %s\n[recordings]\npath = %s\nsettle_seconds = 0\n"
                          % (server.port, emu.webhook_url, tmp_path, os.path.join(path, "recordings")))
         db = str(tmp_path / "bx24ast.db")
 
