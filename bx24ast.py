@@ -233,7 +233,7 @@ def _as_listen(text):
         return None
     host, sep, port = text.rpartition(":")
     host = host.strip("[]")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not re.match(r"^[A-Za-z0-9.:\-_]*$", host):
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536 or not re.match(r"^[A-Za-z0-9.:\-_]*$", host):
         raise ValueError("empty, or address:port like 127.0.0.1:4573 or 0.0.0.0:8077")
     return host or "0.0.0.0", int(port)
 
@@ -4761,10 +4761,12 @@ class OfflineEventPoller(object):
     clicks table stops a re-read click from dialling twice."""
 
     MAX_INTERVAL = 30.0
+    RESERVED = "click_to_call.process_id"
 
-    def __init__(self, client, click, sender=None, interval=2.0, clock=monotonic):
+    def __init__(self, client, click, store, sender=None, interval=2.0, clock=monotonic):
         self.client = client
         self.click = click
+        self.store = store
         self.sender = sender
         self.interval = interval
         self.clock = clock
@@ -4835,12 +4837,20 @@ class OfflineEventPoller(object):
         if fill > 0.5:
             return min(self.MAX_INTERVAL, self.interval * (1 + 10 * (fill - 0.5)))
         params = {"limit": 50, "clear": self.clear_mode}
+        # A batch reserved before a crash is only given again under its process_id.
+        reserved = self.store.get_setting(self.RESERVED)
+        if reserved:
+            params["process_id"] = reserved
         self.polls += 1
         try:
             answer = self._get(params)
         except BitrixRateLimited:
             return self.interval * 2
         except BitrixRejected as exc:
+            if reserved:
+                log.warning("click-to-call: the reserved batch %s is gone (%s); reading new events", reserved, exc)
+                self.store.set_setting(self.RESERVED, None)
+                return 0.1
             if self.clear_mode == 0 and ("WRONG_LICENSE" in (exc.code or "") or exc.status == 403):
                 log.warning("click-to-call: the portal cannot reserve offline events (%s); reading them with "
                             "clear=1, so a crash at the wrong moment can lose one click", exc)
@@ -4853,18 +4863,26 @@ class OfflineEventPoller(object):
             return min(self.MAX_INTERVAL, self.interval * 4)
         answer = answer if isinstance(answer, dict) else {}
         events = answer.get("events") or []
+        process_id = answer.get("process_id") if self.clear_mode == 0 else None
+        if process_id:
+            self.store.set_setting(self.RESERVED, process_id)
         for record in events:
             if not isinstance(record, dict):
                 continue
             self.click.handle_event(record.get("EVENT_NAME"), record.get("EVENT_DATA"),
                                     "offline event %s" % _agi_text(record.get("ID"), 20),
                                     _agi_text(record.get("MESSAGE_ID"), 64))
-        if events and answer.get("process_id") and self.clear_mode == 0:
+        if process_id:
             try:
-                self.client.call("event.offline.clear", {"process_id": answer["process_id"]})
+                self.client.call("event.offline.clear", {"process_id": process_id})
+                self.store.set_setting(self.RESERVED, None)
             except BitrixError as exc:
-                # Re-read later; the clicks table keeps them from dialling twice.
+                # Re-read under the process_id next time; the clicks table keeps
+                # them from dialling twice.
                 log.warning("click-to-call: event.offline.clear failed: %s", exc)
+                return min(self.MAX_INTERVAL, self.interval * 2)
+        elif reserved:
+            self.store.set_setting(self.RESERVED, None)
         return 0.05 if len(events) >= 50 else self.interval
 
 
@@ -5183,7 +5201,8 @@ class Daemon(object):
         if c2c["mode"] != "off":
             self.click = ClickToCall(self.ami, bridge.users, bridge.store, bridge.outbox, self.rules, c2c)
         if c2c["mode"] == "offline":
-            self.poller = OfflineEventPoller(bridge.client, self.click, bridge.sender, c2c["poll_interval"])
+            self.poller = OfflineEventPoller(bridge.client, self.click, bridge.store, bridge.sender,
+                                             c2c["poll_interval"])
 
     def _start_listeners(self):
         """Bind the configured ports; one that is taken is logged and skipped, the
@@ -5449,6 +5468,35 @@ def cmd_oauth_code(args):
     return EXIT_OK
 
 
+def cmd_bind_events(args):
+    config = _load_config(args, required=True)
+    if not BitrixClient.configured(config):
+        raise ConfigError("bind-events needs [bitrix24] portal_url + client_id (a local application)",
+                          section="bitrix24", key="portal_url", value="")
+    store = StateStore.open_dir(config.get("storage", "state_dir"))
+    try:
+        client = BitrixClient.from_config(config, store)
+        bound = bind_events(client, config, unbind=args.unbind)
+    except BitrixError as exc:
+        sys.stderr.write("bx24ast: %s\n" % exc)
+        if exc.code == "WRONG_AUTH_TYPE":
+            sys.stderr.write("bx24ast: events can only be bound by a local application "
+                             "([bitrix24] portal_url, client_id, client_secret; bx24ast.py oauth-code)\n")
+        return EXIT_FAILURE
+    finally:
+        store.close()
+    mine = [b for b in bound or [] if isinstance(b, dict) and str(b.get("event", "")).upper() in
+            ("ONEXTERNALCALLSTART", "ONEXTERNALCALLBACKSTART")]
+    sys.stdout.write("%s; bound on the portal now:\n" % ("unbound" if args.unbind else "bound"))
+    for b in mine:
+        sys.stdout.write("  %s -> %s\n" % (str(b.get("event")).upper(),
+                                            "offline queue (event.offline.get)" if str(b.get("offline")) == "1"
+                                            else b.get("handler")))
+    if not mine:
+        sys.stdout.write("  (no click-to-call events)\n")
+    return EXIT_OK
+
+
 def cmd_detect(args):
     config = _load_config(args, required=False)
     found, warnings = detect_cel(args.root, None if args.root != "/" else config.get("cel", "asterisk_etc"))
@@ -5536,6 +5584,11 @@ def build_arg_parser():
     p = sub.add_parser("oauth-code", help="get the local application's first tokens from an authorization code")
     p.add_argument("code")
     p.set_defaults(func=cmd_oauth_code)
+
+    p = sub.add_parser("bind-events", help="bind click-to-call events on the portal ([click_to_call] mode) "
+                                           "and print the bindings")
+    p.add_argument("--unbind", action="store_true", help="remove the bindings instead")
+    p.set_defaults(func=cmd_bind_events)
 
     p = sub.add_parser("record-ami", help="record the raw AMI stream with its timing sidecar")
     p.add_argument("-o", "--output", required=True, help="file to write (ami.log)")

@@ -17,7 +17,7 @@ import threading
 import time
 import uuid
 from http.server import BaseHTTPRequestHandler, HTTPServer
-from urllib.parse import parse_qsl, urlsplit, unquote_plus
+from urllib.parse import parse_qsl, urlencode, urlsplit, unquote_plus
 
 
 class ThreadingServer(socketserver.ThreadingMixIn, HTTPServer):
@@ -139,6 +139,7 @@ class Bitrix24Emulator(object):
         self.bindings = []
         self.offline = collections.OrderedDict()
         self.reserved = {}
+        self.failures = {}            # method -> how many next calls fail with a 500
         for uid, name, ext in ((1, "Admin", None), (5, "Ivan Petrov", "101"), (7, "Maria Sidorova", "102"),
                                (9, "Oleg Smirnov", "103")):
             self.add_user(uid, name, ext)
@@ -375,6 +376,9 @@ class Bitrix24Emulator(object):
                 raise Fail(405, "ERROR_BATCH_METHOD_NOT_ALLOWED", "Method is not allowed for batch usage")
             return self.m_batch(p, auth, acting)
         with self.lock:
+            if self.failures.get(method):
+                self.failures[method] -= 1
+                raise Fail(500, "INTERNAL_SERVER_ERROR", "injected failure of %s" % method)
             return handler(p) if method not in ("profile",) else handler(p, acting)
 
     def m_batch(self, p, auth, acting):
@@ -740,6 +744,32 @@ class Bitrix24Emulator(object):
                              "EVENT_NAME": event.upper(), "EVENT_DATA": data, "EVENT_ADDITIONAL": {"user_id": "1"},
                              "MESSAGE_ID": mid, "process_id": None}
         return mid
+
+    def start_click(self, user_id, phone, offline=False):
+        """A click on a number in the CRM: Bitrix24 registers the call itself, then sends
+        OnExternalCallStart (queued as an offline event when it is bound offline)."""
+        with self.lock:
+            reg = self.m_telephony_externalcall_register({"USER_ID": user_id, "PHONE_NUMBER": phone,
+                                                          "TYPE": 1, "SHOW": 1})
+        data = {"PHONE_NUMBER": phone, "PHONE_NUMBER_INTERNATIONAL": "+" + normalize_phone(phone),
+                "EXTENSION": "", "USER_ID": str(user_id), "CALL_ID": reg["CALL_ID"], "LINE_NUMBER": "",
+                "CALL_LIST_ID": "0", "IS_MOBILE": "0", "CRM_ENTITY_TYPE": "", "CRM_ENTITY_ID": "0"}
+        if offline:
+            if not any(b["event"] == "ONEXTERNALCALLSTART" and b["offline"] for b in self.bindings):
+                raise AssertionError("no offline binding of ONEXTERNALCALLSTART: Bitrix24 would drop the event")
+            self.queue_offline("ONEXTERNALCALLSTART", data)
+        return data
+
+    @staticmethod
+    def event_form(event, data, application_token, domain="b24-test.bitrix24.ru"):
+        """The POST body Bitrix24 sends to an event handler (PHP-style keys)."""
+        fields = [("event", event.upper()), ("event_handler_id", "7")]
+        fields += [("data[%s]" % k, v) for k, v in data.items()]
+        fields += [("ts", str(int(time.time()))), ("auth[domain]", domain),
+                   ("auth[client_endpoint]", "https://%s/rest/" % domain),
+                   ("auth[server_endpoint]", "https://oauth.bitrix.info/rest/"),
+                   ("auth[member_id]", "a1b2c3"), ("auth[application_token]", application_token)]
+        return urlencode(fields).encode()
 
     def m_event_offline_get(self, p):
         limit = int(p.get("limit") or 50)

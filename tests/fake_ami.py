@@ -84,7 +84,7 @@ class ChannelTable(object):
 class FakeAmiServer(object):
     def __init__(self, captures=(), username="bx24", secret="s3cret", speed=None,
                  drop_after=None, gap=0, restart_after=None, garbage_at=None, garbage=b"",
-                 seed=1, max_chunk=1500, pause_at=None):
+                 seed=1, max_chunk=1500, pause_at=None, on_originate=None, extension_states=None):
         self.messages = []
         for path in captures:
             self.messages.extend(capture_messages(path))
@@ -99,6 +99,12 @@ class FakeAmiServer(object):
         self.rng = random.Random(seed)
         self.max_chunk = max_chunk
         self.pause_at = pause_at     # stop streaming there until the next connection
+        # on_originate: a capture played when an Originate arrives, as Asterisk would,
+        # carrying the Originate's variables and ActionID (nothing streams before).
+        self.on_originate = capture_messages(on_originate) if on_originate else None
+        if self.on_originate is not None:
+            self.pause_at = 0
+        self.extension_states = dict(extension_states or {})   # extension -> Status
         self.cursor = 0
         self.table = ChannelTable()
         self.actions = []          # every action received, as dicts
@@ -266,6 +272,29 @@ class FakeAmiServer(object):
                 return i
         return len(self.messages)
 
+    def _play_originated(self, msg, action_id):
+        """Queue the originate capture: the Originate's Variable headers appear as VarSet
+        on the first channel (inheritable ones keep their __ prefix, as Asterisk shows)."""
+        messages, self.on_originate = self.on_originate, None
+        variables = msg.get("Variable") or []
+        variables = [variables] if isinstance(variables, str) else variables
+        out = []
+        for raw, t in messages:
+            raw = raw.replace(b"ActionID: c2c-0001", b"ActionID: " + action_id.encode())
+            out.append((raw, t))
+            if raw.startswith(b"Event: Newchannel") and variables:
+                fields = dict(line.split(b": ", 1) for line in raw.split(b"\r\n")[1:] if b": " in line)
+                for item in variables:
+                    name, _, value = item.partition("=")
+                    out.append((b"Event: VarSet\r\nPrivilege: dialplan,all\r\nChannel: %s\r\nUniqueid: %s\r\n"
+                                b"Linkedid: %s\r\nVariable: %s\r\nValue: %s\r\n\r\n"
+                                % (fields[b"Channel"], fields[b"Uniqueid"], fields[b"Linkedid"], name.encode(),
+                                   value.encode()), t))
+                variables = []
+        with self._lock:
+            self.messages[self.cursor:self.cursor] = out
+            self.pause_at = None
+
     def _reply(self, conn, action_id, response="Success", message=None, extra=()):
         lines = ["Response: %s" % response, "ActionID: %s" % action_id]
         if message:
@@ -314,6 +343,14 @@ class FakeAmiServer(object):
                               "ListItems: %d\r\n\r\n" % (action_id, len(items))).encode())
         elif action == "originate":
             self._reply(conn, action_id, message="Originate successfully queued")
+            if self.on_originate is not None:
+                self._play_originated(msg, action_id)
+        elif action == "extensionstate":
+            status = self.extension_states.get(msg.get("Exten"), "-1")
+            self._reply(conn, action_id, message="Extension Status", extra=[
+                ("Exten", msg.get("Exten") or ""), ("Context", msg.get("Context") or ""),
+                ("Hint", "PJSIP/%s" % msg.get("Exten") if status != "-1" else ""), ("Status", status),
+                ("StatusText", {"0": "Idle", "4": "Unavailable", "1": "InUse"}.get(status, "Unknown"))])
         elif action == "setvar":
             self._reply(conn, action_id, message="Variable Set")
         elif action == "command":

@@ -1,0 +1,498 @@
+"""Routing and click-to-call: FastAGI and HTTP lookups, port mode, offline events."""
+import http.client
+import json
+import os
+import socket
+import threading
+import time
+
+import pytest
+
+import bx24ast
+from b24_emulator import Bitrix24Emulator
+from conftest import FIXTURES, load_expected, wait_for
+from fake_ami import FakeAmiServer
+
+PJSIP = os.path.join(FIXTURES, "asterisk-22.10.1-pjsip")
+CLICK = os.path.join(PJSIP, "click2call_originate")
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+def agi_env(number="89161234567", script="responsible", args=()):
+    lines = ["agi_network: yes", "agi_network_script: %s" % script,
+             "agi_request: agi://127.0.0.1/%s" % script, "agi_channel: PJSIP/trunk-operator-00000001",
+             "agi_language: en", "agi_type: PJSIP", "agi_uniqueid: 1795667000.1", "agi_version: 22.10.1",
+             "agi_callerid: %s" % number, "agi_calleridname: unknown", "agi_callingpres: 0",
+             "agi_dnid: 74951234567", "agi_context: from-trunk", "agi_extension: s", "agi_priority: 3",
+             "agi_enhanced: 0.0", "agi_accountcode: ", "agi_threadid: 140000000000"]
+    lines += ["agi_arg_%d: %s" % (i + 1, a) for i, a in enumerate(args)]
+    return ("\n".join(lines) + "\n\n").encode()
+
+
+def agi_session(port, env, answer=lambda n, cmd: "200 result=1", timeout=10):
+    """Speak AGI as Asterisk does; returns the commands the server sent."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    commands = []
+    try:
+        sock.sendall(env)
+        f = sock.makefile("rb")
+        while True:
+            line = f.readline()
+            if not line:
+                break
+            cmd = line.decode().rstrip("\n")
+            commands.append(cmd)
+            reply = answer(len(commands), cmd)
+            if reply is None:
+                break
+            sock.sendall((reply + "\n").encode())
+    finally:
+        sock.close()
+    return commands
+
+
+def variables(commands):
+    out = {}
+    for cmd in commands:
+        assert cmd.startswith("SET VARIABLE "), cmd
+        name, _, value = cmd[len("SET VARIABLE "):].partition(" ")
+        assert value.startswith('"') and value.endswith('"'), cmd
+        out[name] = value[1:-1]
+    return out
+
+
+class Routing(object):
+    """ResponsibleLookup + FastAGI + HTTP lookup against the emulator (and a fake AMI)."""
+
+    def __init__(self, emu, ami_server=None, budget=0.5, set_callerid_name=False, cache_seconds=600):
+        self.emu = emu
+        self.rules = bx24ast.PbxRules.defaults()
+        self.client = bx24ast.BitrixClient(webhook_url=emu.webhook_url, timeout=10, rate=emu.rate,
+                                           burst=emu.burst)
+        self.users = bx24ast.UserDirectory(self.client)
+        self.users.refresh()
+        self.ami = None
+        if ami_server is not None:
+            self.ami = bx24ast.AmiConnection("127.0.0.1", ami_server.port, "bx24", "s3cret", lambda m: None)
+            self.ami.start()
+            assert self.ami.connected.wait(5)
+        self.lookup = bx24ast.ResponsibleLookup(self.client, self.users, self.rules, self.ami, budget=budget,
+                                                cache_seconds=cache_seconds)
+        self.agi = bx24ast.FastAgiServer(self.lookup, "127.0.0.1", 0, set_callerid_name)
+        self.http = bx24ast.LookupHttpServer(self.lookup, "127.0.0.1", 0)
+
+    def __enter__(self):
+        self.agi.start()
+        self.http.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.agi.stop()
+        self.http.stop()
+        if self.ami is not None:
+            self.ami.stop()
+
+    def ask(self, number, **kw):
+        return variables(agi_session(self.agi.address[1], agi_env(number), **kw))
+
+    def get(self, path):
+        conn = http.client.HTTPConnection("127.0.0.1", self.http.address[1], timeout=10)
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        body = json.loads(resp.read().decode())
+        conn.close()
+        return resp.status, body
+
+
+def searches(emu):
+    return [e for e in emu.journal if e["method"] == "telephony.externalcall.searchcrmentities"]
+
+
+# -- responsible routing ----------------------------------------------------------------------------
+
+def test_agi_sets_the_responsible_of_a_known_caller_and_caches_it():
+    with Bitrix24Emulator() as emu:
+        contact = emu.add_contact("+79161234567", "Known Client", assigned=7)
+        with Routing(emu) as r:
+            found = r.ask("89161234567")
+            assert found == {"BX24_RESPONSIBLE_EXT": "102", "BX24_RESPONSIBLE_USER": "7",
+                             "BX24_CRM_ENTITY": "CONTACT_%d" % contact, "BX24_RESPONSIBLE_STATUS": "FOUND"}
+            assert len(searches(emu)) == 1
+            assert searches(emu)[0]["params"]["PHONE_NUMBER"] == "+79161234567"
+            # the same client, written another way: answered from the cache
+            assert r.ask("+7 916 123-45-67") == found
+            assert len(searches(emu)) == 1 and r.lookup.cache_hits == 1
+            # the caller's number may also come as the AGI argument
+            args = variables(agi_session(r.agi.address[1], agi_env("anonymous", args=["79161234567"])))
+            assert args["BX24_RESPONSIBLE_EXT"] == "102"
+
+
+def test_agi_leaves_the_variables_empty_for_an_unknown_or_missing_caller():
+    with Bitrix24Emulator() as emu:
+        with Routing(emu) as r:
+            assert r.ask("84950000000") == {"BX24_RESPONSIBLE_EXT": "", "BX24_RESPONSIBLE_USER": "",
+                                            "BX24_CRM_ENTITY": "", "BX24_RESPONSIBLE_STATUS": "NOT_FOUND"}
+            assert r.ask("anonymous")["BX24_RESPONSIBLE_STATUS"] == "INVALID"
+            assert len(searches(emu)) == 1  # no lookup for a number that is not one
+
+
+def test_responsible_without_extension_is_reported_but_not_dialled():
+    with Bitrix24Emulator() as emu:
+        emu.add_user(11, "No Phone")
+        emu.add_contact("+79161110000", "Quiet Client", assigned=11)
+        with Routing(emu) as r:
+            found = r.ask("89161110000")
+            assert found["BX24_RESPONSIBLE_EXT"] == "" and found["BX24_RESPONSIBLE_USER"] == "11"
+            assert found["BX24_RESPONSIBLE_STATUS"] == "NO_EXTENSION"
+
+
+def test_a_slow_portal_never_holds_the_caller_past_the_budget():
+    with Bitrix24Emulator() as emu:
+        emu.add_contact("+79161234567", "Known Client", assigned=7)
+        with Routing(emu, budget=0.5) as r:
+            emu.delay = 5.0
+            started = time.time()
+            found = r.ask("89161234567")
+            waited = time.time() - started
+            assert found["BX24_RESPONSIBLE_EXT"] == "" and found["BX24_RESPONSIBLE_STATUS"] == "TIMEOUT"
+            assert waited < 3.0, waited  # 0.5 s budget; the portal takes 5 s
+            # the lookup went on in the background: the next call from the client is routed
+            assert wait_for(lambda: r.lookup._cache, 10)
+            emu.delay = 0
+            assert r.ask("89161234567")["BX24_RESPONSIBLE_EXT"] == "102"
+
+
+def test_an_unavailable_phone_is_not_chosen():
+    with Bitrix24Emulator() as emu, FakeAmiServer(extension_states={"102": "4", "101": "0"}) as ami:
+        emu.add_contact("+79161234567", "Known Client", assigned=7)
+        emu.add_contact("+79162222222", "Other Client", assigned=5)
+        with Routing(emu, ami) as r:
+            found = r.ask("89161234567")
+            assert found["BX24_RESPONSIBLE_EXT"] == "" and found["BX24_RESPONSIBLE_USER"] == "7"
+            assert found["BX24_RESPONSIBLE_STATUS"] == "UNAVAILABLE"
+            assert r.ask("89162222222")["BX24_RESPONSIBLE_EXT"] == "101"
+            asked = [a for a in ami.actions if a.get("Action") == "ExtensionState"]
+            assert [(a["Exten"], a["Context"]) for a in asked] == [("102", "from-internal"), ("101", "from-internal")]
+
+
+def test_callerid_name_is_set_and_cannot_break_the_agi_command():
+    with Bitrix24Emulator() as emu:
+        emu.add_contact("+79161234567", 'Evil "Client"\nHANGUP\\', assigned=7)
+        with Routing(emu, set_callerid_name=True) as r:
+            commands = agi_session(r.agi.address[1], agi_env("89161234567"))
+            assert commands[-1] == 'SET VARIABLE CALLERID(name) "Evil ClientHANGUP"'
+            assert len(commands) == 5
+
+
+def test_malformed_agi_input_and_hangups_are_survived():
+    with Bitrix24Emulator() as emu:
+        emu.add_contact("+79161234567", "Known Client", assigned=7)
+        with Routing(emu) as r:
+            port = r.agi.address[1]
+            # not AGI at all
+            assert agi_session(port, b"GET / HTTP/1.0\r\nHost: x\r\n\r\n") == []
+            # a line of 100 kB
+            assert agi_session(port, b"agi_network: yes\n" + b"agi_x: " + b"A" * 100000 + b"\n\n") == []
+            # the caller's side closes before the environment ends
+            s = socket.create_connection(("127.0.0.1", port))
+            s.sendall(b"agi_network: yes\nagi_callerid: 8916")
+            s.close()
+            # an unknown script gets no variables
+            assert agi_session(port, agi_env(script="other")) == ['VERBOSE "bx24ast: unknown AGI script" 1']
+            # the caller hangs up while we set variables: nothing more is sent
+            hung = agi_session(port, agi_env("89161234567"), answer=lambda n, cmd: "HANGUP" if n == 1 else
+                               "511 Command Not Permitted on a dead channel or intercept routine")
+            assert len(hung) == 1 and hung[0].startswith("SET VARIABLE BX24_RESPONSIBLE_EXT")
+            # an error answer ends the session too
+            assert len(agi_session(port, agi_env("89161234567"), answer=lambda n, cmd: "520 Invalid command")) == 1
+            # and the server still works
+            assert r.ask("89161234567")["BX24_RESPONSIBLE_EXT"] == "102"
+
+
+def test_fifty_concurrent_agi_sessions():
+    with Bitrix24Emulator(rate=50, burst=100) as emu:
+        for i in range(10):
+            emu.add_contact("+7916000000%d" % i, "Client %d" % i, assigned=(5, 7, 9)[i % 3])
+        with Routing(emu, budget=5.0) as r:
+            results = {}
+
+            def one(n):
+                results[n] = r.ask("8916000000%d" % (n % 10))
+            threads = [threading.Thread(target=one, args=(n,)) for n in range(50)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(30)
+            assert len(results) == 50
+            for n, found in results.items():
+                assert found["BX24_RESPONSIBLE_EXT"] == ("101", "102", "103")[(n % 10) % 3], (n, found)
+            assert len(searches(emu)) == 10  # one lookup per number, however many callers wait on it
+
+
+def test_http_lookup_for_curl_dialplans():
+    with Bitrix24Emulator() as emu:
+        contact = emu.add_contact("+79161234567", "Known Client", assigned=7)
+        with Routing(emu) as r:
+            status, body = r.get("/responsible?number=89161234567")
+            assert status == 200 and body["extension"] == "102" and body["user_id"] == "7"
+            assert body["crm_entity"] == "CONTACT_%d" % contact and body["name"] == "Known Client"
+            assert r.get("/responsible")[0] == 400
+            assert "number" in r.get("/responsible")[1]["error"]
+            assert r.get("/other")[0] == 404
+
+
+# -- click-to-call ---------------------------------------------------------------------------------
+
+class StubAmi(object):
+    def __init__(self):
+        self.originates = []
+
+    def originate(self, channel, context, exten, **kw):
+        self.originates.append(dict(kw, channel=channel, context=context, exten=exten))
+        return bx24ast.PendingAction("Originate", "id-%d" % len(self.originates), None)
+
+
+def click_settings(**over):
+    settings = dict(bx24ast.Config.defaults().section("click_to_call"))
+    settings.update(over)
+    return settings
+
+
+def make_click(tmp_path, **over):
+    store = bx24ast.StateStore(str(tmp_path / "state.db"))
+    users = bx24ast.UserDirectory(overrides={"101": 5, "102": 7})
+    ami = StubAmi()
+    click = bx24ast.ClickToCall(ami, users, store, bx24ast.Outbox(store), bx24ast.PbxRules.defaults(),
+                                click_settings(**over))
+    return click, ami, store
+
+
+@pytest.mark.parametrize("number, dialled", [
+    ("+7 (916) 123-45-67", "89161234567"),
+    ("+7(916)1234567", "89161234567"),
+    ("89161234567", "89161234567"),
+    ("+44 20 7946 0958", "00442079460958"),
+    ("102", "102"),
+])
+def test_click_numbers_are_normalised(tmp_path, number, dialled):
+    click, ami, _ = make_click(tmp_path)
+    ok, _ = click.start({"CALL_ID": "externalCall.abc.1", "USER_ID": "5", "PHONE_NUMBER": number}, "test")
+    assert ok and ami.originates[0]["exten"] == dialled
+
+
+@pytest.mark.parametrize("number", [
+    "123\r\nAction: Command", "1;2", "12", "1" * 21, "9" * 200, "\u0669\u0661\u0666\u0661\u0662\u0663",
+    "", "+", "89161234567\n", "8916*123", "${SHELL(rm -rf /)}", None, 89161234567,
+])
+def test_hostile_click_numbers_never_reach_ami(tmp_path, number):
+    click, ami, store = make_click(tmp_path)
+    ok, reason = click.start({"CALL_ID": "externalCall.abc.1", "USER_ID": "5", "PHONE_NUMBER": number},
+                             "test")
+    assert not ok and "PHONE_NUMBER" in reason and ami.originates == []
+
+
+@pytest.mark.parametrize("data, field", [
+    ({"CALL_ID": "x\r\nAction: Command", "USER_ID": "5", "PHONE_NUMBER": "89161234567"}, "CALL_ID"),
+    ({"CALL_ID": "externalCall.abc.1", "USER_ID": "5; DROP", "PHONE_NUMBER": "89161234567"}, "USER_ID"),
+    ({"CALL_ID": "externalCall.abc.1", "USER_ID": "99", "PHONE_NUMBER": "89161234567"}, "no extension"),
+    ("not a dict", "data"),
+])
+def test_bad_click_fields_are_refused_by_name(tmp_path, data, field):
+    click, ami, _ = make_click(tmp_path)
+    ok, reason = click.start(data, "test")
+    assert not ok and field in reason and ami.originates == []
+
+
+def test_one_click_dials_once_and_a_stuck_button_is_held_back(tmp_path):
+    click, ami, store = make_click(tmp_path)
+    data = {"CALL_ID": "externalCall.abc.1", "USER_ID": "5", "PHONE_NUMBER": "89161234567"}
+    assert click.start(data, "test")[0]
+    assert not click.start(dict(data), "test")[0]           # the same click again
+    again = dict(data, CALL_ID="externalCall.abc.2")
+    ok, reason = click.start(again, "test")                  # a new click 0 s later
+    assert not ok and "within" in reason
+    assert len(ami.originates) == 1
+    o = ami.originates[0]
+    assert o["channel"] == "Local/101@from-internal" and o["context"] == "from-internal"
+    assert o["variables"] == {"__BX24_CALL_ID": "externalCall.abc.1"}
+    assert o["caller_id"] == '"89161234567" <101>'
+    # the refused click's card is closed in Bitrix24
+    closes = [r for r in bx24ast.Outbox(store).listing() if r.kind == "close"]
+    assert len(closes) == 1 and closes[0].params["CALL_ID"] == "externalCall.abc.2"
+    assert closes[0].params["STATUS_CODE"] == "603" and closes[0].params["USER_ID"] == 5
+    # another user is not held back
+    assert click.start(dict(data, CALL_ID="externalCall.abc.3", USER_ID="7"), "test")[0]
+
+
+def test_php_form_parses_bitrix24_event_bodies():
+    body = Bitrix24Emulator.event_form("OnExternalCallStart", {"CALL_ID": "c1", "PHONE_NUMBER": "+7 916"},
+                                       "tok").decode()
+    form = bx24ast.php_form(body)
+    assert form["event"] == "ONEXTERNALCALLSTART" and form["data"]["CALL_ID"] == "c1"
+    assert form["data"]["PHONE_NUMBER"] == "+7 916" and form["auth"]["application_token"] == "tok"
+    assert bx24ast.php_form("a[b][c]=1&a[b][d]=2&x=&bad]=1") == {"a": {"b": {"c": "1", "d": "2"}}, "x": ""}
+
+
+class Service(object):
+    """A whole bx24ast.Daemon (AMI + Bitrix24 + listeners) in a thread."""
+
+    def __init__(self, tmp_path, ami, emu, c2c, oauth=False):
+        b24 = ("portal_url = %s/\nclient_id = %s\nclient_secret = %s\noauth_url = %s\n"
+               % (emu.url, emu.client_id, emu.client_secret, emu.oauth_url)) if oauth else \
+            "webhook_url = %s\n" % emu.webhook_url
+        text = ("[ami]\nhost = 127.0.0.1\nport = %d\nusername = bx24\nsecret = s3cret\nreconnect_max_delay = 1\n"
+                "[bitrix24]\n%srate = %s\nburst = %s\ntimeout = 5\n[routing]\nagi_listen =\nhttp_listen =\n"
+                "[click_to_call]\n%s\n[crm]\ncallback_window_minutes = 0\n[cel]\nbackend = off\n"
+                "[storage]\nstate_dir = %s\n[recordings]\npath = %s\nsettle_seconds = 0\n"
+                % (ami.port, b24, emu.rate, emu.burst, "\n".join("%s = %s" % kv for kv in c2c.items()),
+                   tmp_path, os.path.join(CLICK, "recordings")))
+        self.config = bx24ast.Config.from_text(text)
+        if oauth:
+            store = bx24ast.StateStore.open_dir(str(tmp_path))
+            bx24ast.BitrixClient.from_config(self.config, store).save_tokens(emu.issue_tokens())
+            store.close()
+        self.daemon = bx24ast.Daemon(self.config)
+        self.thread = threading.Thread(target=self.daemon.run)
+
+    def __enter__(self):
+        self.thread.start()
+        assert wait_for(lambda: self.daemon.bridge.users.loaded_at, 10)
+        return self
+
+    def __exit__(self, *exc):
+        self.daemon.stop()
+        self.thread.join(20)
+        self.daemon.bridge.store.close()
+
+    def post(self, body, path="/bitrix24"):
+        port = self.daemon.listeners[0].address[1]
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("POST", path, body, {"Content-Type": "application/x-www-form-urlencoded"})
+        resp = conn.getresponse()
+        answer = resp.read()
+        conn.close()
+        return resp.status, answer
+
+
+def originates(ami):
+    return [a for a in ami.actions if a.get("Action") == "Originate"]
+
+
+def test_click_to_call_port_mode_end_to_end(tmp_path):
+    expected = load_expected(CLICK)["calls"][0]
+    c2c = {"mode": "port", "listen": "127.0.0.1:0", "application_token": "t0ken-from-bitrix24",
+           "phone_channel": "PJSIP/{extension}"}
+    # played at twice the real speed: durations come from the events' arrival, as live
+    with Bitrix24Emulator() as emu, FakeAmiServer(on_originate=CLICK, speed=2) as ami:
+        with Service(tmp_path, ami, emu, c2c) as svc:
+            data = emu.start_click(5, "+7 (916) 123-45-67")
+            call_id = data["CALL_ID"]
+            # a wrong or missing token: 403, nothing dialled
+            assert svc.post(emu.event_form("ONEXTERNALCALLSTART", data, "guess"))[0] == 403
+            assert svc.post(b"event=ONEXTERNALCALLSTART&data[CALL_ID]=x")[0] == 403
+            # a hostile number with the right token: refused, nothing dialled
+            evil = dict(data, PHONE_NUMBER="123\r\nAction: Command", PHONE_NUMBER_INTERNATIONAL="",
+                        CALL_ID="externalCall.evil.1")
+            status, answer = svc.post(emu.event_form("ONEXTERNALCALLSTART", evil, "t0ken-from-bitrix24"))
+            assert status == 200 and b"refused" in answer
+            assert originates(ami) == []
+            # an event we do not handle
+            assert svc.post(emu.event_form("ONCRMLEADADD", {}, "t0ken-from-bitrix24"))[0] == 400
+            # the real click
+            status, answer = svc.post(emu.event_form("ONEXTERNALCALLSTART", data, "t0ken-from-bitrix24"))
+            assert status == 200 and b"originated" in answer
+            sent = originates(ami)
+            assert len(sent) == 1
+            o = sent[0]
+            assert o["Channel"] == "PJSIP/101" and o["Context"] == "from-internal"
+            assert o["Exten"] == expected["external_number"] == "89161234567"
+            assert o["Variable"] == "__BX24_CALL_ID=%s" % call_id
+            # the call Asterisk then makes is finished under Bitrix24's CALL_ID, never registered again
+            assert wait_for(lambda: call_id in emu.stats, 30), emu.journal[-5:]
+            stat = emu.stats[call_id]
+            assert stat["PORTAL_USER_ID"] == 5 and stat["CALL_FAILED_CODE"] == "200"
+            assert abs(stat["CALL_DURATION"] - expected["first_bridge_to_hangup_s"] / 2) <= 1
+            assert not [e for e in emu.journal if e["method"] == "telephony.externalcall.register"]
+            assert wait_for(lambda: call_id in emu.records, 15)
+            # Bitrix24 resends nothing, but a repeated POST must not dial again
+            svc.post(emu.event_form("ONEXTERNALCALLSTART", data, "t0ken-from-bitrix24"))
+            assert len(originates(ami)) == 1
+
+
+def test_click_to_call_offline_mode_originates_once_and_clears(tmp_path):
+    c2c = {"mode": "offline", "poll_interval": "0.5", "phone_channel": "PJSIP/{extension}"}
+    with Bitrix24Emulator() as emu, FakeAmiServer(on_originate=CLICK) as ami:
+        with Service(tmp_path, ami, emu, c2c, oauth=True) as svc:
+            assert wait_for(lambda: svc.daemon.poller.bound, 10)
+            assert {"event": "ONEXTERNALCALLSTART", "handler": "", "offline": 1} in emu.bindings
+            data = emu.start_click(5, "89161234567", offline=True)
+            assert wait_for(lambda: originates(ami), 10)
+            assert wait_for(lambda: not emu.offline, 10)
+            assert wait_for(lambda: data["CALL_ID"] in emu.stats, 30)
+            assert not [e for e in emu.journal if e["method"] == "telephony.externalcall.register"]
+            gets = [e for e in emu.journal if e["method"] == "event.offline.get"]
+            assert gets and all(str(e["params"]["clear"]) == "0" for e in gets)
+        assert len(originates(ami)) == 1
+
+
+def test_offline_click_is_not_lost_nor_dialled_twice_across_a_restart(tmp_path):
+    c2c = {"mode": "offline", "poll_interval": "0.5", "phone_channel": "PJSIP/{extension}"}
+    with Bitrix24Emulator() as emu, FakeAmiServer() as ami:
+        with Service(tmp_path, ami, emu, c2c, oauth=True) as svc:
+            assert wait_for(lambda: svc.daemon.poller.bound, 10)
+            emu.failures["event.offline.clear"] = 1000   # dies before the clear gets through
+            emu.start_click(5, "89161234567", offline=True)
+            assert wait_for(lambda: originates(ami), 10)
+            assert wait_for(lambda: [e for e in emu.journal if e["method"] == "event.offline.clear"], 10)
+        assert emu.offline  # still reserved on the portal
+        emu.failures.clear()
+        with Service(tmp_path, ami, emu, c2c, oauth=True) as svc:
+            assert wait_for(lambda: not emu.offline, 10)
+            got = [e for e in emu.journal if e["method"] == "event.offline.get"]
+            assert any(e["params"].get("process_id") for e in got)   # re-read the reserved batch
+        assert len(originates(ami)) == 1
+
+
+def test_offline_poll_rides_in_the_outbox_batch(tmp_path):
+    with Bitrix24Emulator() as emu:
+        emu.issue_tokens()
+        store = bx24ast.StateStore(str(tmp_path / "s.db"))
+        client = bx24ast.BitrixClient(webhook_url=emu.webhook_url)
+        users = bx24ast.UserDirectory(client, {"101": 5})
+        users.loaded_at = time.time()
+        outbox = bx24ast.Outbox(store)
+        sender = bx24ast.OutboxSender(outbox, bx24ast.CallRecords(store), client, users, None, 1)
+        sender._thread = True  # running, as far as backlog() is concerned
+        for n in range(3):
+            outbox.add("c%d" % n, "register", "telephony.externalcall.register",
+                       {"USER_ID": 5, "PHONE_NUMBER": "+7916000000%d" % n, "TYPE": 2}, bx24ast.PRIORITY_CARD)
+        assert sender.backlog()
+        ride = sender.ride("user.get", {"FILTER": {"ACTIVE": True}})
+        sender.step()
+        assert ride.done.is_set() and ride.error is None and len(ride.result) == 4
+        assert client.requests_sent == 1   # one HTTP request carried all four
+        assert [e["method"] for e in emu.journal][0] == "batch"
+        store.close()
+
+
+def test_bind_events_cli_against_the_portal(tmp_path, capsys):
+    with Bitrix24Emulator() as emu:
+        conf = tmp_path / "bx24ast.conf"
+        conf.write_text("[bitrix24]\nportal_url = %s/\nclient_id = %s\nclient_secret = %s\noauth_url = %s\n"
+                        "[click_to_call]\nmode = port\napplication_token = abc\npublic_url = https://pbx.example.com:8077/b24\n"
+                        "[storage]\nstate_dir = %s\n" % (emu.url, emu.client_id, emu.client_secret, emu.oauth_url,
+                                                          tmp_path))
+        config = bx24ast.Config.load(str(conf))
+        store = bx24ast.StateStore.open_dir(str(tmp_path))
+        bx24ast.BitrixClient.from_config(config, store).save_tokens(emu.issue_tokens())
+        store.close()
+        assert bx24ast.main(["-c", str(conf), "bind-events"]) == 0
+        out = capsys.readouterr().out
+        assert "ONEXTERNALCALLSTART -> https://pbx.example.com:8077/b24" in out
+        assert {"event": "ONEXTERNALCALLSTART", "handler": "https://pbx.example.com:8077/b24", "offline": 0} \
+            in emu.bindings
+        assert bx24ast.main(["-c", str(conf), "bind-events"]) == 0   # again: already bound is fine
+        assert len(emu.bindings) == 2
+        assert bx24ast.main(["-c", str(conf), "bind-events", "--unbind"]) == 0
+        assert emu.bindings == []
