@@ -1715,6 +1715,7 @@ class Call(object):
         self.recording = None
         self._recording_rank = None
         self.call_id = None         # Bitrix24 CALL_ID carried in by click-to-call
+        self.callback = False       # started by the CRM callback form (registered as TYPE 4)
         self.channels = {}
         self.dial_statuses = []
         self.notified_ringing = set()
@@ -1752,6 +1753,10 @@ class Call(object):
         ])
 
 
+# Set (inherited) on calls that the CRM callback form started: Bitrix24 wants them as TYPE 4.
+CALLBACK_VARIABLE = "BX24_CALLBACK"
+
+
 class CallTracker(object):
     """Groups AMI events into calls by Linkedid and tells the CRM side what happens.
 
@@ -1781,7 +1786,8 @@ class CallTracker(object):
         for kind, names in (("extension", self.rules.extension_variables),
                             ("did", self.rules.did_variables),
                             ("recording", self.rules.recording_variables),
-                            ("call_id", [self.rules.call_id_variable])):
+                            ("call_id", [self.rules.call_id_variable]),
+                            ("callback", [CALLBACK_VARIABLE])):
             for rank, var in enumerate(names):
                 for spelling in (var, "_" + var, "__" + var):
                     self._variables[spelling] = (kind, var, rank)
@@ -1946,6 +1952,8 @@ class CallTracker(object):
         elif kind == "call_id":
             if value and re.match(r"^[A-Za-z0-9._\-]{1,100}$", value):
                 call.call_id = value
+        elif kind == "callback":
+            call.callback = value == "1"
 
     def _dialbegin(self, msg, when):
         dest = self._channel(msg, when, "DestUniqueid")
@@ -2877,7 +2885,7 @@ class CrmFlows(object):
         params = collections.OrderedDict([
             ("USER_ID", {"$": "user", "ext": ext}),
             ("PHONE_NUMBER", self._number(call) or call.external_number or ""),
-            ("TYPE", 2 if call.direction == "inbound" else 1),
+            ("TYPE", 2 if call.direction == "inbound" else 4 if call.callback else 1),
             ("CALL_START_DATE", bitrix_time(call.started_at or time.time())),
             ("CRM_CREATE", 1 if self.crm["create"] else 0),
             ("SHOW", 1 if show and self.crm["show_card"] else 0),
@@ -4655,6 +4663,7 @@ class ClickToCall(object):
         try:
             self.ami.originate(channel, self.settings["outbound_context"], dial,
                                caller_id='"Callback %s" <%s>' % (number, group),
+                               variables={"__" + CALLBACK_VARIABLE: "1"},
                                timeout_ms=self.settings["ring_timeout"] * 1000)
         except AmiError as exc:
             self._outcome("callback:" + key, "refused: AMI: %s" % exc)

@@ -496,3 +496,49 @@ def test_bind_events_cli_against_the_portal(tmp_path, capsys):
         assert len(emu.bindings) == 2
         assert bx24ast.main(["-c", str(conf), "bind-events", "--unbind"]) == 0
         assert emu.bindings == []
+
+
+def test_callback_form_rings_the_group_then_the_client(tmp_path):
+    click, ami, _ = make_click(tmp_path)
+    data = {"PHONE_NUMBER": "+7 916 555-44-33", "TEXT": "Call back the client", "VOICE": "ruinternalfemale",
+            "CRM_ENTITY_TYPE": "LEAD", "CRM_ENTITY_ID": "12", "LINE_NUMBER": ""}
+    ok, reason = click.handle_event("OnExternalCallBackStart", data, "test", "m1")
+    assert not ok and "callback_extension" in reason and ami.originates == []
+    click, ami, _ = make_click(tmp_path / "2", callback_extension="600")
+    assert click.handle_event("OnExternalCallBackStart", data, "test", "m1")[0]
+    assert not click.handle_event("OnExternalCallBackStart", data, "test", "m1")[0]   # the same record again
+    assert len(ami.originates) == 1
+    o = ami.originates[0]
+    assert o["channel"] == "Local/600@from-internal" and o["exten"] == "89165554433"
+    assert o["variables"] == {"__BX24_CALLBACK": "1"}
+    evil = dict(data, PHONE_NUMBER="1;Action: Originate")
+    assert not click.handle_event("OnExternalCallBackStart", evil, "test", "m2")[0]
+    assert len(ami.originates) == 1
+
+
+def test_a_callback_call_is_registered_as_type_4(tmp_path):
+    from test_calls import Pbx
+    from test_crm import Harness
+    with Bitrix24Emulator() as emu:
+        with Harness(tmp_path, emu) as h:
+            pbx = Pbx(h.rules)
+            pbx.tracker = h.tracker
+            pbx.t = time.time()
+            pbx.new("20.0", "Local/600@from-internal-00000001;1", "20.0", "from-internal", "600", "600", 0)
+            pbx.send("VarSet", Variable="__BX24_CALLBACK", Value="1", **pbx.fields("20.0"))
+            pbx.new("20.1", "PJSIP/101-00000002", "20.0", "from-internal", "s")
+            pbx.dial("20.0", "20.1", "PJSIP/101")
+            pbx.dialend("20.0", "20.1", "ANSWER")
+            pbx.new("20.2", "PJSIP/trunk-00000003", "20.0", "from-trunk", "s")
+            pbx.dial("20.0", "20.2", "89165554433@trunk")
+            pbx.dialend("20.0", "20.2", "ANSWER")
+            pbx.enter("20.2", "B1")
+            pbx.enter("20.0", "B1")
+            pbx.t += 30
+            pbx.hangup("20.2")
+            pbx.hangup("20.1")
+            pbx.hangup("20.0")
+            h.wait_idle()
+            reg = [e for e in emu.journal if e["method"] == "telephony.externalcall.register"]
+            assert len(reg) == 1 and str(reg[0]["params"]["TYPE"]) == "4"
+            assert reg[0]["params"]["PHONE_NUMBER"] == "+79165554433"
