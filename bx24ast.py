@@ -4362,6 +4362,11 @@ class FastAgiServer(object):
         class Handler(socketserver.StreamRequestHandler):
             timeout = 10
 
+            def setup(self):
+                # Small writes answered by small reads: Nagle would add round trips.
+                self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                socketserver.StreamRequestHandler.setup(self)
+
             def handle(self):
                 server.session(self.rfile, self.wfile, self.client_address)
 
