@@ -16,6 +16,8 @@ Sections, in the order data flows:
     CRM flows        UserDirectory, CrmFlows (calls -> requests), OutboxSender
     CEL              SqliteCel, MysqlCel, cel_events (CEL rows -> AMI events),
                      CelRecovery, detect_cel, cel_health
+    Routing          ResponsibleLookup, FastAgiServer, LookupHttpServer, ClickToCall,
+                     EventListener (port mode), OfflineEventPoller (no-port mode)
     Captures         record-ami / replay: AMI byte streams with their timing sidecar
     Service          the foreground daemon: threads, signals, logging
     Command line     main()
