@@ -4451,10 +4451,17 @@ class FastAgiServer(object):
             return not text.startswith(("511", "520"))
 
 
+def _connection_failed(server, request, client_address):
+    # socketserver would print a traceback to stderr for a client that vanished
+    # or spoke plain HTTP to the TLS port: a log line is enough.
+    log.info("connection from %s failed: %s", client_address[0], sys.exc_info()[1])
+
+
 class _ThreadingTCPServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 64
+    handle_error = _connection_failed
 
 
 class _ThreadingHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
@@ -4462,6 +4469,7 @@ class _ThreadingHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 64
+    handle_error = _connection_failed
 
 
 def _json_reply(handler, status, payload):
@@ -4713,23 +4721,30 @@ class EventListener(object):
             def log_message(self, fmt, *args):
                 log.debug("click-to-call http: " + fmt, *args)
 
+            def setup(self):
+                if owner.tls is not None:
+                    # The handshake happens here, in the connection's own thread: a
+                    # slow or plain-HTTP client cannot hold up the accept loop.
+                    self.request.settimeout(self.timeout)
+                    self.request = owner.tls.wrap_socket(self.request, server_side=True)
+                http.server.BaseHTTPRequestHandler.setup(self)
+
             def do_GET(self):
                 _json_reply(self, 405, {"error": "Bitrix24 events are POSTed here"})
 
             def do_POST(self):
                 owner.handle_post(self)
 
-        self.server = _ThreadingHTTPServer((host, port), Handler)
+        self.tls = None
         if cert:
-            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER) if hasattr(ssl, "PROTOCOL_TLS_SERVER") else \
+            self.tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER) if hasattr(ssl, "PROTOCOL_TLS_SERVER") else \
                 ssl.SSLContext(ssl.PROTOCOL_SSLv23)
             try:
-                context.load_cert_chain(cert, key or None)
+                self.tls.load_cert_chain(cert, key or None)
             except (OSError, ssl.SSLError) as exc:
-                self.server.server_close()
                 raise ConfigError("[click_to_call] tls_cert/tls_key cannot be loaded: %s" % exc,
                                   section="click_to_call", key="tls_cert", value=cert)
-            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+        self.server = _ThreadingHTTPServer((host, port), Handler)
         self.address = self.server.server_address[:2]
         self.scheme = "https" if cert else "http"
 

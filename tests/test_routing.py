@@ -402,6 +402,7 @@ def test_click_to_call_port_mode_end_to_end(tmp_path):
             # the real click
             status, answer = svc.post(emu.event_form("ONEXTERNALCALLSTART", data, "t0ken-from-bitrix24"))
             assert status == 200 and b"originated" in answer
+            assert wait_for(lambda: originates(ami), 10)
             sent = originates(ami)
             assert len(sent) == 1
             o = sent[0]
@@ -416,7 +417,9 @@ def test_click_to_call_port_mode_end_to_end(tmp_path):
             assert not [e for e in emu.journal if e["method"] == "telephony.externalcall.register"]
             assert wait_for(lambda: call_id in emu.records, 15)
             # Bitrix24 resends nothing, but a repeated POST must not dial again
-            svc.post(emu.event_form("ONEXTERNALCALLSTART", data, "t0ken-from-bitrix24"))
+            status, answer = svc.post(emu.event_form("ONEXTERNALCALLSTART", data, "t0ken-from-bitrix24"))
+            assert status == 200 and b"already handled" in answer
+            time.sleep(0.5)
             assert len(originates(ami)) == 1
 
 
@@ -542,3 +545,42 @@ def test_a_callback_call_is_registered_as_type_4(tmp_path):
             reg = [e for e in emu.journal if e["method"] == "telephony.externalcall.register"]
             assert len(reg) == 1 and str(reg[0]["params"]["TYPE"]) == "4"
             assert reg[0]["params"]["PHONE_NUMBER"] == "+79165554433"
+
+
+def test_port_mode_over_https_with_the_configured_certificate(tmp_path):
+    import shutil
+    import ssl
+    import subprocess
+    if not shutil.which("openssl"):
+        pytest.skip("openssl is not installed")
+    cert, key = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
+    subprocess.check_call(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                           "-subj", "/CN=127.0.0.1", "-keyout", key, "-out", cert],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    click, ami, _ = make_click(tmp_path)
+    listener = bx24ast.EventListener(click, "tok", "127.0.0.1", 0, cert, key)
+    listener.start()
+    try:
+        context = ssl.create_default_context(cafile=cert)
+        context.check_hostname = False
+        conn = http.client.HTTPSConnection("127.0.0.1", listener.address[1], timeout=10, context=context)
+        data = {"CALL_ID": "externalCall.tls.1", "USER_ID": "5", "PHONE_NUMBER": "89161234567"}
+        conn.request("POST", "/", Bitrix24Emulator.event_form("ONEXTERNALCALLSTART", data, "tok"),
+                     {"Content-Type": "application/x-www-form-urlencoded"})
+        assert conn.getresponse().status == 200
+        conn.close()
+        assert len(ami.originates) == 1
+        # plain HTTP to the TLS port gets nothing
+        plain = http.client.HTTPConnection("127.0.0.1", listener.address[1], timeout=5)
+        with pytest.raises((http.client.HTTPException, OSError)):
+            plain.request("POST", "/", b"event=x")
+            plain.getresponse()
+        assert len(ami.originates) == 1
+    finally:
+        listener.stop()
+    with pytest.raises(bx24ast.ConfigError) as err:
+        bx24ast.EventListener(click, "tok", "127.0.0.1", 0, str(tmp_path / "missing.pem"))
+    assert "tls_cert" in str(err.value)
+    with pytest.raises(bx24ast.ConfigError) as err:
+        bx24ast.EventListener(click, "", "127.0.0.1", 0)
+    assert "application_token" in str(err.value)
