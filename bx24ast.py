@@ -4523,6 +4523,8 @@ class LookupHttpServer(object):
         self.server.server_close()
 
 
+CLICK_EVENTS = ("ONEXTERNALCALLSTART", "ONEXTERNALCALLBACKSTART")
+
 # OriginateResponse Reason -> how the Bitrix24 card is closed when the phone never answered.
 _ORIGINATE_FAILURE_STATUS = {"3": "304", "5": "486"}
 
@@ -4703,7 +4705,6 @@ class EventListener(object):
     carrying our application_token are taken."""
 
     MAX_BODY = 64 * 1024
-    EVENTS = ("ONEXTERNALCALLSTART", "ONEXTERNALCALLBACKSTART")
 
     def __init__(self, click, token, host="0.0.0.0", port=8077, cert="", key=""):
         if not token:
@@ -4766,7 +4767,7 @@ class EventListener(object):
                         "wrong auth[application_token]" if given else "no auth[application_token]")
             return _json_reply(req, 403, {"error": "wrong application_token"})
         event = str(form.get("event", "")).upper()
-        if event not in self.EVENTS:
+        if event not in CLICK_EVENTS:
             log.warning("click-to-call: event %r from %s is not one bx24ast handles", event[:40], peer)
             return _json_reply(req, 400, {"error": "unexpected event"})
         # Answer at once (Bitrix24 does not retry, and slow handlers lose priority);
@@ -4808,22 +4809,16 @@ class OfflineEventPoller(object):
         self._thread = None
 
     def bind(self):
-        """Make sure the offline binding exists; logs clearly whether the portal took it."""
-        for event in ("ONEXTERNALCALLSTART", "ONEXTERNALCALLBACKSTART"):
+        """Make sure the offline bindings exist; logs clearly whether the portal took them."""
+        for event in CLICK_EVENTS:
             try:
-                self.client.call("event.bind", {"event": event, "event_type": "offline"})
-                log.info("click-to-call: offline binding of %s accepted by the portal", event)
+                fresh = bind_event(self.client, {"event": event, "event_type": "offline"})
+                log.info("click-to-call: offline binding of %s %s", event,
+                         "accepted by the portal" if fresh else "already in place")
                 self.bound = True
-            except BitrixRejected as exc:
-                if "ALREADY" in (exc.code or "").upper() or "already exist" in str(exc):
-                    log.info("click-to-call: offline binding of %s already in place", event)
-                    self.bound = True
-                else:
-                    log.error("click-to-call: the portal refused the offline binding of %s: %s (offline mode "
-                              "needs a local application authorised by an administrator)", event, exc)
-                    self.bound = self.bound or False
             except BitrixError as exc:
-                log.error("click-to-call: binding %s failed: %s", event, exc)
+                log.error("click-to-call: the portal refused the offline binding of %s: %s (offline mode "
+                          "needs a local application authorised by an administrator)", event, exc)
                 self.bound = self.bound or False
         return self.bound
 
@@ -4917,33 +4912,36 @@ class OfflineEventPoller(object):
         return 0.05 if len(events) >= 50 else self.interval
 
 
+def bind_event(client, params):
+    """event.bind; True when bound now, False when the portal had it already."""
+    try:
+        client.call("event.bind", params)
+        return True
+    except BitrixRejected as exc:
+        if "already exist" in str(exc) or "ALREADY" in (exc.code or "").upper():
+            return False
+        raise
+
+
 def bind_events(client, config, unbind=False):
     """Bind (or unbind) OnExternalCallStart/OnExternalCallBackStart for the configured
     mode; returns the portal's list of bindings (event.get)."""
     c2c = config.section("click_to_call")
-    events = ("ONEXTERNALCALLSTART", "ONEXTERNALCALLBACKSTART")
-    for event in events:
-        if unbind:
-            params = {"event": event}
-            if c2c["mode"] == "port":
-                params["handler"] = c2c["public_url"]
-            else:
-                params["event_type"] = "offline"
-            client.call("event.unbind", params)
-            continue
+    if c2c["mode"] == "off":
+        raise ConfigError("[click_to_call] mode is off: set port or offline before binding events",
+                          section="click_to_call", key="mode", value="off")
+    if c2c["mode"] == "port":
+        config.require("click_to_call", "public_url", "bind-events needs the URL Bitrix24 should POST to")
+    for event in CLICK_EVENTS:
+        params = {"event": event}
         if c2c["mode"] == "port":
-            config.require("click_to_call", "public_url", "bind-events needs the URL Bitrix24 should POST to")
-            params = {"event": event, "handler": c2c["public_url"]}
-        elif c2c["mode"] == "offline":
-            params = {"event": event, "event_type": "offline"}
+            params["handler"] = c2c["public_url"]
         else:
-            raise ConfigError("[click_to_call] mode is off: set port or offline before binding events",
-                              section="click_to_call", key="mode", value="off")
-        try:
-            client.call("event.bind", params)
-        except BitrixRejected as exc:
-            if "already exist" not in str(exc) and "ALREADY" not in (exc.code or "").upper():
-                raise
+            params["event_type"] = "offline"
+        if unbind:
+            client.call("event.unbind", params)
+        else:
+            bind_event(client, params)
     return client.call("event.get")
 
 

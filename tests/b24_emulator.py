@@ -140,6 +140,7 @@ class Bitrix24Emulator(object):
         self.offline = collections.OrderedDict()
         self.reserved = {}
         self.failures = {}            # method -> how many next calls fail with a 500
+        self.offline_extended = True  # the plan allows event.offline.get with clear=0
         for uid, name, ext in ((1, "Admin", None), (5, "Ivan Petrov", "101"), (7, "Maria Sidorova", "102"),
                                (9, "Oleg Smirnov", "103")):
             self.add_user(uid, name, ext)
@@ -774,6 +775,8 @@ class Bitrix24Emulator(object):
     def m_event_offline_get(self, p):
         limit = int(p.get("limit") or 50)
         clear = truthy_php(p.get("clear", 1))
+        if not clear and not self.offline_extended:
+            raise Fail(403, "WRONG_LICENSE", "Wrong license (rest_offline_extended is needed for clear=0)")
         if p.get("process_id"):
             rows = [r for r in self.offline.values() if r["process_id"] == p["process_id"]]
             return {"process_id": p["process_id"], "events": [_public(r) for r in rows]}

@@ -584,3 +584,73 @@ def test_port_mode_over_https_with_the_configured_certificate(tmp_path):
     with pytest.raises(bx24ast.ConfigError) as err:
         bx24ast.EventListener(click, "", "127.0.0.1", 0)
     assert "application_token" in str(err.value)
+
+
+def test_lookup_answers_limited_at_once_when_the_rate_budget_is_spent():
+    with Bitrix24Emulator() as emu:
+        emu.add_contact("+79161234567", "Known Client", assigned=7)
+        with Routing(emu) as r:
+            r.client.bucket.level = r.client.bucket.capacity  # every request of the budget spent
+            before = r.client.requests_sent
+            found = r.ask("89161234567")
+            assert found["BX24_RESPONSIBLE_STATUS"] == "LIMITED" and found["BX24_RESPONSIBLE_EXT"] == ""
+            assert r.client.requests_sent == before and not searches(emu)
+            assert not r.lookup._cache  # not remembered: the next call tries again
+
+
+def test_a_phone_that_never_answers_closes_the_card(tmp_path):
+    click, ami, store = make_click(tmp_path)
+    click.start({"CALL_ID": "externalCall.na.1", "USER_ID": "5", "PHONE_NUMBER": "89161234567"}, "test")
+    click.on_originate_response(bx24ast.Message({"ActionID": "id-1", "Response": "Failure", "Reason": "3"},
+                                                True, "OriginateResponse"))
+    closes = [r for r in bx24ast.Outbox(store).listing() if r.kind == "close"]
+    assert len(closes) == 1 and closes[0].params == {"CALL_ID": "externalCall.na.1", "USER_ID": 5,
+                                                      "DURATION": 0, "STATUS_CODE": "304"}
+    # an answered originate, or one we did not send, closes nothing
+    click.on_originate_response(bx24ast.Message({"ActionID": "id-1", "Response": "Failure", "Reason": "5"},
+                                                True, "OriginateResponse"))
+    assert len([r for r in bx24ast.Outbox(store).listing() if r.kind == "close"]) == 1
+
+
+def make_poller(tmp_path, emu, webhook=False):
+    store = bx24ast.StateStore(str(tmp_path / "poll.db"))
+    if webhook:
+        client = bx24ast.BitrixClient(webhook_url=emu.webhook_url)
+    else:
+        client = bx24ast.BitrixClient(portal_url=emu.url + "/", client_id=emu.client_id,
+                                      client_secret=emu.client_secret, oauth_url=emu.oauth_url, store=store)
+        client.save_tokens(emu.issue_tokens())
+    click, ami, _ = make_click(tmp_path)
+    return bx24ast.OfflineEventPoller(client, click, store, interval=2.0), ami, store
+
+
+def test_offline_binding_refused_to_a_webhook_is_said_clearly(tmp_path, caplog):
+    with Bitrix24Emulator() as emu:
+        poller, _, store = make_poller(tmp_path, emu, webhook=True)
+        assert poller.bind() is False and emu.bindings == []
+        assert "needs a local application authorised by an administrator" in caplog.text
+        assert "WRONG_AUTH_TYPE" in caplog.text
+        store.close()
+
+
+def test_poller_slows_down_when_the_rate_budget_is_tight(tmp_path):
+    with Bitrix24Emulator() as emu:
+        poller, _, store = make_poller(tmp_path, emu)
+        assert poller.poll_once() == 2.0 and poller.polls == 1
+        poller.client.bucket.level = poller.client.bucket.capacity * 0.9
+        wait = poller.poll_once()
+        assert wait > 2.0 * 4 and poller.polls == 1   # no request spent on a poll
+        store.close()
+
+
+def test_poller_falls_back_to_clear_1_without_the_extended_plan(tmp_path, caplog):
+    with Bitrix24Emulator() as emu:
+        emu.offline_extended = False
+        poller, ami, store = make_poller(tmp_path, emu)
+        emu.bindings.append({"event": "ONEXTERNALCALLSTART", "handler": "", "offline": 1})
+        emu.start_click(5, "89161234567", offline=True)
+        poller.poll_once()
+        assert poller.clear_mode == 1 and "can lose one click" in caplog.text
+        poller.poll_once()
+        assert len(ami.originates) == 1 and not emu.offline
+        store.close()
