@@ -19,7 +19,8 @@ Sections, in the order data flows:
     Routing          ResponsibleLookup, FastAgiServer, LookupHttpServer, ClickToCall,
                      EventListener (port mode), OfflineEventPoller (no-port mode)
     Captures         record-ami / replay: AMI byte streams with their timing sidecar
-    Service          the foreground daemon: threads, signals, logging
+    Service          the daemon: threads, signals, SIGHUP reload, heartbeat, lock
+    Checks           run_checks: daemon, AMI, Bitrix24, outbox, CEL (`check`, wizard)
     Command line     main()
 
 Importing this module runs nothing.
@@ -31,14 +32,17 @@ import binascii
 import calendar
 import collections
 import configparser
+import fcntl
 import hashlib
 import hmac
 import http.server
 import json
 import logging
+import logging.handlers
 import os
 import re
 import select
+import shlex
 import signal
 import socket
 import socketserver
@@ -345,7 +349,7 @@ CONFIG_SCHEMA = [
     ("click_to_call", "callback_extension", "", _as_matching(r"^[0-9*#]{1,20}$", "empty, or the extension or ring group number to ring", allow_empty=True), "CRM callback form (OnExternalCallBackStart): ring this extension or group first, then the client; empty refuses callbacks."),
     ("storage", "state_dir", "/var/lib/bx24ast", _as_dir, "Directory for the state database (outbox, tokens, checkpoints)."),
     ("log", "level", "info", _as_choice("debug", "info", "warning", "error"), "Log verbosity."),
-    ("log", "file", "", _as_str, "Log file; empty logs to stderr."),
+    ("log", "file", "", _as_str, "Log file (the service: /var/log/bx24ast/bx24ast.log), or syslog; empty logs to stderr."),
 ]
 
 
@@ -1220,6 +1224,7 @@ class AmiConnection(object):
         self.connects = 0
         self.disconnected_at = None
         self.fully_booted_uptime = None
+        self.last_error = None
 
     # -- actions ------------------------------------------------------------
     def next_action_id(self):
@@ -1315,11 +1320,14 @@ class AmiConnection(object):
                 self._connect_and_login()
             except AmiLoginFailed as exc:
                 log.error("%s", exc)
+                self.last_error = str(exc)
                 delay = self.reconnect_max_delay
             except (AmiError, OSError, socket.error) as exc:
                 log.warning("AMI: cannot connect to %s:%s: %s; next try in %.0f s",
                             self.host, self.port, exc, delay)
+                self.last_error = "cannot connect to %s:%s: %s" % (self.host, self.port, exc)
             else:
+                self.last_error = None
                 delay = 1.0
                 self._read_loop()
                 if self._stop.is_set():
@@ -2473,6 +2481,7 @@ class BitrixClient(object):
             context.verify_mode = ssl.CERT_NONE
         self._opener = urllib.request.build_opener(_NoRedirect(), urllib.request.HTTPSHandler(context=context))
         self._refresh_lock = threading.Lock()
+        self.may_refresh = True
         self.requests_sent = 0
         self.last_error = None
 
@@ -2604,7 +2613,7 @@ class BitrixClient(object):
                 self.last_error = None
                 return answer["result"]
             error = classify_error(status, answer, method)
-            if isinstance(error, BitrixAuthExpired) and self.uses_oauth and attempt == 1:
+            if isinstance(error, BitrixAuthExpired) and self.uses_oauth and attempt == 1 and self.may_refresh:
                 self.refresh(token)
                 continue
             self.last_error = error
@@ -5108,8 +5117,14 @@ def is_reportable(call, rules, include_internal=False):
 ###############################################################################
 
 def setup_logging(level="info", path=""):
-    handler = logging.FileHandler(path) if path else logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    """stderr (foreground), a file, or syslog ([log] file = syslog)."""
+    if path == "syslog":
+        address = "/dev/log" if os.path.exists("/dev/log") else ("127.0.0.1", 514)
+        handler = logging.handlers.SysLogHandler(address=address, facility=logging.handlers.SysLogHandler.LOG_DAEMON)
+        handler.setFormatter(logging.Formatter("bx24ast[%(process)d]: %(levelname)s %(message)s"))
+    else:
+        handler = logging.FileHandler(path) if path else logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
@@ -5212,8 +5227,13 @@ class Daemon(object):
         self.stop_event = threading.Event()
         self.resyncs = 0
         self.lookup = self.click = None
-        self.listeners = []      # FastAGI, HTTP lookup, event listener: started by run()
+        self.listeners = []      # (label, server): FastAGI, HTTP lookup, event listener; started by run()
+        self.listener_errors = []
         self.poller = None
+        self.started_at = time.time()
+        self.reload_requested = False
+        self.next_config = None
+        self.config_loader = None   # set by `run`: reads the file again on SIGHUP
         if self.bridge is not None:
             self._build_features()
 
@@ -5254,9 +5274,11 @@ class Daemon(object):
                 server = build(host, port)
             except OSError as exc:
                 log.error("%s: cannot listen on %s:%d: %s", label, host, port, exc.strerror or exc)
+                self.listener_errors.append("%s: cannot listen on %s:%d: %s" % (label, host, port,
+                                                                               exc.strerror or exc))
                 continue
             server.start()
-            self.listeners.append(server)
+            self.listeners.append((label, server))
 
     def _call_event(self, kind, call, extension):
         if kind != "ended" and call.direction == "internal":
@@ -5313,22 +5335,324 @@ class Daemon(object):
         self._start_listeners()
         if self.poller is not None:
             self.poller.start()
+        heartbeat = Heartbeat(self.config.get("storage", "state_dir"))
+        beat_at = 0.0
         try:
             while not self.stop_event.wait(1.0):
+                now = time.time()
                 with self._lock:
-                    self.tracker.expire(time.time())
+                    self.tracker.expire(now)
+                if now - beat_at >= Heartbeat.EVERY:
+                    beat_at = now
+                    heartbeat.write(self.status())
+                if self.reload_requested:
+                    self.reload_requested = False
+                    if self._reload():
+                        break
         finally:
-            for server in self.listeners:
+            for _label, server in self.listeners:
                 server.stop()
             if self.poller is not None:
                 self.poller.stop()
             self.ami.stop()
             if self.bridge is not None:
                 self.bridge.stop()
-            log.info("bx24ast stopped")
+            if self.next_config is None:
+                heartbeat.write(dict(self.status(), stopped_at=time.time()))
+            log.info("bx24ast stopped" if self.next_config is None else "bx24ast restarting with the new configuration")
+
+    def _reload(self):
+        """SIGHUP: read the configuration again; a bad file is logged and the running
+        configuration kept. True when run() should return to be started anew."""
+        if self.config_loader is None:
+            log.warning("SIGHUP: no configuration file to reload")
+            return False
+        try:
+            config = self.config_loader()
+        except ConfigError as exc:
+            log.error("SIGHUP: the new configuration is refused, keeping the running one: %s", exc)
+            return False
+        if config.get("storage", "state_dir") != self.config.get("storage", "state_dir"):
+            log.error("SIGHUP: [storage] state_dir changed; that needs a restart (systemctl restart bx24ast), "
+                      "keeping the running configuration")
+            return False
+        log.info("SIGHUP: configuration reloaded; reconnecting")
+        self.next_config = config
+        return True
+
+    def request_reload(self, *_args):
+        self.reload_requested = True
+
+    def status(self):
+        """What the heartbeat file tells `check` and the wizard."""
+        out = collections.OrderedDict([
+            ("pid", os.getpid()), ("time", time.time()), ("started_at", self.started_at), ("version", __version__),
+            ("ami", {"host": self.ami.host, "port": self.ami.port, "connected": self.ami.connected.is_set(),
+                     "disconnected_at": self.ami.disconnected_at, "last_error": self.ami.last_error}),
+            ("listeners", [{"name": label, "address": "%s:%d" % tuple(server.address[:2])}
+                           for label, server in self.listeners]),
+            ("listener_errors", self.listener_errors),
+            ("calls_in_progress", len(self.tracker.calls)),
+        ])
+        if self.bridge is not None:
+            client = self.bridge.client
+            out["bitrix24"] = {"last_error": str(client.last_error) if client.last_error else None,
+                               "alert": self.bridge.sender.alert, "requests_sent": client.requests_sent}
+        if self.poller is not None:
+            out["offline_events"] = {"bound": self.poller.bound, "polls": self.poller.polls}
+        return out
 
     def stop(self, *_args):
         self.stop_event.set()
+
+
+class Heartbeat(object):
+    """heartbeat.json in the state directory, rewritten every few seconds by the
+    running daemon: how `check` (and cron) know it is alive and what it sees."""
+
+    EVERY = 10.0
+    NAME = "heartbeat.json"
+
+    def __init__(self, state_dir):
+        self.path = os.path.join(state_dir, self.NAME)
+
+    def write(self, status):
+        tmp = self.path + ".tmp"
+        try:
+            with open(tmp, "w") as f:
+                json.dump(status, f)
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            log.warning("cannot write the heartbeat %s: %s", self.path, exc)
+
+    def read(self):
+        try:
+            with open(self.path) as f:
+                data = json.load(f)
+            return data if isinstance(data, dict) else None
+        except (OSError, ValueError):
+            return None
+
+
+class InstanceLock(object):
+    """One daemon per state directory: a second one would send every call twice."""
+
+    def __init__(self, state_dir):
+        self.path = os.path.join(state_dir, "bx24ast.pid")
+        self._file = None
+
+    def acquire(self):
+        try:
+            os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+            f = open(self.path, "a+")
+        except OSError as exc:
+            raise StorageError("cannot create %s ([storage] state_dir): %s" % (self.path, exc.strerror))
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            other = f.read().strip() or "?"
+            f.close()
+            raise StorageError("another bx24ast (pid %s) already runs on %s; stop it first "
+                               "(systemctl stop bx24ast)" % (other, os.path.dirname(self.path)))
+        f.seek(0)
+        f.truncate()
+        f.write("%d\n" % os.getpid())
+        f.flush()
+        self._file = f
+        return self
+
+    def release(self):
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+###############################################################################
+# Checks ######################################################################
+###############################################################################
+# One list of honest checks, printed by `bx24ast.py check` (Nagios plugin
+# conventions, cron) and shown on the wizard's results page. Each says what is
+# wrong and what to do; none waits long on the network (cron must not pile up).
+
+CHECK_LEVELS = ("OK", "WARNING", "CRITICAL", "UNKNOWN")
+CHECK_EXIT = {"OK": 0, "WARNING": 1, "CRITICAL": 2, "UNKNOWN": 3}
+
+
+class CheckResult(object):
+    __slots__ = ("level", "name", "message", "advice")
+
+    def __init__(self, level, name, message, advice=""):
+        self.level, self.name, self.message, self.advice = level, name, message, advice
+
+    def line(self):
+        return "%s %s: %s%s" % (self.level, self.name, self.message, " -> %s" % self.advice if self.advice else "")
+
+    def as_dict(self):
+        return {"level": self.level, "name": self.name, "message": self.message, "advice": self.advice}
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(int(pid), 0)
+    except (OSError, ValueError, TypeError) as exc:
+        return getattr(exc, "errno", None) == 1  # EPERM: alive, another user's
+    return True
+
+
+def check_daemon(state_dir, now=None, stale_after=60.0):
+    """(result, heartbeat, dead): dead is True when the service should be running and
+    is not (crashed or hung), False when it is alive or was stopped on purpose."""
+    now = time.time() if now is None else now
+    beat = Heartbeat(state_dir).read()
+    if beat is None:
+        return CheckResult("CRITICAL", "daemon", "never ran on %s (no heartbeat)" % state_dir,
+                           "start it: systemctl start bx24ast (or bx24ast.py run -f to see why it fails)"), None, True
+    if beat.get("stopped_at"):
+        return CheckResult("CRITICAL", "daemon", "stopped at %s" % time.strftime(
+            "%Y-%m-%d %H:%M:%S", time.localtime(beat["stopped_at"])), "systemctl start bx24ast"), beat, False
+    age = now - float(beat.get("time") or 0)
+    if not _pid_alive(beat.get("pid")):
+        return CheckResult("CRITICAL", "daemon", "pid %s is gone (last heartbeat %d s ago): it died"
+                           % (beat.get("pid"), age), "see the log; systemctl restart bx24ast"), beat, True
+    if age > stale_after:
+        return CheckResult("CRITICAL", "daemon", "pid %s is hung: last heartbeat %d s ago" % (beat.get("pid"), age),
+                           "systemctl restart bx24ast"), beat, True
+    up = now - float(beat.get("started_at") or now)
+    return CheckResult("OK", "daemon", "running (pid %s, up %s, heartbeat %d s ago)"
+                       % (beat.get("pid"), _duration(up), age)), beat, False
+
+
+def _duration(seconds):
+    seconds = int(max(0, seconds))
+    if seconds >= 86400:
+        return "%dd%dh" % (seconds // 86400, seconds % 86400 // 3600)
+    if seconds >= 3600:
+        return "%dh%dm" % (seconds // 3600, seconds % 3600 // 60)
+    return "%dm%ds" % (seconds // 60, seconds % 60)
+
+
+def check_ami(beat):
+    if beat is None or beat.get("stopped_at"):
+        return CheckResult("UNKNOWN", "ami", "the daemon is not running")
+    ami = beat.get("ami") or {}
+    where = "%s:%s" % (ami.get("host"), ami.get("port"))
+    if ami.get("connected"):
+        return CheckResult("OK", "ami", "connected to %s" % where)
+    return CheckResult("CRITICAL", "ami", "not connected to %s: %s" % (where, ami.get("last_error") or "connecting"),
+                       "check [ami] host/port/username/secret and manager.conf (bx24ast.py run -f shows the login)")
+
+
+def check_bitrix24(config, beat, timeout=3.0):
+    if not BitrixClient.configured(config):
+        return CheckResult("CRITICAL", "bitrix24", "not configured",
+                           "set [bitrix24] webhook_url, or portal_url + client_id + client_secret")
+    store = None
+    try:
+        store = _read_only_store(config)
+        client = BitrixClient.from_config(config, store)
+        client.timeout = timeout
+        client.may_refresh = False   # the daemon owns the refresh token; two refreshers break it
+        client.call("profile")
+    except BitrixAuthExpired:
+        return CheckResult("OK", "bitrix24", "reachable (%s); the access token is due for a refresh"
+                           % client.describe())
+    except BitrixError as exc:
+        advice = "check the portal address and the webhook/application rights (telephony crm user task)"
+        if isinstance(exc, BitrixUnavailable):
+            advice = "is the portal reachable from this host? (DNS, firewall, proxy)"
+        return CheckResult("CRITICAL", "bitrix24", str(exc), advice)
+    finally:
+        if store is not None:
+            store.close()
+    alert = ((beat or {}).get("bitrix24") or {}).get("alert")
+    if alert:
+        return CheckResult("WARNING", "bitrix24", "reachable, but the service reports: %s" % alert,
+                           "too many requests or an overloaded portal; it resumes by itself")
+    return CheckResult("OK", "bitrix24", "reachable (%s)" % client.describe())
+
+
+def _read_only_store(config):
+    path = os.path.join(config.get("storage", "state_dir"), "bx24ast.db")
+    if not os.path.exists(path):
+        raise StorageError("no state database yet at %s" % path)
+    return StateStore(path)
+
+
+def check_outbox(config, now=None, backlog_warning=100, age_warning=600.0):
+    now = time.time() if now is None else now
+    try:
+        store = _read_only_store(config)
+    except StorageError as exc:
+        return CheckResult("UNKNOWN", "outbox", str(exc))
+    try:
+        counts = Outbox(store).counts()
+        oldest = store.query("SELECT MIN(created_at) AS t FROM outbox WHERE state = 'pending'")[0]["t"]
+    finally:
+        store.close()
+    pending, parked = counts.get("pending", 0), counts.get("parked", 0)
+    if parked:
+        return CheckResult("WARNING", "outbox", "%d request(s) given up (parked), %d waiting" % (parked, pending),
+                           "bx24ast.py outbox list shows why; bx24ast.py outbox retry sends them again")
+    if pending and (pending >= backlog_warning or (oldest and now - oldest > age_warning)):
+        return CheckResult("WARNING", "outbox", "%d request(s) waiting, the oldest for %s"
+                           % (pending, _duration(now - oldest)), "is Bitrix24 reachable? (see the bitrix24 check)")
+    return CheckResult("OK", "outbox", "%d waiting, nothing given up" % pending)
+
+
+def check_cel(config, now=None):
+    try:
+        source = open_cel_source(config)
+    except CelError as exc:
+        return CheckResult("CRITICAL", "cel", str(exc), "fix [cel] (bx24ast.py detect shows what was found)")
+    if source is None:
+        why = "off ([cel] backend = off)" if config.get("cel", "backend") == "off" else "no CEL store found"
+        return CheckResult("WARNING", "cel", "recovery %s: calls made while bx24ast is down are lost" % why,
+                           "enable CEL in cel.conf (cel_sqlite3_custom or FreePBX's MySQL), then bx24ast.py detect")
+    level, message = cel_health(source, now)[0]
+    advice = "" if level == "OK" else "is cel.conf enabled with events=ALL? bx24ast.py detect"
+    return CheckResult(level, "cel", message, advice)
+
+
+def check_listeners(config, beat):
+    if beat is None or beat.get("stopped_at"):
+        return None
+    errors = beat.get("listener_errors") or []
+    if errors:
+        return CheckResult("CRITICAL", "listeners", "; ".join(errors), "another program holds the port: change it "
+                           "in [routing]/[click_to_call] or stop that program")
+    listening = beat.get("listeners") or []
+    if not listening:
+        return None
+    return CheckResult("OK", "listeners", ", ".join("%s on %s" % (l["name"].split(" (")[0], l["address"])
+                                                    for l in listening))
+
+
+def run_checks(config, now=None, timeout=3.0):
+    """Every check, in the order an admin would look; [0] is the daemon."""
+    state_dir = config.get("storage", "state_dir")
+    daemon, beat, _dead = check_daemon(state_dir, now)
+    results = [daemon, check_ami(beat), check_bitrix24(config, beat, timeout), check_outbox(config, now),
+               check_cel(config, now)]
+    listeners = check_listeners(config, beat)
+    if listeners is not None:
+        results.append(listeners)
+    return results
+
+
+def summarize(results):
+    """(worst level, the first line of a Nagios plugin's output)."""
+    worst = max((r.level for r in results), key=lambda level: (CHECK_EXIT[level] if level != "UNKNOWN" else 1.5))
+    bad = [r for r in results if r.level != "OK"]
+    if not bad:
+        return worst, "BX24AST OK - %d checks passed" % len(results)
+    return worst, "BX24AST %s - %s" % (worst, "; ".join("%s: %s" % (r.name, r.message) for r in bad))
+
+
+def default_restart_command():
+    if os.path.isdir("/run/systemd/system"):
+        return ["systemctl", "restart", "bx24ast"]
+    return ["/etc/init.d/bx24ast", "restart"]
 
 
 ###############################################################################
@@ -5452,15 +5776,37 @@ def cmd_record_ami(args):
 
 
 def cmd_run(args):
-    config = _load_config(args, required=True)
-    config.require("ami", "username", "bx24ast logs in to AMI with it")
+    def load():
+        config = _load_config(args, required=True)
+        config.require("ami", "username", "bx24ast logs in to AMI with it")
+        return config
+
+    config = load()
     setup_logging(args.log_level or config.get("log", "level"),
                   "" if args.foreground else config.get("log", "file"))
-    daemon = Daemon(config)
-    signal.signal(signal.SIGTERM, daemon.stop)
-    signal.signal(signal.SIGINT, daemon.stop)
-    daemon.run()
-    return EXIT_OK
+    lock = InstanceLock(config.get("storage", "state_dir")).acquire()
+    try:
+        daemon = Daemon(config)
+        while True:
+            daemon.config_loader = load
+            signal.signal(signal.SIGTERM, daemon.stop)
+            signal.signal(signal.SIGINT, daemon.stop)
+            signal.signal(signal.SIGHUP, daemon.request_reload)
+            daemon.run()
+            if daemon.next_config is None:
+                return EXIT_OK
+            config = daemon.next_config
+            setup_logging(args.log_level or config.get("log", "level"),
+                          "" if args.foreground else config.get("log", "file"))
+            if daemon.bridge is not None:
+                daemon.bridge.store.close()
+            try:
+                daemon = Daemon(config)
+            except ConfigError as exc:
+                log.error("SIGHUP: %s; going on with the previous configuration", exc)
+                daemon = Daemon(daemon.config)
+    finally:
+        lock.release()
 
 
 def cmd_outbox(args):
@@ -5524,6 +5870,38 @@ def cmd_bind_events(args):
     if not mine:
         sys.stdout.write("  (no click-to-call events)\n")
     return EXIT_OK
+
+
+def cmd_check(args):
+    try:
+        config = _load_config(args, required=True)
+    except ConfigError as exc:
+        sys.stdout.write("BX24AST UNKNOWN - configuration: %s\n" % exc)
+        return CHECK_EXIT["UNKNOWN"]
+    logging.getLogger().setLevel(logging.ERROR)  # the lines below are the output
+    results = run_checks(config, timeout=args.timeout)
+    worst, summary = summarize(results)
+    actions = []
+    if args.cron:
+        _, _, dead = check_daemon(config.get("storage", "state_dir"))
+        if dead:
+            command = shlex.split(args.restart_command) if args.restart_command else default_restart_command()
+            try:
+                proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT)
+                output = proc.communicate(timeout=60)[0].decode("utf-8", "replace").strip()
+                actions.append("restarted the service: %s (exit %d)%s" % (" ".join(command), proc.returncode,
+                                                                       ": " + output if output else ""))
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                actions.append("could not restart the service with %s: %s" % (" ".join(command), exc))
+        if worst == "OK" and not actions:
+            return CHECK_EXIT["OK"]  # cron mails whatever is printed: print nothing
+    sys.stdout.write(summary + "\n")
+    for r in results:
+        sys.stdout.write(r.line() + "\n")
+    for action in actions:
+        sys.stdout.write("ACTION %s\n" % action)
+    return CHECK_EXIT[worst]
 
 
 def cmd_detect(args):
@@ -5632,6 +6010,15 @@ def build_arg_parser():
     p.add_argument("--since", required=True, help='"YYYY-MM-DD HH:MM", local time')
     p.add_argument("--dry-run", action="store_true", help="only print the calls")
     p.set_defaults(func=cmd_recover)
+
+    p = sub.add_parser("check", help="health of the service, AMI, Bitrix24, outbox and CEL (Nagios plugin exit "
+                                     "codes: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN)")
+    p.add_argument("--cron", action="store_true",
+                   help="print nothing when all is OK; restart the service when it died or hangs")
+    p.add_argument("--restart-command", default="",
+                   help="how --cron restarts the service (default: systemctl restart bx24ast, or the init script)")
+    p.add_argument("--timeout", type=float, default=3.0, help="seconds for the Bitrix24 request")
+    p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("check-config", help="validate the configuration file")
     p.set_defaults(func=cmd_check_config)

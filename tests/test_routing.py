@@ -366,7 +366,7 @@ class Service(object):
         self.daemon.bridge.store.close()
 
     def post(self, body, path="/bitrix24"):
-        port = self.daemon.listeners[0].address[1]
+        port = self.daemon.listeners[0][1].address[1]
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
         conn.request("POST", path, body, {"Content-Type": "application/x-www-form-urlencoded"})
         resp = conn.getresponse()

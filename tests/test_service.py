@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import FIXTURES, ROOT, load_expected
+from conftest import FIXTURES, ROOT, load_expected, wait_for
 from fake_ami import FakeAmiServer
 from test_ami import PJSIP, _compare, _expected
 
@@ -183,3 +183,75 @@ def test_replay_uses_timestamp_headers_when_there_is_no_sidecar(tmp_path):
     row = json.loads(subprocess.check_output([sys.executable, SCRIPT, "replay", str(bare)],
                                              universal_newlines=True))
     assert row["billsec"] == 5 and row["started_at"].startswith("2026-11-26T")
+
+
+def _start(config_path):
+    return subprocess.Popen([sys.executable, SCRIPT, "-c", config_path, "run", "-f"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+
+
+def _heartbeat(tmp_path):
+    try:
+        with open(str(tmp_path / "heartbeat.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _stop(proc):
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.communicate(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.communicate()
+
+
+def test_one_daemon_per_state_dir_and_its_heartbeat(tmp_path):
+    with FakeAmiServer() as server:
+        config = _config(tmp_path, server)
+        first = _start(config)
+        try:
+            assert wait_for(lambda: (_heartbeat(tmp_path) or {}).get("ami", {}).get("connected"), 15)
+            beat = _heartbeat(tmp_path)
+            assert beat["pid"] == first.pid and beat["ami"]["host"] == "127.0.0.1"
+            second = _start(config)
+            out, err = second.communicate(timeout=15)
+            assert second.returncode == 1
+            assert "another bx24ast (pid %d) already runs on %s" % (first.pid, tmp_path) in err
+            assert first.poll() is None
+        finally:
+            _out, err = _stop(first)
+        assert first.returncode == 0, err
+        assert _heartbeat(tmp_path)["stopped_at"]
+        # the lock went with the process: a new one starts
+        again = _start(config)
+        try:
+            assert wait_for(lambda: (_heartbeat(tmp_path) or {}).get("pid") == again.pid, 15)
+        finally:
+            _stop(again)
+
+
+def test_sighup_reloads_the_configuration_and_refuses_a_bad_one(tmp_path):
+    with FakeAmiServer() as old, FakeAmiServer() as new:
+        config = _config(tmp_path, old)
+        proc = _start(config)
+        try:
+            assert wait_for(lambda: old.logins == 1, 15)
+            with open(config, "w") as f:
+                f.write("[ami]\nhost = 127.0.0.1\nport = %d\nusername = bx24\nsecret = s3cret\n"
+                        "reconnect_max_delay = 1\n[storage]\nstate_dir = %s\n" % (new.port, tmp_path))
+            proc.send_signal(signal.SIGHUP)
+            assert wait_for(lambda: new.logins == 1, 15)
+            assert wait_for(lambda: (_heartbeat(tmp_path) or {}).get("ami", {}).get("port") == new.port, 15)
+            with open(config, "w") as f:
+                f.write("[ami]\nport = many\n")
+            proc.send_signal(signal.SIGHUP)
+            time.sleep(2.5)
+            assert proc.poll() is None and new.logins == 1
+        finally:
+            _out, err = _stop(proc)
+    assert "SIGHUP: configuration reloaded" in err
+    assert "SIGHUP: the new configuration is refused, keeping the running one" in err and "[ami] port" in err
+    assert proc.returncode == 0

@@ -1,0 +1,152 @@
+"""`bx24ast.py check`: Nagios exit codes, the lines it prints, --cron."""
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+
+import bx24ast
+from b24_emulator import Bitrix24Emulator
+from conftest import FIXTURES, ROOT, wait_for
+from fake_ami import FakeAmiServer
+
+SCRIPT = os.path.join(ROOT, "bx24ast.py")
+CEL_DB = os.path.join(FIXTURES, "asterisk-22.10.1-pjsip", "inbound_answered", "cel.sqlite3")
+
+
+def fresh_cel(tmp_path, age=60):
+    """A copy of a real CEL database whose newest event is `age` seconds old."""
+    path = str(tmp_path / "master.db")
+    shutil.copy(CEL_DB, path)
+    db = sqlite3.connect(path)
+    db.execute("INSERT INTO cel (eventtype, eventtime, uniqueid, linkedid) VALUES ('CHAN_START', ?, '1.1', '1.1')",
+               (time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(time.time() - age)),))
+    db.commit()
+    db.close()
+    return path
+
+
+def write_config(tmp_path, emu=None, ami=None, cel=None, webhook=None):
+    text = "[ami]\nhost = 127.0.0.1\nport = %d\nusername = bx24\nsecret = s3cret\nreconnect_max_delay = 1\n" % (
+        ami.port if ami else 1)
+    if emu is not None or webhook:
+        text += "[bitrix24]\nwebhook_url = %s\ntimeout = 3\n" % (webhook or emu.webhook_url)
+    text += "[routing]\nagi_listen =\nhttp_listen =\n"
+    text += "[cel]\nbackend = sqlite\nsqlite_path = %s\n" % cel if cel else "[cel]\nbackend = off\n"
+    text += "[storage]\nstate_dir = %s\n" % tmp_path
+    path = tmp_path / "bx24ast.conf"
+    path.write_text(text)
+    return str(path)
+
+
+def check(config, *extra):
+    proc = subprocess.run([sys.executable, SCRIPT, "-c", config, "check"] + list(extra),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, timeout=60)
+    return proc.returncode, proc.stdout
+
+
+class Running(object):
+    """The daemon in a thread of this process (its heartbeat carries our pid)."""
+
+    def __init__(self, config_path):
+        self.daemon = bx24ast.Daemon(bx24ast.Config.load(config_path))
+        self.thread = threading.Thread(target=self.daemon.run)
+
+    def __enter__(self):
+        self.thread.start()
+        state = self.daemon.config.get("storage", "state_dir")
+        assert wait_for(lambda: (bx24ast.Heartbeat(state).read() or {}).get("ami", {}).get("connected"), 15)
+        return self
+
+    def __exit__(self, *exc):
+        self.daemon.stop()
+        self.thread.join(20)
+        if self.daemon.bridge is not None:
+            self.daemon.bridge.store.close()
+
+
+def test_all_ok_prints_a_summary_and_one_line_per_check(tmp_path):
+    with Bitrix24Emulator() as emu, FakeAmiServer() as ami:
+        config = write_config(tmp_path, emu, ami, fresh_cel(tmp_path))
+        with Running(config):
+            code, out = check(config)
+            lines = out.splitlines()
+            assert code == 0, out
+            assert lines[0] == "BX24AST OK - 5 checks passed"
+            assert [l.split(":")[0] for l in lines[1:]] == ["OK daemon", "OK ami", "OK bitrix24", "OK outbox",
+                                                            "OK cel"]
+            assert "connected to 127.0.0.1:%d" % ami.port in lines[2]
+            # --cron is silent when all is well
+            code, out = check(config, "--cron", "--restart-command", "false")
+            assert code == 0 and out == ""
+
+
+def test_warnings_parked_requests_and_an_old_cel(tmp_path):
+    with Bitrix24Emulator() as emu, FakeAmiServer() as ami:
+        config = write_config(tmp_path, emu, ami, fresh_cel(tmp_path, age=3 * 3600))
+        with Running(config) as running:
+            outbox = running.daemon.bridge.outbox
+            outbox.add("1.1", "finish", "telephony.externalcall.finish", {"CALL_ID": "x"}, bx24ast.PRIORITY_FINISH)
+            outbox.park(outbox.listing()[0], "CALL_ID not found")
+            code, out = check(config)
+        assert code == 1, out
+        assert out.startswith("BX24AST WARNING - outbox: 1 request(s) given up")
+        assert "WARNING outbox: 1 request(s) given up (parked), 0 waiting -> bx24ast.py outbox list" in out
+        assert "WARNING cel: no CEL event written in the last 60 minutes" in out
+
+
+def test_critical_when_the_portal_is_unreachable_or_cel_is_off(tmp_path):
+    with FakeAmiServer() as ami:
+        sock = __import__("socket").socket()
+        sock.bind(("127.0.0.1", 0))
+        dead_port = sock.getsockname()[1]
+        sock.close()
+        config = write_config(tmp_path, ami=ami, webhook="http://127.0.0.1:%d/rest/1/abc/" % dead_port)
+        with Running(config):
+            started = time.time()
+            code, out = check(config)
+            assert time.time() - started < 30
+        assert code == 2, out
+        assert "CRITICAL bitrix24: Bitrix24 profile: cannot reach the portal" in out
+        assert "WARNING cel: recovery off ([cel] backend = off)" in out
+
+
+def test_a_dead_daemon_is_critical_and_cron_restarts_it(tmp_path):
+    config = write_config(tmp_path)
+    code, out = check(config)
+    assert code == 2 and "CRITICAL daemon: never ran on %s" % tmp_path in out
+    assert "UNKNOWN ami: the daemon is not running" in out
+    # a heartbeat left by a process that is gone
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    with open(str(tmp_path / "heartbeat.json"), "w") as f:
+        json.dump({"pid": proc.pid, "time": time.time() - 5, "started_at": time.time() - 100,
+                   "ami": {"connected": True, "host": "127.0.0.1", "port": 5038}}, f)
+    marker = tmp_path / "restarted"
+    code, out = check(config, "--cron", "--restart-command", "touch %s" % marker)
+    assert code == 2 and marker.exists()
+    assert "CRITICAL daemon: pid %d is gone" % proc.pid in out
+    assert "ACTION restarted the service: touch %s (exit 0)" % marker in out
+    # a hung one (alive, but no heartbeat for minutes) is restarted too
+    marker.unlink()
+    with open(str(tmp_path / "heartbeat.json"), "w") as f:
+        json.dump({"pid": os.getpid(), "time": time.time() - 600, "started_at": time.time() - 900}, f)
+    code, out = check(config, "--cron", "--restart-command", "touch %s" % marker)
+    assert "is hung: last heartbeat 600 s ago" in out and marker.exists()
+    # stopped on purpose by the admin: reported, not restarted
+    marker.unlink()
+    with open(str(tmp_path / "heartbeat.json"), "w") as f:
+        json.dump({"pid": os.getpid(), "time": time.time(), "stopped_at": time.time()}, f)
+    code, out = check(config, "--cron", "--restart-command", "touch %s" % marker)
+    assert code == 2 and "CRITICAL daemon: stopped at" in out and not marker.exists()
+    assert "ACTION" not in out
+
+
+def test_a_broken_configuration_is_unknown(tmp_path):
+    path = tmp_path / "bad.conf"
+    path.write_text("[ami]\nport = many\n")
+    code, out = check(str(path))
+    assert code == 3 and out.startswith("BX24AST UNKNOWN - configuration:") and "[ami] port" in out
