@@ -18,6 +18,7 @@ Sections, in the order data flows:
                      CelRecovery, detect_cel, cel_health
     Routing          ResponsibleLookup, FastAgiServer, LookupHttpServer, ClickToCall,
                      EventListener (port mode), OfflineEventPoller (no-port mode)
+    Web wizard       hash_password, the setup wizard at /config/master
     Captures         record-ami / replay: AMI byte streams with their timing sidecar
     Service          the daemon: threads, signals, SIGHUP reload, heartbeat, lock
     Checks           run_checks: daemon, AMI, Bitrix24, outbox, CEL (`check`, wizard)
@@ -347,6 +348,12 @@ CONFIG_SCHEMA = [
     ("click_to_call", "user_interval_seconds", "10", _as_float(0, 3600), "A user's clicks closer together than this are refused (a stuck button must not dial ten times)."),
     ("click_to_call", "poll_interval", "2", _as_float(0.5, 300), "Offline mode: seconds between polls of event.offline.get (longer when the rate limit is tight)."),
     ("click_to_call", "callback_extension", "", _as_matching(r"^[0-9*#]{1,20}$", "empty, or the extension or ring group number to ring", allow_empty=True), "CRM callback form (OnExternalCallBackStart): ring this extension or group first, then the client; empty refuses callbacks."),
+    ("wizard", "listen", "", _as_listen, "The setup wizard (https://<pbx>:8078/config/master); empty turns it off. The installer sets 0.0.0.0:8078 with a certificate, 127.0.0.1:8078 without."),
+    ("wizard", "tls_cert", "", _as_str, "Certificate (PEM) of the wizard; empty serves plain HTTP (then listen on 127.0.0.1 and use an SSH tunnel)."),
+    ("wizard", "tls_key", "", _as_str, "Private key (PEM) of the wizard's certificate."),
+    ("wizard", "user", "admin", _as_matching(r"^[A-Za-z0-9_.@\-]{1,64}$", "a login of letters, digits, _ . @ -"), "Wizard login."),
+    ("wizard", "password_hash", "", _as_str, "Salted PBKDF2 hash of the wizard password (bx24ast.py set-password writes it; the password itself is never stored)."),
+    ("wizard", "language", "en", _as_choice("en", "ru"), "Language of the wizard (en, ru)."),
     ("storage", "state_dir", "/var/lib/bx24ast", _as_dir, "Directory for the state database (outbox, tokens, checkpoints)."),
     ("log", "level", "info", _as_choice("debug", "info", "warning", "error"), "Log verbosity."),
     ("log", "file", "", _as_str, "Log file (the service: /var/log/bx24ast/bx24ast.log), or syslog; empty logs to stderr."),
@@ -464,6 +471,81 @@ class Config(object):
 
 def comma_list(text):
     return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _ini_value(value):
+    text = str(value)
+    if "\n" in text or "\r" in text:
+        raise ConfigError("a configuration value cannot hold a line break: %r" % text[:40])
+    return text
+
+
+def update_config_file(path, updates=None, maps=None):
+    """Set keys ({(section, key): value}) and replace whole map sections
+    ({"lines": {did: source}}) in the file, keeping its comments and order. The
+    result is validated first and written atomically (mode 0600): a bad value
+    leaves the file as it was."""
+    updates = updates or {}
+    maps = maps or {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        lines = []
+    pending = collections.OrderedDict(((sec, key), _ini_value(v)) for (sec, key), v in updates.items())
+    out, section = [], None
+
+    def flush(sec):
+        # Keys of sec not found in the file go at the end of its section.
+        for (s_, key), value in list(pending.items()):
+            if s_ == sec:
+                out.append("%s = %s" % (key, value) if value != "" else "%s =" % key)
+                del pending[(s_, key)]
+        if sec in maps:
+            out.extend("%s = %s" % (_ini_value(k), _ini_value(v)) for k, v in maps[sec].items())
+
+    for line in lines:
+        m = re.match(r"^\s*\[([^\]]+)\]\s*$", line)
+        if m:
+            if section is not None:
+                while out and not out[-1].strip():
+                    out.pop()
+                flush(section)
+                out.append("")
+            section = m.group(1).strip()
+            out.append(line)
+            continue
+        if section in maps and re.match(r"^\s*[^#;\s][^=]*=", line):
+            continue  # the map is written anew
+        m = re.match(r"^(\s*)([A-Za-z0-9_]+)\s*=", line)
+        if m and (section, m.group(2)) in pending:
+            value = pending.pop((section, m.group(2)))
+            out.append("%s = %s" % (m.group(2), value) if value != "" else "%s =" % m.group(2))
+            continue
+        out.append(line)
+    if section is not None:
+        while out and not out[-1].strip():
+            out.pop()
+        flush(section)
+    for sec in list(dict.fromkeys([k[0] for k in pending] + [m for m in maps if m not in _sections_in(lines)])):
+        out.extend(["", "[%s]" % sec])
+        flush(sec)
+    text = "\n".join(out).lstrip("\n") + "\n"
+    Config.from_text(text, path)  # raises ConfigError naming the bad key; nothing is written
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, ".%s.tmp" % os.path.basename(path))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+    return text
+
+
+def _sections_in(lines):
+    return set(m.group(1).strip() for m in (re.match(r"^\s*\[([^\]]+)\]\s*$", l) for l in lines) if m)
 
 
 def example_config_text():
@@ -4955,6 +5037,38 @@ def bind_events(client, config, unbind=False):
 
 
 ###############################################################################
+# Web wizard ##################################################################
+###############################################################################
+# The setup wizard the installer points the admin to: plain server-rendered
+# forms at /config/master, behind a login whose password is kept only as a
+# salted PBKDF2 hash.
+
+PASSWORD_ITERATIONS = 200000
+PASSWORD_MIN_LENGTH = 10
+
+
+def hash_password(password, salt=None, iterations=PASSWORD_ITERATIONS):
+    """pbkdf2_sha256$<iterations>$<salt>$<hash>, the only form the password is kept in."""
+    if len(password) < PASSWORD_MIN_LENGTH:
+        raise ValueError("the wizard password needs at least %d characters" % PASSWORD_MIN_LENGTH)
+    salt = salt or base64.b64encode(os.urandom(16)).decode().rstrip("=")
+    digest = hashlib.pbkdf2_hmac("sha256", password.encode("utf-8"), salt.encode(), iterations)
+    return "pbkdf2_sha256$%d$%s$%s" % (iterations, salt, base64.b64encode(digest).decode().rstrip("="))
+
+
+def verify_password(password, stored):
+    try:
+        scheme, iterations, salt, _digest = (stored or "").split("$")
+        if scheme != "pbkdf2_sha256":
+            return False
+        expected = hash_password(password, salt, int(iterations)) if len(password) >= PASSWORD_MIN_LENGTH \
+            else "x"
+    except ValueError:
+        return False
+    return hmac.compare_digest(expected.encode(), stored.encode())
+
+
+###############################################################################
 # Captures ####################################################################
 ###############################################################################
 # A capture is what bx24ast record-ami writes and what support asks a customer
@@ -5904,6 +6018,36 @@ def cmd_check(args):
     return CHECK_EXIT[worst]
 
 
+def cmd_set_password(args):
+    """The wizard login: the password comes on stdin (never on a command line), only
+    its hash reaches the file."""
+    path = args.config or DEFAULT_CONFIG_PATH
+    password = sys.stdin.readline().rstrip("\r\n")
+    try:
+        hashed = hash_password(password)
+    except ValueError as exc:
+        sys.stderr.write("bx24ast: %s\n" % exc)
+        return EXIT_CONFIG
+    update_config_file(path, {("wizard", "user"): args.user, ("wizard", "password_hash"): hashed})
+    sys.stdout.write("wizard login %s saved in %s (password stored as a PBKDF2 hash)\n" % (args.user, path))
+    return EXIT_OK
+
+
+def cmd_set(args):
+    """section.key=value pairs into the configuration file, validated, atomically."""
+    path = args.config or DEFAULT_CONFIG_PATH
+    updates = collections.OrderedDict()
+    for item in args.assignments:
+        name, sep, value = item.partition("=")
+        section, dot, key = name.partition(".")
+        if not sep or not dot or not section or not key:
+            raise ConfigError("%r: expected section.key=value, e.g. ami.port=5038" % item)
+        updates[(section.strip(), key.strip())] = value.strip()
+    update_config_file(path, updates)
+    sys.stdout.write("%s: %s\n" % (path, ", ".join("[%s] %s" % k for k in updates)))
+    return EXIT_OK
+
+
 def cmd_detect(args):
     config = _load_config(args, required=False)
     found, warnings = detect_cel(args.root, None if args.root != "/" else config.get("cel", "asterisk_etc"))
@@ -6019,6 +6163,15 @@ def build_arg_parser():
                    help="how --cron restarts the service (default: systemctl restart bx24ast, or the init script)")
     p.add_argument("--timeout", type=float, default=3.0, help="seconds for the Bitrix24 request")
     p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("set-password", help="set the wizard login; the password is read from stdin and only its "
+                                            "salted hash is stored")
+    p.add_argument("--user", default="admin")
+    p.set_defaults(func=cmd_set_password)
+
+    p = sub.add_parser("set", help="set configuration keys: section.key=value ... (validated, written atomically)")
+    p.add_argument("assignments", nargs="+")
+    p.set_defaults(func=cmd_set)
 
     p = sub.add_parser("check-config", help="validate the configuration file")
     p.set_defaults(func=cmd_check_config)
