@@ -36,6 +36,7 @@ import configparser
 import fcntl
 import hashlib
 import hmac
+import html
 import http.server
 import json
 import logging
@@ -1446,6 +1447,13 @@ class AmiConnection(object):
         if self.raw_tap is not None:
             self.raw_tap(data)
         return data
+
+    def try_login(self):
+        """Connect, log in and leave (the wizard's Check): AmiError says why it failed."""
+        try:
+            self._connect_and_login()
+        finally:
+            self._close()
 
     def _connect_and_login(self):
         sock = socket.create_connection((self.host, self.port), self.connect_timeout)
@@ -4563,6 +4571,36 @@ class _ThreadingHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
     handle_error = _connection_failed
 
 
+class _TlsRequestHandler(http.server.BaseHTTPRequestHandler):
+    """A request handler whose TLS handshake happens in the connection's own thread:
+    a slow or plain-HTTP client cannot hold up the accept loop."""
+
+    server_version = "bx24ast"
+    timeout = 10
+    tls = None
+
+    def setup(self):
+        if self.tls is not None:
+            self.request.settimeout(self.timeout)
+            self.request = self.tls.wrap_socket(self.request, server_side=True)
+        http.server.BaseHTTPRequestHandler.setup(self)
+
+    def log_message(self, fmt, *args):
+        log.debug("http: " + fmt, *args)
+
+
+def tls_context(cert, key, section):
+    """A server TLS context, or ConfigError naming [section] tls_cert."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER) if hasattr(ssl, "PROTOCOL_TLS_SERVER") else \
+        ssl.SSLContext(ssl.PROTOCOL_SSLv23)
+    try:
+        context.load_cert_chain(cert, key or None)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError("[%s] tls_cert/tls_key cannot be loaded: %s" % (section, exc),
+                          section=section, key="tls_cert", value=cert)
+    return context
+
+
 def _json_reply(handler, status, payload):
     body = json.dumps(payload, ensure_ascii=False).encode("utf-8")
     handler.send_response(status)
@@ -4806,20 +4844,8 @@ class EventListener(object):
         self.token = token.encode("utf-8")
         owner = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            server_version = "bx24ast"
-            timeout = 10
-
-            def log_message(self, fmt, *args):
-                log.debug("click-to-call http: " + fmt, *args)
-
-            def setup(self):
-                if owner.tls is not None:
-                    # The handshake happens here, in the connection's own thread: a
-                    # slow or plain-HTTP client cannot hold up the accept loop.
-                    self.request.settimeout(self.timeout)
-                    self.request = owner.tls.wrap_socket(self.request, server_side=True)
-                http.server.BaseHTTPRequestHandler.setup(self)
+        class Handler(_TlsRequestHandler):
+            tls = tls_context(cert, key, "click_to_call") if cert else None
 
             def do_GET(self):
                 _json_reply(self, 405, {"error": "Bitrix24 events are POSTed here"})
@@ -4827,15 +4853,6 @@ class EventListener(object):
             def do_POST(self):
                 owner.handle_post(self)
 
-        self.tls = None
-        if cert:
-            self.tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER) if hasattr(ssl, "PROTOCOL_TLS_SERVER") else \
-                ssl.SSLContext(ssl.PROTOCOL_SSLv23)
-            try:
-                self.tls.load_cert_chain(cert, key or None)
-            except (OSError, ssl.SSLError) as exc:
-                raise ConfigError("[click_to_call] tls_cert/tls_key cannot be loaded: %s" % exc,
-                                  section="click_to_call", key="tls_cert", value=cert)
         self.server = _ThreadingHTTPServer((host, port), Handler)
         self.address = self.server.server_address[:2]
         self.scheme = "https" if cert else "http"
@@ -5066,6 +5083,752 @@ def verify_password(password, stored):
     except ValueError:
         return False
     return hmac.compare_digest(expected.encode(), stored.encode())
+
+
+WIZARD_STEPS = ("language", "database", "ami", "recordings", "bitrix24", "crm", "click_to_call", "save")
+
+# The wizard's words; every other text shown is a value (escaped) or a check's line.
+WIZARD_TEXT = {
+    "en": {
+        "title": "bx24ast setup", "login": "Log in", "user": "Login", "password": "Password",
+        "bad_login": "Wrong login or password.", "wait": "Too many failed logins: wait %d s.",
+        "logout": "Log out", "next": "Save and continue", "check": "Check", "save": "Write the configuration",
+        "results": "Results", "kept": "set; leave empty to keep",
+        "step_language": "Language", "step_database": "CEL database", "step_ami": "Asterisk (AMI)",
+        "step_recordings": "Recordings", "step_bitrix24": "Bitrix24 portal", "step_crm": "CRM logic",
+        "step_click_to_call": "Click-to-call", "step_save": "Save",
+        "help_language": "The language of these pages.",
+        "help_database": "Where Asterisk's CEL is: bx24ast reads it to report calls made while it was down.",
+        "help_ami": "The AMI user bx24ast logs in with: an existing one, or a new 'bx24' user with only the "
+                    "rights it needs.",
+        "create_ami": "Create the user bx24", "help_recordings": "Where MixMonitor writes the recordings.",
+        "help_bitrix24": "An inbound webhook (scopes telephony, crm, user, task), or a local application.",
+        "help_crm": "What unknown callers become, which lead source each line (DID) gives, missed-call tasks.",
+        "help_click_to_call": "port: Bitrix24 posts clicks to this host; offline: no open port, the portal's "
+                              "queue is polled (local application with an administrator's token).",
+        "help_save": "These settings are written to the configuration file and the service reloads it.",
+        "changes": "Changes to write", "no_changes": "Nothing changed.", "saved": "Saved; the service reloads.",
+        "lines": "Lead source by called line (DID)", "did": "Line (DID)", "source": "Lead source",
+        "dialplan": "Dialplan for routing callers to their responsible employee",
+        "handler_url": "Handler URL for Bitrix24", "users": "Bitrix24 users and their extensions",
+        "fix": "Fix the fields marked below; nothing was saved.", "what_to_do": "What to do",
+        "found": "Found on this PBX", "none_found": "Nothing found.",
+    },
+    "ru": {
+        "title": "Настройка bx24ast", "login": "Войти", "user": "Логин", "password": "Пароль",
+        "bad_login": "Неверный логин или пароль.", "wait": "Слишком много неудачных попыток: подождите %d с.",
+        "logout": "Выйти", "next": "Сохранить и дальше", "check": "Проверить", "save": "Записать настройки",
+        "results": "Результаты", "kept": "задан; оставьте пустым, чтобы не менять",
+        "step_language": "Язык", "step_database": "База CEL", "step_ami": "Asterisk (AMI)",
+        "step_recordings": "Записи разговоров", "step_bitrix24": "Портал Битрикс24", "step_crm": "Логика CRM",
+        "step_click_to_call": "Звонок из CRM", "step_save": "Сохранение",
+        "help_language": "Язык этих страниц.",
+        "help_database": "Где Asterisk хранит CEL: по нему bx24ast сообщает о звонках, сделанных, пока он "
+                         "не работал.",
+        "help_ami": "Пользователь AMI для bx24ast: существующий или новый пользователь bx24 только с нужными "
+                    "правами.",
+        "create_ami": "Создать пользователя bx24", "help_recordings": "Куда MixMonitor пишет записи.",
+        "help_bitrix24": "Входящий вебхук (права telephony, crm, user, task) или локальное приложение.",
+        "help_crm": "Что создаётся для неизвестных номеров, источник лида для каждой линии (DID), задачи по "
+                    "пропущенным.",
+        "help_click_to_call": "port: Битрикс24 присылает клики на этот сервер; offline: без открытого порта, "
+                              "опрос очереди портала (локальное приложение с токеном администратора).",
+        "help_save": "Настройки будут записаны в файл конфигурации, служба перечитает его.",
+        "changes": "Что будет записано", "no_changes": "Ничего не изменено.",
+        "saved": "Сохранено; служба перечитывает настройки.",
+        "lines": "Источник лида по линии (DID)", "did": "Линия (DID)", "source": "Источник",
+        "dialplan": "Диалплан: звонок клиента ответственному сотруднику",
+        "handler_url": "Адрес обработчика для Битрикс24", "users": "Сотрудники Битрикс24 и их внутренние номера",
+        "fix": "Исправьте отмеченные поля; ничего не сохранено.", "what_to_do": "Что сделать",
+        "found": "Найдено на этой АТС", "none_found": "Ничего не найдено.",
+    },
+}
+
+# Fields of each step: (section, key, kind). kind: text, secret (never shown back), choice, flag.
+WIZARD_FIELDS = {
+    "language": [("wizard", "language", "choice")],
+    "database": [("cel", "backend", "choice"), ("cel", "sqlite_path", "text"), ("cel", "mysql_host", "text"),
+                 ("cel", "mysql_port", "text"), ("cel", "mysql_user", "text"), ("cel", "mysql_password", "secret"),
+                 ("cel", "mysql_database", "text"), ("cel", "table", "text")],
+    "ami": [("ami", "host", "text"), ("ami", "port", "text"), ("ami", "username", "text"),
+            ("ami", "secret", "secret")],
+    "recordings": [("recordings", "path", "text"), ("pbx", "recording_format", "choice"),
+                   ("recordings", "attach", "flag")],
+    "bitrix24": [("bitrix24", "webhook_url", "text"), ("bitrix24", "portal_url", "text"),
+                 ("bitrix24", "client_id", "text"), ("bitrix24", "client_secret", "secret")],
+    "crm": [("crm", "mode", "choice"), ("crm", "create", "flag"), ("crm", "missed_task", "flag"),
+            ("crm", "default_user_id", "text"), ("routing", "agi_listen", "text")],
+    "click_to_call": [("click_to_call", "mode", "choice"), ("click_to_call", "listen", "text"),
+                      ("click_to_call", "application_token", "secret"), ("click_to_call", "public_url", "text"),
+                      ("click_to_call", "phone_channel", "text"), ("click_to_call", "outbound_context", "text")],
+}
+
+_SCHEMA_BY_KEY = dict(((row[0], row[1]), row) for row in CONFIG_SCHEMA)
+_CHOICES = {("wizard", "language"): ("en", "ru"), ("cel", "backend"): ("auto", "sqlite", "mysql", "off"),
+            ("pbx", "recording_format"): ("wav", "mp3", "gsm", "wav49", "ogg"),
+            ("crm", "mode"): ("leads", "contacts"), ("click_to_call", "mode"): ("off", "port", "offline")}
+# The rights bx24ast needs, and no more (no 'command', 'config' or 'user' write).
+AMI_USER_READ = "system,call,agent,dialplan,reporting"
+AMI_USER_WRITE = "system,call,originate,reporting"
+
+
+def raw_config_values(path):
+    """{(section, key): text} as written in the file, defaults for the rest."""
+    values = dict(((s, k), d) for s, k, d, _c, _doc in CONFIG_SCHEMA)
+    maps = dict((name, collections.OrderedDict()) for name in FREEFORM_SECTIONS)
+    parser = configparser.ConfigParser(interpolation=None, strict=False)
+    parser.optionxform = str
+    try:
+        parser.read(path, encoding="utf-8")
+    except configparser.Error:
+        return values, maps
+    for section in parser.sections():
+        for key, value in parser.items(section):
+            if section in maps:
+                maps[section][key] = value
+            else:
+                values[(section, key)] = value
+    return values, maps
+
+
+class SetupWizard(object):
+    """What each step of the wizard shows, checks and saves, apart from HTTP.
+
+    A draft (the values posted so far) lives in the session; the configuration
+    file is written once, at the save step, atomically."""
+
+    def __init__(self, config_path, root="/", asterisk_command=("asterisk", "-rx"), on_saved=None, timeout=5.0):
+        self.config_path = config_path
+        self.root = root
+        self.asterisk_command = list(asterisk_command)
+        self.on_saved = on_saved
+        self.timeout = timeout
+
+    # -- values -----------------------------------------------------------------------------------
+    def current(self, draft):
+        values, maps = raw_config_values(self.config_path)
+        values.update((k, v) for k, v in draft.items() if isinstance(k, tuple))
+        if "__lines" in draft:
+            maps["lines"] = draft["__lines"]
+        return values, maps
+
+    def draft_config(self, draft):
+        """The configuration the draft would give (for the Check buttons)."""
+        values, maps = self.current(draft)
+        return Config.from_text(_config_text(values, maps), self.config_path)
+
+    def suggestions(self, step):
+        """Values found on the PBX, offered before the admin types anything."""
+        if step == "database":
+            found, warnings = detect_cel(self.root)
+            return [("%s (%s): %s" % (c["source"], c["confidence"], ", ".join(
+                "%s=%s" % (k, "***" if "password" in k else v) for k, v in c["settings"].items())))
+                for c in found] + warnings, (found[0]["settings"] if found else {})
+        if step == "recordings":
+            values, _ = self.current({})
+            fmt = detect_recording_format(values[("recordings", "path")])
+            return ([("%s: %d recordings, mostly .%s" % (values[("recordings", "path")], fmt[1], fmt[0]))]
+                    if fmt else []), ({"recording_format": fmt[0]} if fmt else {})
+        return [], {}
+
+    def submit(self, step, form, draft):
+        """Validate one step's form into the draft; {field: error} (empty when accepted)."""
+        errors, accepted = {}, {}
+        for section, key, kind in WIZARD_FIELDS.get(step, []):
+            name = "%s.%s" % (section, key)
+            if kind == "flag":
+                value = "yes" if form.get(name) else "no"
+            else:
+                value = (form.get(name) or "").strip()
+            if kind == "secret" and value == "":
+                continue  # blank keeps what is set
+            if "\n" in value or "\r" in value:
+                errors[name] = "a single line"
+                continue
+            if (section, key) in _CHOICES and value not in _CHOICES[(section, key)]:
+                errors[name] = "one of: %s" % ", ".join(_CHOICES[(section, key)])
+                continue
+            try:
+                _SCHEMA_BY_KEY[(section, key)][3](value)
+            except ValueError as exc:
+                errors[name] = "expected %s" % exc
+                continue
+            accepted[(section, key)] = value
+        if step == "bitrix24" and not errors:
+            webhook = accepted.get(("bitrix24", "webhook_url"))
+            portal = accepted.get(("bitrix24", "portal_url"))
+            if not webhook and not (portal and accepted.get(("bitrix24", "client_id"))):
+                errors["bitrix24.webhook_url"] = "a webhook URL, or the portal address with the application's client_id"
+        if step == "click_to_call" and not errors and accepted.get(("click_to_call", "mode")) == "port":
+            token = accepted.get(("click_to_call", "application_token")) or \
+                self.current(draft)[0][("click_to_call", "application_token")]
+            if not token:
+                errors["click_to_call.application_token"] = "needed in port mode (from the webhook or application)"
+        if step == "crm":
+            lines, line_errors = collections.OrderedDict(), {}
+            for i in range(int(form.get("line_count") or 0)):
+                did = (form.get("line_did_%d" % i) or "").strip()
+                source = (form.get("line_source_%d" % i) or "").strip()
+                if not did and not source:
+                    continue
+                try:
+                    _lines_entry(did, source)
+                except ValueError as exc:
+                    line_errors["line_%d" % i] = "expected %s" % exc
+                    continue
+                lines[did] = source
+            errors.update(line_errors)
+            if not errors:
+                draft["__lines"] = lines
+        if not errors:
+            draft.update(accepted)
+        return errors
+
+    def changes(self, draft):
+        """[(name, shown value)] of what the save step will write; secrets masked."""
+        before, before_maps = raw_config_values(self.config_path)
+        out = []
+        for key in sorted(k for k in draft if isinstance(k, tuple)):
+            if before.get(key) != draft[key]:
+                secret = any(f[2] == "secret" for fields in WIZARD_FIELDS.values() for f in fields if f[:2] == key)
+                out.append(("[%s] %s" % key, "***" if secret else draft[key]))
+        if "__lines" in draft and draft["__lines"] != before_maps["lines"]:
+            out.append(("[lines]", ", ".join("%s = %s" % kv for kv in draft["__lines"].items()) or "(none)"))
+        return out
+
+    def save(self, draft):
+        updates = dict((k, v) for k, v in draft.items() if isinstance(k, tuple))
+        maps = {"lines": draft["__lines"]} if "__lines" in draft else None
+        update_config_file(self.config_path, updates, maps)
+        draft.clear()
+        if self.on_saved is not None:
+            self.on_saved()
+
+    # -- checks ----------------------------------------------------------------------------------------
+    def check(self, step, draft):
+        """[CheckResult] for the step's Check button, against the draft's values."""
+        try:
+            config = self.draft_config(draft)
+        except ConfigError as exc:
+            return [CheckResult("CRITICAL", step, str(exc))]
+        if step == "database":
+            return [check_cel(config)]
+        if step == "ami":
+            return [self._check_ami(config)]
+        if step == "recordings":
+            return [check_recordings(config.get("recordings", "path"))]
+        if step in ("bitrix24", "crm"):
+            return self._check_portal(config)
+        return []
+
+    def _check_ami(self, config):
+        ami = config.section("ami")
+        if not ami["username"]:
+            return CheckResult("CRITICAL", "ami", "no AMI user set", "fill in the user, or create one")
+        conn = AmiConnection(ami["host"], ami["port"], ami["username"], ami["secret"], lambda m: None,
+                             auth=ami["auth"], connect_timeout=min(self.timeout, ami["connect_timeout"]))
+        try:
+            conn.try_login()
+        except AmiError as exc:
+            return CheckResult("CRITICAL", "ami", str(exc), "check manager.conf: the user, its secret, permit=")
+        except (OSError, socket.error) as exc:
+            return CheckResult("CRITICAL", "ami", "cannot connect to %s:%s: %s" % (ami["host"], ami["port"], exc),
+                               "is Asterisk running, and AMI enabled in manager.conf ([general] enabled = yes)?")
+        return CheckResult("OK", "ami", "logged in to %s:%s as %s (%s)" % (ami["host"], ami["port"], ami["username"],
+                                                                          conn.banner or "Asterisk"))
+
+    def _check_portal(self, config):
+        if not BitrixClient.configured(config):
+            return [CheckResult("CRITICAL", "bitrix24", "not configured")]
+        client = BitrixClient.from_config(config, StateStore(":memory:"))
+        client.timeout = self.timeout
+        if client.uses_oauth:
+            # The daemon's tokens, read-only: the wizard must not spend its refresh token.
+            try:
+                store = _read_only_store(config)
+                client.store.set_setting(BitrixClient.TOKENS_KEY, store.get_setting(BitrixClient.TOKENS_KEY))
+                store.close()
+            except StorageError:
+                pass
+            client.may_refresh = False
+        out = []
+        try:
+            scopes = client.call("scope")
+            missing = [s for s in ("telephony", "crm", "user", "task") if s not in (scopes or [])]
+            if missing:
+                out.append(CheckResult("CRITICAL", "bitrix24", "the webhook/application lacks the scopes %s"
+                                       % ", ".join(missing), "edit it in Bitrix24: Developer resources"))
+            else:
+                out.append(CheckResult("OK", "bitrix24", "reachable, scopes telephony crm user task granted"))
+            users = UserDirectory(client)
+            mapping = users.refresh()
+            out.append(CheckResult("OK" if mapping else "WARNING", "users", ", ".join(
+                "%s -> user %s" % kv for kv in sorted(mapping.items())) or "no user has an internal phone "
+                "number (UF_PHONE_INNER)", "" if mapping else "fill 'Internal phone' in the employees' profiles"))
+        except BitrixError as exc:
+            out.append(CheckResult("CRITICAL", "bitrix24", str(exc), "check the address and the rights"))
+        return out
+
+    def lead_sources(self, draft):
+        """[(STATUS_ID, NAME)] from crm.status.list, or [] when the portal is not reachable."""
+        try:
+            config = self.draft_config(draft)
+            if not BitrixClient.configured(config):
+                return []
+            client = BitrixClient.from_config(config, StateStore(":memory:"))
+            client.timeout = self.timeout
+            client.may_refresh = False
+            rows = client.call("crm.status.list", {"filter": {"ENTITY_ID": "SOURCE"}})
+        except (BitrixError, ConfigError):
+            return []
+        return [(str(r.get("STATUS_ID")), str(r.get("NAME"))) for r in rows or [] if isinstance(r, dict)]
+
+    # -- AMI user -----------------------------------------------------------------------------------------
+    def create_ami_user(self, draft):
+        """A 'bx24' user with a new secret and only the rights bx24ast needs, in
+        manager_custom.conf on FreePBX (manager.conf is rewritten there), manager.conf
+        otherwise; then 'manager reload'. Returns (message, ok)."""
+        etc = os.path.join(self.root, "etc", "asterisk")
+        freepbx = os.path.exists(os.path.join(self.root, "etc", "freepbx.conf")) or \
+            os.path.exists(os.path.join(etc, "manager_custom.conf"))
+        path = os.path.join(etc, "manager_custom.conf" if freepbx else "manager.conf")
+        secret = base64.b32encode(os.urandom(15)).decode().lower()
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except FileNotFoundError:
+            text = ""
+        except OSError as exc:
+            return "cannot read %s: %s" % (path, exc.strerror), False
+        # Replace an earlier [bx24] section of ours, keep everything else.
+        text = re.sub(r"(?ms)^\[bx24\][^\n]*\n.*?(?=^\[|\Z)", "", text).rstrip("\n")
+        block = ("\n\n[bx24]\n; written by the bx24ast wizard\nsecret = %s\ndeny = 0.0.0.0/0.0.0.0\n"
+                 "permit = 127.0.0.1/255.255.255.255\nread = %s\nwrite = %s\nwriteTimeout = 5000\n"
+                 % (secret, AMI_USER_READ, AMI_USER_WRITE))
+        try:
+            tmp = path + ".bx24ast.tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(text + block)
+            os.replace(tmp, path)
+        except OSError as exc:
+            return "cannot write %s: %s" % (path, exc.strerror), False
+        draft[("ami", "username")] = "bx24"
+        draft[("ami", "secret")] = secret
+        if ("ami", "host") not in draft:
+            draft[("ami", "host")] = "127.0.0.1"
+        try:
+            proc = subprocess.Popen(self.asterisk_command + ["manager reload"], stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            output = proc.communicate(timeout=15)[0].decode("utf-8", "replace").strip()
+            if proc.returncode != 0:
+                return "user bx24 written to %s, but 'manager reload' failed: %s" % (path, output), False
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return "user bx24 written to %s, but 'asterisk -rx \"manager reload\"' could not run: %s" % (path, exc), \
+                False
+        return "user bx24 written to %s and AMI reloaded" % path, True
+
+
+def _config_text(values, maps):
+    sections = collections.OrderedDict()
+    for (section, key), value in values.items():
+        sections.setdefault(section, []).append("%s = %s" % (key, value))
+    for name, entries in maps.items():
+        sections[name] = ["%s = %s" % kv for kv in entries.items()]
+    return "".join("[%s]\n%s\n" % (name, "\n".join(lines)) for name, lines in sections.items())
+
+
+def detect_recording_format(path, limit=2000):
+    """(extension, count) most common among the recordings under path, or None."""
+    counts = collections.Counter()
+    seen = 0
+    for directory, _dirs, files in os.walk(path):
+        for name in files:
+            m = _RECORDING_EXT.search(name)
+            if m:
+                counts[m.group(1).lower()] += 1
+            seen += 1
+            if seen >= limit:
+                break
+        if seen >= limit:
+            break
+    if not counts:
+        return None
+    ext, n = counts.most_common(1)[0]
+    return ext, sum(counts.values())
+
+
+def check_recordings(path, now=None):
+    now = time.time() if now is None else now
+    if not os.path.isdir(path):
+        return CheckResult("CRITICAL", "recordings", "%s does not exist" % path,
+                           "where does MixMonitor write? (FreePBX: /var/spool/asterisk/monitor)")
+    if not os.access(path, os.R_OK | os.X_OK):
+        return CheckResult("CRITICAL", "recordings", "%s is not readable by bx24ast" % path, "check its permissions")
+    found = detect_recording_format(path)
+    if not found:
+        return CheckResult("WARNING", "recordings", "%s has no recordings yet" % path,
+                           "are calls recorded (MixMonitor)? check again after a call")
+    return CheckResult("OK", "recordings", "%s: %d recordings, mostly .%s" % (path, found[1], found[0]))
+
+
+class WizardServer(object):
+    """The wizard over HTTP(S): login, sessions, CSRF, brute-force delay, pages."""
+
+    SESSION_SECONDS = 8 * 3600
+    FAILS_PER_MINUTE = 5
+    PREFIX = "/config/master"
+    sessions = {}
+    failures = {}
+    _lock = threading.Lock()
+
+    def __init__(self, wizard, user, password_hash, host="0.0.0.0", port=8078, cert="", key="", language="en",
+                 check_config=None):
+        if not password_hash:
+            raise ConfigError("[wizard] password_hash is empty: set a login with bx24ast.py set-password "
+                              "(the installer does)", section="wizard", key="password_hash", value="")
+        self.wizard = wizard
+        self.user = user
+        self.password_hash = password_hash
+        self.language = language
+        self.check_config = check_config   # () -> Config for the results page
+        self.secure = bool(cert)
+        # Kept by the class: a save reloads the service, which makes a new server,
+        # and the admin must stay logged in to see the results.
+        self.sessions = WizardServer.sessions
+        self.failures = WizardServer.failures
+        self._lock = WizardServer._lock
+        owner = self
+
+        class Handler(_TlsRequestHandler):
+            tls = tls_context(cert, key, "wizard") if cert else None
+
+            def do_GET(self):
+                owner.serve(self, "GET")
+
+            def do_POST(self):
+                owner.serve(self, "POST")
+
+        self.server = _ThreadingHTTPServer((host, port), Handler)
+        self.address = self.server.server_address[:2]
+
+    def start(self):
+        threading.Thread(target=self.server.serve_forever, name="wizard", daemon=True).start()
+        log.info("wizard: %s://%s:%d%s", "https" if self.secure else "http", self.address[0], self.address[1],
+                 self.PREFIX)
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+    # -- plumbing ----------------------------------------------------------------------------------
+    def _cookies(self, req):
+        out = {}
+        for part in (req.headers.get("Cookie") or "").split(";"):
+            name, sep, value = part.strip().partition("=")
+            if sep:
+                out[name] = value
+        return out
+
+    def _cookie(self, name, value, max_age=None):
+        attrs = ["%s=%s" % (name, value), "Path=%s" % self.PREFIX, "HttpOnly", "SameSite=Strict"]
+        if self.secure:
+            attrs.append("Secure")
+        if max_age is not None:
+            attrs.append("Max-Age=%d" % max_age)
+        return "; ".join(attrs)
+
+    def _send(self, req, status, body="", headers=()):
+        data = body.encode("utf-8")
+        req.send_response(status)
+        req.send_header("Content-Type", "text/html; charset=utf-8")
+        req.send_header("Content-Length", str(len(data)))
+        req.send_header("Cache-Control", "no-store")
+        req.send_header("X-Frame-Options", "DENY")
+        req.send_header("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'")
+        for name, value in headers:
+            req.send_header(name, value)
+        req.end_headers()
+        req.wfile.write(data)
+
+    def _redirect(self, req, where, headers=()):
+        self._send(req, 303, "", [("Location", where)] + list(headers))
+
+    def _form(self, req):
+        try:
+            length = int(req.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = 0
+        if length > 256 * 1024:
+            return None
+        body = req.rfile.read(length).decode("utf-8", "replace") if length > 0 else ""
+        return dict(urllib.parse.parse_qsl(body, keep_blank_values=True))
+
+    def _session(self, req):
+        token = self._cookies(req).get("bx24ast_session")
+        with self._lock:
+            session = self.sessions.get(token) if token else None
+            if session is not None and session["expires"] < time.time():
+                del self.sessions[token]
+                session = None
+        return session
+
+    def _text(self, session_or_lang):
+        lang = session_or_lang if isinstance(session_or_lang, str) else (session_or_lang or {}).get("lang")
+        return WIZARD_TEXT.get(lang or self.language, WIZARD_TEXT["en"])
+
+    # -- requests --------------------------------------------------------------------------------------
+    def serve(self, req, verb):
+        try:
+            self.handle(req, verb)
+        except Exception:
+            log.exception("wizard: %s %s failed", verb, req.path[:80])
+            self._send(req, 500, "<h1>500</h1><p>bx24ast could not show this page; the log says why.</p>")
+
+    def handle(self, req, verb):
+        url = urllib.parse.urlsplit(req.path)
+        path = url.path.rstrip("/")
+        peer = req.client_address[0]
+        if not path.startswith(self.PREFIX):
+            return self._redirect(req, self.PREFIX)
+        if path == self.PREFIX + "/login":
+            return self._login(req, verb, peer)
+        session = self._session(req)
+        if session is None:
+            return self._redirect(req, self.PREFIX + "/login")
+        form = {}
+        if verb == "POST":
+            form = self._form(req)
+            if form is None or not hmac.compare_digest((form.get("csrf") or "").encode(), session["csrf"].encode()):
+                log.warning("wizard: a form from %s without the right CSRF token was refused", peer)
+                return self._send(req, 403, "<h1>403</h1><p>The form is stale or forged (CSRF token); reload the "
+                                            "page.</p>")
+        if path == self.PREFIX + "/logout" and verb == "POST":
+            with self._lock:
+                self.sessions.pop(self._cookies(req).get("bx24ast_session"), None)
+            return self._redirect(req, self.PREFIX + "/login",
+                                  [("Set-Cookie", self._cookie("bx24ast_session", "", 0))])
+        if path == self.PREFIX:
+            return self._redirect(req, self.PREFIX + "/language")
+        if path == self.PREFIX + "/results":
+            return self._results(req, session)
+        step = path[len(self.PREFIX) + 1:]
+        if step not in WIZARD_STEPS:
+            return self._send(req, 404, "<h1>404</h1>")
+        return self._step(req, verb, session, step, form)
+
+    def _login(self, req, verb, peer):
+        text = self._text(self._cookies(req).get("bx24ast_lang"))
+        login_csrf = self._cookies(req).get("bx24ast_login")
+        error = ""
+        if verb == "POST":
+            form = self._form(req) or {}
+            now = time.time()
+            with self._lock:
+                recent = [t for t in self.failures.get(peer, []) if now - t < 60]
+                self.failures[peer] = recent
+            if len(recent) >= self.FAILS_PER_MINUTE:
+                wait = int(60 - (now - recent[0])) + 1
+                return self._send(req, 429, self._page(text, text["login"], "<p class=err>%s</p>"
+                                                       % _h(text["wait"] % wait), None, None),
+                                  [("Retry-After", str(wait))])
+            if not login_csrf or not hmac.compare_digest((form.get("csrf") or "").encode(), login_csrf.encode()):
+                return self._send(req, 403, "<h1>403</h1><p>Reload the login page (CSRF token).</p>")
+            user_ok = hmac.compare_digest((form.get("user") or "").encode(), self.user.encode())
+            password_ok = verify_password(form.get("password") or "", self.password_hash)
+            if user_ok and password_ok:
+                token = base64.urlsafe_b64encode(os.urandom(24)).decode().rstrip("=")
+                with self._lock:
+                    self.sessions[token] = {"csrf": base64.urlsafe_b64encode(os.urandom(18)).decode().rstrip("="),
+                                            "expires": now + self.SESSION_SECONDS, "draft": {},
+                                            "lang": self._cookies(req).get("bx24ast_lang") or self.language,
+                                            "messages": {}}
+                    self.failures.pop(peer, None)
+                log.info("wizard: %s logged in from %s", self.user, peer)
+                return self._redirect(req, self.PREFIX + "/language",
+                                      [("Set-Cookie", self._cookie("bx24ast_session", token))])
+            with self._lock:
+                self.failures.setdefault(peer, []).append(now)
+            log.warning("wizard: failed login as %r from %s", (form.get("user") or "")[:40], peer)
+            error = "<p class=err>%s</p>" % _h(text["bad_login"])
+        login_csrf = base64.urlsafe_b64encode(os.urandom(18)).decode().rstrip("=")
+        body = ("%s<form method=post action='%s/login'><input type=hidden name=csrf value='%s'>"
+                "<label>%s <input name=user autocomplete=username></label>"
+                "<label>%s <input type=password name=password autocomplete=current-password></label>"
+                "<button>%s</button></form>" % (error, self.PREFIX, login_csrf, _h(text["user"]),
+                                                _h(text["password"]), _h(text["login"])))
+        return self._send(req, 200, self._page(text, text["login"], body, None, None),
+                          [("Set-Cookie", self._cookie("bx24ast_login", login_csrf))])
+
+    def _step(self, req, verb, session, step, form):
+        draft = session["draft"]
+        messages, errors, checks = [], {}, []
+        if verb == "POST":
+            action = form.get("action") or "next"
+            if step == "save":
+                if action == "save":
+                    try:
+                        self.wizard.save(draft)
+                    except ConfigError as exc:
+                        messages.append(("err", str(exc)))
+                    else:
+                        log.info("wizard: configuration written by %s", self.user)
+                        return self._redirect(req, self.PREFIX + "/results")
+            elif action == "create_ami_user":
+                message, ok = self.wizard.create_ami_user(draft)
+                messages.append(("ok" if ok else "err", message))
+            else:
+                errors = self.wizard.submit(step, form, draft)
+                if errors:
+                    messages.append(("err", self._text(session)["fix"]))
+                elif action == "check":
+                    checks = self.wizard.check(step, draft)
+                else:
+                    if step == "language":
+                        session["lang"] = draft.get(("wizard", "language"), session["lang"])
+                    following = WIZARD_STEPS[WIZARD_STEPS.index(step) + 1]
+                    return self._redirect(req, "%s/%s" % (self.PREFIX, following),
+                                          [("Set-Cookie", self._cookie("bx24ast_lang", session["lang"],
+                                                                       365 * 86400))])
+        text = self._text(session)
+        body = self._step_body(text, session, step, form if errors else None, errors, checks, messages)
+        return self._send(req, 200 if not errors else 400, self._page(text, text["step_" + step], body, session,
+                                                                      step))
+
+    def _step_body(self, text, session, step, posted, errors, checks, messages):
+        draft = session["draft"]
+        values, maps = self.wizard.current(draft)
+        parts = ["<p>%s</p>" % _h(text["help_" + step])]
+        for kind, message in messages:
+            parts.append("<p class=%s>%s</p>" % (kind, _h(message)))
+        if checks:
+            parts.append(_checks_table(text, checks))
+        if step == "save":
+            changes = self.wizard.changes(draft)
+            parts.append("<h2>%s</h2>" % _h(text["changes"]))
+            parts.append("<table>%s</table>" % "".join("<tr><td>%s</td><td>%s</td></tr>" % (_h(k), _h(v))
+                                                       for k, v in changes) if changes else
+                         "<p>%s</p>" % _h(text["no_changes"]))
+            parts.append("<form method=post><input type=hidden name=csrf value='%s'>"
+                         "<button name=action value=save>%s</button></form>" % (session["csrf"], _h(text["save"])))
+            return "".join(parts)
+        found, suggested = self.wizard.suggestions(step)
+        if step in ("database", "recordings"):
+            parts.append("<h2>%s</h2>%s" % (_h(text["found"]), "<ul>%s</ul>" % "".join(
+                "<li>%s</li>" % _h(f) for f in found) if found else "<p>%s</p>" % _h(text["none_found"])))
+        parts.append("<form method=post><input type=hidden name=csrf value='%s'>" % session["csrf"])
+        for section, key, kind in WIZARD_FIELDS.get(step, []):
+            name = "%s.%s" % (section, key)
+            value = posted.get(name, "") if posted is not None else values.get((section, key), "")
+            if (section, key) not in draft and key in suggested and posted is None and \
+                    values.get((section, key)) == _SCHEMA_BY_KEY[(section, key)][2]:
+                value = suggested[key]
+            parts.append(self._field(text, section, key, kind, value, errors.get(name)))
+        if step == "crm":
+            parts.append(self._lines_table(text, session, maps["lines"], posted, errors))
+            parts.append("<h2>%s</h2><pre>%s</pre>" % (_h(text["dialplan"]), _h(ROUTING_DIALPLAN)))
+        if step == "click_to_call":
+            parts.append("<p>%s: <code>%s</code></p>" % (_h(text["handler_url"]), _h(
+                values.get(("click_to_call", "public_url")) or "https://<this host>:8077/bitrix24")))
+        if step == "ami":
+            parts.append("<button name=action value=create_ami_user>%s</button>" % _h(text["create_ami"]))
+        if step in ("database", "ami", "recordings", "bitrix24", "crm"):
+            parts.append("<button name=action value=check>%s</button>" % _h(text["check"]))
+        parts.append("<button name=action value=next>%s</button></form>" % _h(text["next"]))
+        return "".join(parts)
+
+    def _field(self, text, section, key, kind, value, error):
+        name = "%s.%s" % (section, key)
+        doc = _SCHEMA_BY_KEY[(section, key)][4]
+        if kind == "choice":
+            control = "<select name='%s'>%s</select>" % (_h(name), "".join(
+                "<option%s>%s</option>" % (" selected" if c == value else "", _h(c))
+                for c in _CHOICES[(section, key)]))
+        elif kind == "flag":
+            control = "<input type=checkbox name='%s' value=yes%s>" % (
+                _h(name), " checked" if str(value).lower() in _TRUE else "")
+        elif kind == "secret":
+            # A secret already set is never sent back to the browser.
+            control = "<input type=password name='%s' value='' placeholder='%s' autocomplete=new-password>" % (
+                _h(name), _h(text["kept"]) if value else "")
+        else:
+            control = "<input name='%s' value='%s'>" % (_h(name), _h(value))
+        err = "<span class=err>%s</span>" % _h(error) if error else ""
+        return "<div class=field><label>[%s] %s %s</label>%s<small>%s</small></div>" % (
+            _h(section), _h(key), control, err, _h(doc))
+
+    def _lines_table(self, text, session, lines, posted, errors):
+        sources = self.wizard.lead_sources(session["draft"])
+        rows = list(lines.items()) if posted is None else [
+            (posted.get("line_did_%d" % i, ""), posted.get("line_source_%d" % i, ""))
+            for i in range(int(posted.get("line_count") or 0))]
+        rows += [("", "")] * 3
+        out = ["<h2>%s</h2><input type=hidden name=line_count value=%d><table><tr><th>%s</th><th>%s</th></tr>"
+               % (_h(text["lines"]), len(rows), _h(text["did"]), _h(text["source"]))]
+        for i, (did, source) in enumerate(rows):
+            if sources:
+                options = [("", "")] + sources
+                if source and source not in [s for s, _ in sources]:
+                    options.append((source, source))
+                control = "<select name=line_source_%d>%s</select>" % (i, "".join(
+                    "<option value='%s'%s>%s</option>" % (_h(s), " selected" if s == source else "", _h(n or s))
+                    for s, n in options))
+            else:
+                control = "<input name=line_source_%d value='%s'>" % (i, _h(source))
+            err = errors.get("line_%d" % i)
+            out.append("<tr><td><input name=line_did_%d value='%s'></td><td>%s%s</td></tr>" % (
+                i, _h(did), control, "<span class=err>%s</span>" % _h(err) if err else ""))
+        out.append("</table>")
+        return "".join(out)
+
+    def _results(self, req, session):
+        text = self._text(session)
+        try:
+            config = self.check_config() if self.check_config else Config.load(self.wizard.config_path)
+            results = run_checks(config)
+        except ConfigError as exc:
+            results = [CheckResult("UNKNOWN", "configuration", str(exc))]
+        worst, summary = summarize(results)
+        body = "<p class=%s>%s</p>%s" % ("ok" if worst == "OK" else "err", _h(summary), _checks_table(text, results))
+        return self._send(req, 200, self._page(text, text["results"], body, session, "results"))
+
+    def _page(self, text, title, body, session, current):
+        nav = ""
+        if session is not None:
+            nav = "<nav>%s<a href='%s/results'%s>%s</a><form method=post action='%s/logout'>" \
+                  "<input type=hidden name=csrf value='%s'><button>%s</button></form></nav>" % (
+                      "".join("<a href='%s/%s'%s>%s</a>" % (self.PREFIX, s, " class=here" if s == current else "",
+                                                            _h(text["step_" + s])) for s in WIZARD_STEPS),
+                      self.PREFIX, " class=here" if current == "results" else "", _h(text["results"]),
+                      self.PREFIX, session["csrf"], _h(text["logout"]))
+        return ("<!doctype html><html><head><meta charset=utf-8><title>%s - %s</title><style>%s</style></head>"
+                "<body><header>%s</header>%s<main><h1>%s</h1>%s</main></body></html>"
+                % (_h(title), _h(text["title"]), _WIZARD_CSS, _h(text["title"]), nav, _h(title), body))
+
+
+_WIZARD_CSS = ("body{font-family:sans-serif;margin:0;background:#f4f6f8}header{background:#2fc6f6;color:#fff;"
+               "padding:.6em 1em;font-weight:bold}nav{padding:.5em 1em;background:#fff}nav a{margin-right:1em}"
+               "nav form{display:inline}a.here{font-weight:bold}main{padding:1em 2em;max-width:60em}"
+               ".field{margin:.6em 0}.field small{display:block;color:#666}.err{color:#b00020}.ok{color:#1b7f3b}"
+               "label{display:block}input,select{margin-left:.5em}td,th{padding:.2em .6em;text-align:left}"
+               "td.OK{color:#1b7f3b}td.WARNING{color:#a66b00}td.CRITICAL,td.FAIL,td.UNKNOWN{color:#b00020}")
+
+ROUTING_DIALPLAN = """[bx24-responsible]
+exten => s,1,AGI(agi://127.0.0.1:4573/responsible)
+ same => n,GotoIf($["${BX24_RESPONSIBLE_EXT}" = ""]?normal)
+ same => n,Dial(Local/${BX24_RESPONSIBLE_EXT}@from-internal,20)
+ same => n(normal),Goto(from-did-direct,${EXTEN},1)  ; your usual route"""
+
+
+def _h(value):
+    return html.escape(str(value), quote=True)
+
+
+def _checks_table(text, results):
+    shown = {"OK": "OK", "WARNING": "WARNING", "CRITICAL": "FAIL", "UNKNOWN": "FAIL"}
+    return "<table>%s</table>" % "".join(
+        "<tr><td class=%s>%s</td><td>%s</td><td>%s</td><td>%s</td></tr>" % (
+            r.level, shown[r.level], _h(r.name), _h(r.message),
+            _h("%s: %s" % (text["what_to_do"], r.advice)) if r.advice else "") for r in results)
 
 
 ###############################################################################
@@ -5383,9 +6146,18 @@ class Daemon(object):
             wanted.append(("click-to-call events ([click_to_call] listen)", c2c["listen"],
                            lambda host, port: EventListener(self.click, c2c["application_token"], host, port,
                                                             c2c["tls_cert"], c2c["tls_key"])))
+        wizard = self.config.section("wizard")
+        if wizard["listen"]:
+            wanted.append(("wizard ([wizard] listen)", wizard["listen"], lambda host, port: WizardServer(
+                SetupWizard(self.config.path, on_saved=self.request_reload), wizard["user"], wizard["password_hash"],
+                host, port, wizard["tls_cert"], wizard["tls_key"], wizard["language"])))
         for label, (host, port), build in wanted:
             try:
                 server = build(host, port)
+            except ConfigError as exc:
+                log.error("%s: %s", label, exc)
+                self.listener_errors.append("%s: %s" % (label, exc))
+                continue
             except OSError as exc:
                 log.error("%s: cannot listen on %s:%d: %s", label, host, port, exc.strerror or exc)
                 self.listener_errors.append("%s: cannot listen on %s:%d: %s" % (label, host, port,
@@ -5661,9 +6433,11 @@ def check_bitrix24(config, beat, timeout=3.0):
     if not BitrixClient.configured(config):
         return CheckResult("CRITICAL", "bitrix24", "not configured",
                            "set [bitrix24] webhook_url, or portal_url + client_id + client_secret")
-    store = None
     try:
         store = _read_only_store(config)
+    except StorageError:
+        store = StateStore(":memory:")   # a webhook needs no tokens; OAuth then says it has none
+    try:
         client = BitrixClient.from_config(config, store)
         client.timeout = timeout
         client.may_refresh = False   # the daemon owns the refresh token; two refreshers break it
@@ -5677,8 +6451,7 @@ def check_bitrix24(config, beat, timeout=3.0):
             advice = "is the portal reachable from this host? (DNS, firewall, proxy)"
         return CheckResult("CRITICAL", "bitrix24", str(exc), advice)
     finally:
-        if store is not None:
-            store.close()
+        store.close()
     alert = ((beat or {}).get("bitrix24") or {}).get("alert")
     if alert:
         return CheckResult("WARNING", "bitrix24", "reachable, but the service reports: %s" % alert,

@@ -141,6 +141,7 @@ class Bitrix24Emulator(object):
         self.reserved = {}
         self.failures = {}            # method -> how many next calls fail with a 500
         self.offline_extended = True  # the plan allows event.offline.get with clear=0
+        self.scopes = ["crm", "telephony", "user", "task", "placement"]
         for uid, name, ext in ((1, "Admin", None), (5, "Ivan Petrov", "101"), (7, "Maria Sidorova", "102"),
                                (9, "Oleg Smirnov", "103")):
             self.add_user(uid, name, ext)
@@ -453,6 +454,9 @@ class Bitrix24Emulator(object):
     def m_profile(self, p, acting):
         user = self.users.get(int(acting)) or {}
         return {"ID": user.get("ID"), "ADMIN": user.get("ADMIN", False), "NAME": user.get("NAME")}
+
+    def m_scope(self, p):
+        return list(self.scopes)
 
     def m_server_time(self, p):
         return time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())

@@ -1,0 +1,292 @@
+"""The setup wizard, driven through http.client like a browser."""
+import html
+import http.client
+import os
+import re
+import urllib.parse
+
+import pytest
+
+import bx24ast
+from b24_emulator import Bitrix24Emulator
+from conftest import FIXTURES
+from fake_ami import FakeAmiServer
+
+PASSWORD = "correct horse battery"
+PJSIP = os.path.join(FIXTURES, "asterisk-22.10.1-pjsip")
+
+
+class Browser(object):
+    """Cookies, redirects not followed, forms posted with the page's CSRF token."""
+
+    def __init__(self, port):
+        self.port = port
+        self.cookies = {}
+        self.last = ""
+        self.set_cookie_headers = []
+
+    def request(self, verb, path, fields=None, csrf=True):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        headers = {"Cookie": "; ".join("%s=%s" % kv for kv in self.cookies.items())}
+        body = None
+        if fields is not None:
+            fields = dict(fields)
+            if csrf and "csrf" not in fields:
+                m = re.search(r"name=csrf value='([^']+)'", self.last)
+                fields["csrf"] = m.group(1) if m else ""
+            body = urllib.parse.urlencode(fields)
+            headers["Content-Type"] = "application/x-www-form-urlencoded"
+        conn.request(verb, path, body, headers)
+        resp = conn.getresponse()
+        text = resp.read().decode("utf-8")
+        conn.close()
+        for name, value in resp.getheaders():
+            if name.lower() == "set-cookie":
+                self.set_cookie_headers.append(value)
+                cname, _, rest = value.partition("=")
+                cvalue = rest.split(";")[0]
+                if "Max-Age=0" in value:
+                    self.cookies.pop(cname, None)
+                else:
+                    self.cookies[cname] = cvalue
+        if resp.status == 200 or resp.status == 400:
+            self.last = text
+        return resp.status, text, resp.getheader("Location")
+
+    def get(self, path):
+        return self.request("GET", path)
+
+    def post(self, path, fields, csrf=True):
+        return self.request("POST", path, fields, csrf)
+
+    def login(self, user="admin", password=PASSWORD):
+        self.get("/config/master/login")
+        return self.post("/config/master/login", {"user": user, "password": password})
+
+
+@pytest.fixture
+def wizard_env(tmp_path):
+    conf = str(tmp_path / "bx24ast.conf")
+    with open(conf, "w") as f:
+        f.write(bx24ast.example_config_text())
+    hashed = bx24ast.hash_password(PASSWORD)
+    bx24ast.update_config_file(conf, {("wizard", "password_hash"): hashed,
+                                      ("storage", "state_dir"): str(tmp_path / "state")})
+    root = tmp_path / "root"
+    (root / "etc" / "asterisk").mkdir(parents=True)
+    (root / "etc" / "asterisk" / "manager.conf").write_text("[general]\nenabled = yes\nport = 5038\n\n"
+                                                            "[admin]\nsecret = amp111\nread = all\nwrite = all\n")
+    stub = tmp_path / "asterisk"
+    stub.write_text("#!/bin/sh\necho \"$@\" >> %s\necho 'Reloading manager'\n" % (tmp_path / "asterisk.log"))
+    stub.chmod(0o755)
+    saved = []
+    wizard = bx24ast.SetupWizard(conf, root=str(root), asterisk_command=[str(stub), "-rx"],
+                                 on_saved=lambda: saved.append(True), timeout=3)
+    bx24ast.WizardServer.sessions.clear()
+    bx24ast.WizardServer.failures.clear()
+    server = bx24ast.WizardServer(wizard, "admin", hashed, "127.0.0.1", 0)
+    server.start()
+    try:
+        yield {"conf": conf, "server": server, "browser": Browser(server.address[1]), "saved": saved,
+               "root": root, "tmp": tmp_path}
+    finally:
+        server.stop()
+
+
+def step(browser, name, fields, action="next"):
+    browser.get("/config/master/%s" % name)
+    fields = dict(fields, action=action)
+    return browser.post("/config/master/%s" % name, fields)
+
+
+def test_login_sessions_and_cookies(wizard_env):
+    b = wizard_env["browser"]
+    status, _, where = b.get("/config/master/database")
+    assert status == 303 and where == "/config/master/login"
+    status, text, _ = b.login(password="wrong password!")
+    assert status == 200 and "Wrong login or password." in text and "bx24ast_session" not in b.cookies
+    status, _, where = b.login()
+    assert status == 303 and where == "/config/master/language"
+    session_cookie = [c for c in b.set_cookie_headers if c.startswith("bx24ast_session=")][-1]
+    assert "HttpOnly" in session_cookie and "SameSite=Strict" in session_cookie
+    assert b.get("/config/master/database")[0] == 200
+    b.get("/config/master/language")
+    assert b.post("/config/master/logout", {})[0] == 303
+    assert b.get("/config/master/database")[0] == 303
+
+
+def test_brute_force_waits_and_login_needs_its_csrf(wizard_env):
+    b = wizard_env["browser"]
+    b.get("/config/master/login")
+    assert b.post("/config/master/login", {"user": "admin", "password": PASSWORD, "csrf": "forged"})[0] == 403
+    for _ in range(5):
+        assert b.login(password="not the password")[0] == 200
+    status, text, _ = b.login()   # even the right password waits now
+    assert status == 429 and "Too many failed logins: wait" in text
+    assert "bx24ast_session" not in b.cookies
+    # another address is not held back
+    bx24ast.WizardServer.failures.clear()
+    assert b.login()[0] == 303
+
+
+def test_forms_without_the_csrf_token_are_refused(wizard_env):
+    b = wizard_env["browser"]
+    b.login()
+    before = open(wizard_env["conf"]).read()
+    status, text, _ = b.post("/config/master/ami", {"ami.port": "5039", "action": "next"}, csrf=False)
+    assert status == 403 and "CSRF" in text
+    assert b.post("/config/master/save", {"action": "save", "csrf": "x" * 24})[0] == 403
+    assert open(wizard_env["conf"]).read() == before and not wizard_env["saved"]
+
+
+def test_bad_values_get_an_error_by_their_field_and_nothing_is_saved(wizard_env):
+    b = wizard_env["browser"]
+    b.login()
+    before = open(wizard_env["conf"]).read()
+    status, text, _ = step(b, "language", {"wizard.language": "xx"})
+    assert status == 400 and "one of: en, ru" in text
+    status, text, _ = step(b, "database", {"cel.backend": "mysql", "cel.mysql_port": "abc"})
+    assert status == 400
+    field = re.search(r"<div class=field><label>\[cel\] mysql_port.*?</div>", text).group(0)
+    assert "expected a whole number" in field and "value='abc'" in field
+    status, text, _ = step(b, "ami", {"ami.host": "127.0.0.1", "ami.port": "70000", "ami.username": "x"})
+    assert status == 400 and "a whole number from 1 to 65535" in text
+    status, text, _ = step(b, "bitrix24", {"bitrix24.webhook_url": "http://portal/no-rest"})
+    assert status == 400 and "/rest/&lt;user&gt;/&lt;token&gt;/" in text
+    status, text, _ = step(b, "click_to_call", {"click_to_call.mode": "port", "click_to_call.listen": "0.0.0.0:8077",
+                                                "click_to_call.phone_channel": "Local/{extension}@from-internal",
+                                                "click_to_call.outbound_context": "from-internal"})
+    assert status == 400 and "needed in port mode" in text
+    status, text, _ = step(b, "crm", {"crm.mode": "leads", "crm.default_user_id": "1", "routing.agi_listen": "",
+                                      "line_count": "1", "line_did_0": "<script>alert(1)</script>",
+                                      "line_source_0": "WEB"})
+    assert status == 400 and "<script>" not in text and "&lt;script&gt;alert(1)&lt;/script&gt;" in text
+    b.get("/config/master/save")
+    assert "Nothing changed." in b.last
+    assert open(wizard_env["conf"]).read() == before
+
+
+def test_every_step_good_values_checks_and_save(wizard_env):
+    b = wizard_env["browser"]
+    b.login()
+    conf = wizard_env["conf"]
+    # language: remembered, pages follow it
+    status, _, where = step(b, "language", {"wizard.language": "ru"})
+    assert status == 303 and where == "/config/master/database"
+    assert "bx24ast_lang=ru" in "".join(b.set_cookie_headers)
+    status, text, _ = b.get("/config/master/database")
+    assert "База CEL" in text
+    # database: a real CEL database, checked
+    cel = os.path.join(PJSIP, "inbound_answered", "cel.sqlite3")
+    status, text, _ = step(b, "database", {"cel.backend": "sqlite", "cel.sqlite_path": cel, "cel.table": "cel",
+                                           "cel.mysql_port": "3306", "cel.mysql_host": "localhost",
+                                           "cel.mysql_database": "asteriskcdrdb"}, action="check")
+    assert status == 200 and "no CEL event written in the last 60 minutes" in text and "WARNING" in text
+    assert step(b, "database", {"cel.backend": "sqlite", "cel.sqlite_path": cel, "cel.table": "cel",
+                                "cel.mysql_port": "3306", "cel.mysql_host": "localhost",
+                                "cel.mysql_database": "asteriskcdrdb"})[0] == 303
+    # AMI: create the bx24 user, then the Check logs in with it
+    with FakeAmiServer() as ami:
+        status, text, _ = step(b, "ami", {}, action="create_ami_user")
+        manager = (wizard_env["root"] / "etc" / "asterisk" / "manager.conf").read_text()
+        assert "[admin]\nsecret = amp111" in manager
+        section = manager[manager.index("[bx24]"):]
+        secret = re.search(r"secret = (\S+)", section).group(1)
+        assert "read = %s" % bx24ast.AMI_USER_READ in section and "write = %s" % bx24ast.AMI_USER_WRITE in section
+        assert "permit = 127.0.0.1" in section and len(secret) >= 20
+        assert "manager reload" in (wizard_env["tmp"] / "asterisk.log").read_text()
+        assert "AMI reloaded" in text and secret not in text   # the secret is never shown
+        ami.username, ami.secret = "bx24", secret
+        status, text, _ = step(b, "ami", {"ami.host": "127.0.0.1", "ami.port": str(ami.port),
+                                          "ami.username": "bx24"}, action="check")
+        assert "logged in to 127.0.0.1:%d as bx24" % ami.port in text, text
+        assert secret not in text
+        assert step(b, "ami", {"ami.host": "127.0.0.1", "ami.port": str(ami.port), "ami.username": "bx24"})[0] == 303
+        # a wrong secret fails the check, saying so
+        ami.secret = "something else"
+        status, text, _ = step(b, "ami", {"ami.host": "127.0.0.1", "ami.port": str(ami.port),
+                                          "ami.username": "bx24"}, action="check")
+        assert "FAIL" in text and "Authentication failed" in text
+    # recordings
+    recordings = os.path.join(PJSIP, "inbound_answered", "recordings")
+    status, text, _ = step(b, "recordings", {"recordings.path": recordings, "pbx.recording_format": "wav",
+                                             "recordings.attach": "yes"}, action="check")
+    assert "recordings, mostly .wav" in text
+    assert step(b, "recordings", {"recordings.path": recordings, "pbx.recording_format": "wav",
+                                  "recordings.attach": "yes"})[0] == 303
+    with Bitrix24Emulator() as emu:
+        # portal: scopes and the extension map
+        fields = {"bitrix24.webhook_url": emu.webhook_url}
+        status, text, _ = step(b, "bitrix24", fields, action="check")
+        assert "scopes telephony crm user task granted" in text
+        assert "101 -&gt; user 5, 102 -&gt; user 7, 103 -&gt; user 9" in text
+        assert step(b, "bitrix24", fields)[0] == 303
+        # CRM: lead sources from the portal, a line table, the dialplan to paste
+        status, text, _ = b.get("/config/master/crm")
+        assert "<option value='ADVERTISING'>Advertising</option>" in text and "AGI(agi://127.0.0.1:4573" in text
+        assert step(b, "crm", {"crm.mode": "contacts", "crm.create": "yes", "crm.default_user_id": "7",
+                               "routing.agi_listen": "127.0.0.1:4573", "line_count": "2",
+                               "line_did_0": "74951234567", "line_source_0": "ADVERTISING",
+                               "line_did_1": "", "line_source_1": ""})[0] == 303
+        assert step(b, "click_to_call", {"click_to_call.mode": "port", "click_to_call.listen": "0.0.0.0:8077",
+                                         "click_to_call.application_token": "tok3n-from-b24",
+                                         "click_to_call.public_url": "https://pbx.example.com:8077/b24",
+                                         "click_to_call.phone_channel": "Local/{extension}@from-internal",
+                                         "click_to_call.outbound_context": "from-internal"})[0] == 303
+        assert not wizard_env["saved"]
+        # save: the summary masks secrets, then the file is written and the service told
+        status, text, _ = b.get("/config/master/save")
+        assert "[crm] mode" in text and "[lines]" in text and "74951234567 = ADVERTISING" in text
+        assert "tok3n-from-b24" not in text and secret not in text and "***" in text
+        status, _, where = b.post("/config/master/save", {"action": "save"})
+        assert status == 303 and where == "/config/master/results" and wizard_env["saved"] == [True]
+        config = bx24ast.Config.load(conf)
+        assert config.get("ami", "username") == "bx24" and config.get("ami", "secret") == secret
+        assert config.get("crm", "mode") == "contacts" and config.get("crm", "default_user_id") == 7
+        assert config.maps["lines"] == {"74951234567": "ADVERTISING"}
+        assert config.get("click_to_call", "application_token") == "tok3n-from-b24"
+        assert config.get("wizard", "language") == "ru" and config.get("cel", "sqlite_path") == cel
+        assert oct(os.stat(conf).st_mode & 0o777) == "0o600"
+        assert bx24ast.verify_password(PASSWORD, config.get("wizard", "password_hash"))
+        # secrets already set are not sent back into the forms
+        status, text, _ = b.get("/config/master/click_to_call")
+        assert "tok3n-from-b24" not in text and "placeholder='задан" in text
+        # the results page says what `check` says
+        status, text, _ = b.get("/config/master/results")
+        assert status == 200
+        rows = re.findall(r"<tr><td class=(\w+)>\w+</td><td>([^<]+)</td><td>([^<]*)</td>", text)
+        expected = bx24ast.run_checks(config)
+        assert [(r[0], r[1]) for r in rows] == [(c.level, c.name) for c in expected]
+        assert [html.unescape(r[2]) for r in rows][1:] == [c.message for c in expected][1:]
+
+
+def test_the_daemon_serves_the_wizard_and_reloads_after_a_save(tmp_path):
+    import threading
+    from conftest import wait_for
+    conf = str(tmp_path / "bx24ast.conf")
+    with FakeAmiServer() as ami:
+        with open(conf, "w") as f:
+            f.write("[ami]\nhost = 127.0.0.1\nport = %d\nusername = bx24\nsecret = s3cret\n[routing]\n"
+                    "agi_listen =\nhttp_listen =\n[wizard]\nlisten = 127.0.0.1:0\n[storage]\nstate_dir = %s\n"
+                    % (ami.port, tmp_path))
+        bx24ast.update_config_file(conf, {("wizard", "password_hash"): bx24ast.hash_password(PASSWORD)})
+        daemon = bx24ast.Daemon(bx24ast.Config.load(conf))
+        daemon.config_loader = lambda: bx24ast.Config.load(conf)
+        thread = threading.Thread(target=daemon.run)
+        thread.start()
+        try:
+            assert wait_for(lambda: daemon.listeners, 10)
+            label, server = daemon.listeners[0]
+            assert label.startswith("wizard")
+            b = Browser(server.address[1])
+            assert b.login()[0] == 303
+            assert step(b, "recordings", {"recordings.path": str(tmp_path), "pbx.recording_format": "mp3",
+                                          "recordings.attach": "yes"})[0] == 303
+            b.get("/config/master/save")
+            assert b.post("/config/master/save", {"action": "save"})[0] == 303
+            thread.join(15)
+            assert not thread.is_alive()
+            assert daemon.next_config.get("pbx", "recording_format") == "mp3"
+        finally:
+            daemon.stop()
+            thread.join(15)
