@@ -2624,6 +2624,30 @@ class BitrixClient(object):
         return self._oauth_request({"grant_type": "authorization_code", "client_id": self.client_id,
                                     "client_secret": self.client_secret, "code": code})
 
+    def install(self, auth):
+        """ONAPPINSTALL: the portal POSTs the first tokens. They are kept only once
+        app.info, asked at the configured portal (never at an address from the POST),
+        accepts them as this application's: a forged POST cannot plant tokens."""
+        if not self.uses_oauth or not self.portal_url:
+            raise BitrixAuthFailed("ONAPPINSTALL needs a local application ([bitrix24] portal_url, client_id)")
+        auth = auth if isinstance(auth, dict) else {}
+        if not auth.get("access_token") or not auth.get("refresh_token"):
+            raise BitrixRejected("ONAPPINSTALL without auth[access_token] and auth[refresh_token]")
+        endpoint = self.portal_url + "rest/"
+        status, answer = self._http("POST", endpoint + "app.info",
+                                    json.dumps({"auth": auth["access_token"]}).encode("utf-8"),
+                                    "application/json", "app.info")
+        if status != 200 or not isinstance(answer, dict) or not isinstance(answer.get("result"), dict):
+            raise classify_error(status, answer, "app.info")
+        code = answer["result"].get("CODE")
+        if code and self.client_id and code != self.client_id:
+            raise BitrixRejected("ONAPPINSTALL tokens belong to application %s, not [bitrix24] client_id %s"
+                                 % (code, self.client_id))
+        tokens = dict((k, v) for k, v in auth.items() if isinstance(v, str))
+        tokens["client_endpoint"] = endpoint
+        log.info("Bitrix24: the local application was installed on %s; tokens saved", self.portal_url)
+        return self.save_tokens(tokens)
+
     def refresh(self, stale_access_token=None):
         """One refresh at a time: each refresh replaces the refresh token, so two
         concurrent refreshes would leave one of them holding a dead token."""
@@ -4835,13 +4859,16 @@ class EventListener(object):
 
     MAX_BODY = 64 * 1024
 
-    def __init__(self, click, token, host="0.0.0.0", port=8077, cert="", key=""):
-        if not token:
+    def __init__(self, click, token, host="0.0.0.0", port=8077, cert="", key="", client=None):
+        """client: the local application's BitrixClient, when there is one: it takes
+        ONAPPINSTALL, and the application_token that came with it is accepted too."""
+        if not token and client is None:
             raise ConfigError("[click_to_call] application_token is empty: port mode refuses every event "
                               "without it (copy it from the outbound webhook or the application)",
                               section="click_to_call", key="application_token", value="")
         self.click = click
-        self.token = token.encode("utf-8")
+        self.token = token
+        self.client = client
         owner = self
 
         class Handler(_TlsRequestHandler):
@@ -4869,12 +4896,19 @@ class EventListener(object):
         body = req.rfile.read(length).decode("utf-8", "replace")
         form = php_form(body)
         auth = form.get("auth") if isinstance(form.get("auth"), dict) else {}
+        event = str(form.get("event", "")).upper()
+        if event == "ONAPPINSTALL" and self.client is not None:
+            try:
+                self.client.install(auth)
+            except BitrixError as exc:
+                log.warning("Bitrix24: ONAPPINSTALL from %s refused: %s", peer, exc)
+                return _json_reply(req, 403, {"error": "install refused"})
+            return _json_reply(req, 200, {"result": "installed"})
         given = auth.get("application_token") or ""
-        if not hmac.compare_digest(given.encode("utf-8"), self.token):
+        if not any(hmac.compare_digest(given.encode("utf-8"), t.encode("utf-8")) for t in self.tokens() if t):
             log.warning("click-to-call: refused an event from %s: %s", peer,
                         "wrong auth[application_token]" if given else "no auth[application_token]")
             return _json_reply(req, 403, {"error": "wrong application_token"})
-        event = str(form.get("event", "")).upper()
         if event not in CLICK_EVENTS:
             log.warning("click-to-call: event %r from %s is not one bx24ast handles", event[:40], peer)
             return _json_reply(req, 400, {"error": "unexpected event"})
@@ -4883,6 +4917,12 @@ class EventListener(object):
         ok, reason = self.click.handle_event(event, form.get("data"), "event from %s" % peer,
                                              str(form.get("ts", "")) + str(form.get("event_handler_id", "")))
         return _json_reply(req, 200, {"result": "originated" if ok else "refused", "reason": reason})
+
+    def tokens(self):
+        """The application_tokens events may carry: the configured one, and the one
+        ONAPPINSTALL brought."""
+        stored = (self.client.tokens() or {}).get("application_token") if self.client is not None else None
+        return [self.token, stored]
 
     def start(self):
         threading.Thread(target=self.server.serve_forever, name="events", daemon=True).start()
@@ -5113,6 +5153,9 @@ WIZARD_TEXT = {
         "handler_url": "Handler URL for Bitrix24", "users": "Bitrix24 users and their extensions",
         "fix": "Fix the fields marked below; nothing was saved.", "what_to_do": "What to do",
         "found": "Found on this PBX", "none_found": "Nothing found.",
+        "oauth_code": "Authorization code (local application)",
+        "help_oauth_code": "Only when the portal cannot reach this host's install handler: open "
+                           "https://<portal>/oauth/authorize/?client_id=<client_id> and paste the code= value.",
     },
     "ru": {
         "title": "Настройка bx24ast", "login": "Войти", "user": "Логин", "password": "Пароль",
@@ -5141,6 +5184,9 @@ WIZARD_TEXT = {
         "handler_url": "Адрес обработчика для Битрикс24", "users": "Сотрудники Битрикс24 и их внутренние номера",
         "fix": "Исправьте отмеченные поля; ничего не сохранено.", "what_to_do": "Что сделать",
         "found": "Найдено на этой АТС", "none_found": "Ничего не найдено.",
+        "oauth_code": "Код авторизации (локальное приложение)",
+        "help_oauth_code": "Только если портал не может достучаться до обработчика установки: откройте "
+                           "https://<портал>/oauth/authorize/?client_id=<client_id> и вставьте значение code=.",
     },
 }
 
@@ -5226,9 +5272,20 @@ class SetupWizard(object):
                 for c in found] + warnings, (found[0]["settings"] if found else {})
         if step == "recordings":
             values, _ = self.current({})
-            fmt = detect_recording_format(values[("recordings", "path")])
-            return ([("%s: %d recordings, mostly .%s" % (values[("recordings", "path")], fmt[1], fmt[0]))]
-                    if fmt else []), ({"recording_format": fmt[0]} if fmt else {})
+            found, suggested = [], {}
+            dialplan = recording_settings_in_dialplan(os.path.join(self.root, "etc", "asterisk"))
+            if dialplan.get("MIXMON_DIR"):
+                suggested["path"] = dialplan["MIXMON_DIR"].rstrip("/")
+            path = suggested.get("path") or values[("recordings", "path")]
+            fmt = detect_recording_format(path)
+            if fmt:
+                found.append("%s: %d recordings, mostly .%s" % (path, fmt[1], fmt[0]))
+                suggested["recording_format"] = fmt[0]
+            for name, value in sorted(dialplan.items()):
+                found.append("dialplan: %s = %s" % (name, value))
+            if dialplan.get("MIXMON_FORMAT") and not fmt:
+                suggested["recording_format"] = dialplan["MIXMON_FORMAT"].lower()
+            return found, suggested
         return [], {}
 
     def submit(self, step, form, draft):
@@ -5369,6 +5426,31 @@ class SetupWizard(object):
             out.append(CheckResult("CRITICAL", "bitrix24", str(exc), "check the address and the rights"))
         return out
 
+    def exchange_code(self, draft, code):
+        """A local application's authorization code -> tokens in the state store (for
+        hosts whose install handler the portal cannot reach). (message, ok)."""
+        try:
+            config = self.draft_config(draft)
+        except ConfigError as exc:
+            return str(exc), False
+        b24 = config.section("bitrix24")
+        if not (b24["portal_url"] and b24["client_id"] and b24["client_secret"]):
+            return "an authorization code is for a local application: fill portal_url, client_id, client_secret", \
+                False
+        try:
+            store = StateStore.open_dir(config.get("storage", "state_dir"))
+        except StorageError as exc:
+            return str(exc), False
+        try:
+            client = BitrixClient.from_config(config, store)
+            client.timeout = self.timeout
+            tokens = client.exchange_code(code)
+        except BitrixError as exc:
+            return "the code was refused: %s (codes are valid for 30 seconds)" % exc, False
+        finally:
+            store.close()
+        return "tokens saved for %s" % (tokens.get("domain") or b24["portal_url"]), True
+
     def lead_sources(self, draft):
         """[(STATUS_ID, NAME)] from crm.status.list, or [] when the portal is not reachable."""
         try:
@@ -5435,6 +5517,25 @@ def _config_text(values, maps):
     for name, entries in maps.items():
         sections[name] = ["%s = %s" % kv for kv in entries.items()]
     return "".join("[%s]\n%s\n" % (name, "\n".join(lines)) for name, lines in sections.items())
+
+
+def recording_settings_in_dialplan(asterisk_etc):
+    """MIXMON_FORMAT / MIXMON_DIR as the dialplan sets them (FreePBX writes them in
+    globals), {} when not set."""
+    found = {}
+    try:
+        names = sorted(n for n in os.listdir(asterisk_etc) if n.startswith(("extensions", "globals")))
+    except OSError:
+        return found
+    for name in names:
+        try:
+            with open(os.path.join(asterisk_etc, name), encoding="utf-8", errors="replace") as f:
+                text = f.read()
+        except OSError:
+            continue
+        for m in re.finditer(r"(?m)^\s*(MIXMON_FORMAT|MIXMON_DIR)\s*=>?\s*([^\s;]+)", text):
+            found.setdefault(m.group(1), m.group(2))
+    return found
 
 
 def detect_recording_format(path, limit=2000):
@@ -5678,8 +5779,14 @@ class WizardServer(object):
                 messages.append(("ok" if ok else "err", message))
             else:
                 errors = self.wizard.submit(step, form, draft)
+                code = (form.get("oauth_code") or "").strip() if step == "bitrix24" else ""
                 if errors:
                     messages.append(("err", self._text(session)["fix"]))
+                elif code:
+                    message, ok = self.wizard.exchange_code(draft, code)
+                    messages.append(("ok" if ok else "err", message))
+                    if not ok:
+                        errors = {"oauth_code": message}
                 elif action == "check":
                     checks = self.wizard.check(step, draft)
                 else:
@@ -5731,6 +5838,10 @@ class WizardServer(object):
                 values.get(("click_to_call", "public_url")) or "https://<this host>:8077/bitrix24")))
         if step == "ami":
             parts.append("<button name=action value=create_ami_user>%s</button>" % _h(text["create_ami"]))
+        if step == "bitrix24":
+            parts.append("<div class=field><label>%s <input name=oauth_code value='' autocomplete=off></label>"
+                         "%s<small>%s</small></div>" % (_h(text["oauth_code"]), "<span class=err>%s</span>" % _h(
+                             errors["oauth_code"]) if errors.get("oauth_code") else "", _h(text["help_oauth_code"])))
         if step in ("database", "ami", "recordings", "bitrix24", "crm"):
             parts.append("<button name=action value=check>%s</button>" % _h(text["check"]))
         parts.append("<button name=action value=next>%s</button></form>" % _h(text["next"]))
@@ -6121,9 +6232,9 @@ class Daemon(object):
         if routing["agi_listen"] or routing["http_listen"]:
             self.lookup = ResponsibleLookup.from_config(config, bridge.client, bridge.users, self.rules, self.ami)
         c2c = config.section("click_to_call")
-        if c2c["mode"] == "port":
+        if c2c["mode"] == "port" and not bridge.client.uses_oauth:
             config.require("click_to_call", "application_token",
-                           "port mode refuses every event without it (copy it from the webhook or application)")
+                           "port mode refuses every event without it (copy it from the outbound webhook)")
         if c2c["mode"] != "off":
             self.click = ClickToCall(self.ami, bridge.users, bridge.store, bridge.outbox, self.rules, c2c)
         if c2c["mode"] == "offline":
@@ -6144,8 +6255,9 @@ class Daemon(object):
                            lambda host, port: LookupHttpServer(self.lookup, host, port)))
         if self.click is not None and c2c["mode"] == "port":
             wanted.append(("click-to-call events ([click_to_call] listen)", c2c["listen"],
-                           lambda host, port: EventListener(self.click, c2c["application_token"], host, port,
-                                                            c2c["tls_cert"], c2c["tls_key"])))
+                           lambda host, port: EventListener(
+                               self.click, c2c["application_token"], host, port, c2c["tls_cert"], c2c["tls_key"],
+                               self.bridge.client if self.bridge.client.uses_oauth else None)))
         wizard = self.config.section("wizard")
         if wizard["listen"]:
             wanted.append(("wizard ([wizard] listen)", wizard["listen"], lambda host, port: WizardServer(

@@ -455,6 +455,11 @@ class Bitrix24Emulator(object):
         user = self.users.get(int(acting)) or {}
         return {"ID": user.get("ID"), "ADMIN": user.get("ADMIN", False), "NAME": user.get("NAME")}
 
+    def m_app_info(self, p):
+        return {"ID": 1, "CODE": self.client_id, "VERSION": 1, "STATUS": "L", "INSTALLED": True,
+                "PAYMENT_EXPIRED": "N", "DAYS": None, "LANGUAGE_ID": "ru", "LICENSE": "ru_project",
+                "LICENSE_TYPE": "project", "LICENSE_FAMILY": "project"}
+
     def m_scope(self, p):
         return list(self.scopes)
 

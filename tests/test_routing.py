@@ -654,3 +654,51 @@ def test_poller_falls_back_to_clear_1_without_the_extended_plan(tmp_path, caplog
         poller.poll_once()
         assert len(ami.originates) == 1 and not emu.offline
         store.close()
+
+
+def test_onappinstall_tokens_are_kept_only_when_the_portal_vouches_for_them(tmp_path):
+    with Bitrix24Emulator() as emu:
+        store = bx24ast.StateStore(str(tmp_path / "app.db"))
+        client = bx24ast.BitrixClient(portal_url=emu.url + "/", client_id=emu.client_id,
+                                      client_secret=emu.client_secret, oauth_url=emu.oauth_url, store=store)
+        click, ami, _ = make_click(tmp_path)
+        listener = bx24ast.EventListener(click, "", "127.0.0.1", 0, client=client)
+        listener.start()
+
+        def post(event, data, auth):
+            body = Bitrix24Emulator.event_form(event, data, auth.get("application_token", ""))
+            body += b"&" + "&".join("auth[%s]=%s" % kv for kv in auth.items() if kv[0] != "application_token").encode()
+            conn = http.client.HTTPConnection("127.0.0.1", listener.address[1], timeout=10)
+            conn.request("POST", "/", body, {"Content-Type": "application/x-www-form-urlencoded"})
+            status = conn.getresponse().status
+            conn.close()
+            return status
+        try:
+            click_data = {"CALL_ID": "externalCall.app.1", "USER_ID": "5", "PHONE_NUMBER": "89161234567"}
+            # before the install no token is known: events are refused
+            assert post("ONEXTERNALCALLSTART", click_data, {"application_token": "apptoken123"}) == 403
+            # forged tokens: app.info refuses them, nothing is stored
+            forged = {"access_token": "f" * 32, "refresh_token": "r" * 32, "application_token": "evil",
+                      "client_endpoint": "https://attacker.example/rest/"}
+            assert post("ONAPPINSTALL", {"VERSION": "1"}, forged) == 403
+            assert client.tokens() == {}
+            # the real install
+            issued = emu.issue_tokens()
+            auth = dict((k, str(v)) for k, v in issued.items())
+            auth["client_endpoint"] = "https://attacker.example/rest/"
+            assert post("ONAPPINSTALL", {"VERSION": "1"}, auth) == 200
+            kept = client.tokens()
+            assert kept["access_token"] == issued["access_token"] and kept["application_token"] == "apptoken123"
+            assert kept["client_endpoint"] == emu.url + "/rest/"   # the configured portal, not the POSTed one
+            # and now the portal's events carry the token that came with the install
+            assert post("ONEXTERNALCALLSTART", click_data, {"application_token": "apptoken123"}) == 200
+            assert len(ami.originates) == 1
+        finally:
+            listener.stop()
+            store.close()
+        # tokens of another application are refused too
+        other = bx24ast.BitrixClient(portal_url=emu.url + "/", client_id="local.someone.else", client_secret="x",
+                                     oauth_url=emu.oauth_url, store=bx24ast.StateStore(":memory:"))
+        with pytest.raises(bx24ast.BitrixRejected) as err:
+            other.install(dict((k, str(v)) for k, v in emu.issue_tokens().items()))
+        assert "not [bitrix24] client_id local.someone.else" in str(err.value)

@@ -290,3 +290,42 @@ def test_the_daemon_serves_the_wizard_and_reloads_after_a_save(tmp_path):
         finally:
             daemon.stop()
             thread.join(15)
+
+
+def test_local_application_authorization_code(wizard_env):
+    b = wizard_env["browser"]
+    b.login()
+    with Bitrix24Emulator() as emu:
+        # the OAuth server is the emulator's (an advanced key, not on the form)
+        bx24ast.update_config_file(wizard_env["conf"], {("bitrix24", "oauth_url"): emu.oauth_url})
+        fields = {"bitrix24.webhook_url": "", "bitrix24.portal_url": emu.url + "/",
+                  "bitrix24.client_id": emu.client_id, "bitrix24.client_secret": emu.client_secret}
+        status, text, _ = step(b, "bitrix24", dict(fields, oauth_code="not-a-code"))
+        assert status == 400 and "the code was refused" in text
+        emu.auth_codes.add("code77")
+        status, text, _ = step(b, "bitrix24", dict(fields, oauth_code="code77"))
+        assert status == 200 and "tokens saved" in text and emu.client_secret not in text
+        store = bx24ast.StateStore.open_dir(str(wizard_env["tmp"] / "state"))
+        try:
+            assert store.get_setting(bx24ast.BitrixClient.TOKENS_KEY)["access_token"] in emu.tokens
+        finally:
+            store.close()
+
+
+def test_recordings_step_offers_what_the_pbx_uses(wizard_env):
+    b = wizard_env["browser"]
+    b.login()
+    spool = wizard_env["tmp"] / "spool" / "monitor" / "2026" / "11" / "26"
+    spool.mkdir(parents=True)
+    for i in range(3):
+        (spool / ("in-101-%d.mp3" % i)).write_bytes(b"ID3")
+    (wizard_env["root"] / "etc" / "asterisk" / "globals_custom.conf").write_text(
+        "MIXMON_FORMAT = mp3\nMIXMON_DIR = %s/\n" % (wizard_env["tmp"] / "spool" / "monitor"))
+    status, text, _ = b.get("/config/master/recordings")
+    assert "dialplan: MIXMON_FORMAT = mp3" in text and "3 recordings, mostly .mp3" in text
+    assert "name='recordings.path' value='%s'" % (wizard_env["tmp"] / "spool" / "monitor") in text
+    assert "<option selected>mp3</option>" in text
+    status, text, _ = step(b, "recordings", {"recordings.path": str(wizard_env["tmp"] / "nowhere"),
+                                             "pbx.recording_format": "mp3", "recordings.attach": "yes"},
+                           action="check")
+    assert "FAIL" in text and "does not exist" in text
