@@ -6329,7 +6329,11 @@ class Daemon(object):
         else:
             log.warning("Bitrix24 is not configured ([bitrix24] webhook_url or portal_url + client_id): "
                         "calls are only logged")
-        self.ami.start()
+        if self.ami.username:
+            self.ami.start()
+        else:
+            # A fresh install: the wizard runs so that the admin can set AMI up.
+            log.warning("AMI is not configured yet ([ami] username): only the setup wizard runs")
         self._start_listeners()
         if self.poller is not None:
             self.poller.start()
@@ -6386,7 +6390,9 @@ class Daemon(object):
         out = collections.OrderedDict([
             ("pid", os.getpid()), ("time", time.time()), ("started_at", self.started_at), ("version", __version__),
             ("ami", {"host": self.ami.host, "port": self.ami.port, "connected": self.ami.connected.is_set(),
-                     "disconnected_at": self.ami.disconnected_at, "last_error": self.ami.last_error}),
+                     "disconnected_at": self.ami.disconnected_at,
+                     "last_error": self.ami.last_error or (None if self.ami.username else
+                                                           "not configured yet ([ami] username; the wizard)")}),
             ("listeners", [{"name": label, "address": "%s:%d" % tuple(server.address[:2])}
                            for label, server in self.listeners]),
             ("listener_errors", self.listener_errors),
@@ -6777,7 +6783,8 @@ def cmd_record_ami(args):
 def cmd_run(args):
     def load():
         config = _load_config(args, required=True)
-        config.require("ami", "username", "bx24ast logs in to AMI with it")
+        if not config.get("wizard", "listen"):
+            config.require("ami", "username", "bx24ast logs in to AMI with it")
         return config
 
     config = load()

@@ -255,3 +255,33 @@ def test_sighup_reloads_the_configuration_and_refuses_a_bad_one(tmp_path):
     assert "SIGHUP: configuration reloaded" in err
     assert "SIGHUP: the new configuration is refused, keeping the running one" in err and "[ami] port" in err
     assert proc.returncode == 0
+
+
+def test_a_fresh_install_serves_the_wizard_before_ami_is_set(tmp_path):
+    import http.client
+    import socket
+    import bx24ast
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    conf = tmp_path / "bx24ast.conf"
+    conf.write_text(bx24ast.example_config_text())
+    bx24ast.update_config_file(str(conf), {("storage", "state_dir"): str(tmp_path), ("wizard", "listen"):
+                                           "127.0.0.1:%d" % port, ("routing", "agi_listen"): "",
+                                           ("routing", "http_listen"): "", ("cel", "backend"): "off",
+                                           ("wizard", "password_hash"): bx24ast.hash_password("long enough pw")})
+    proc = _start(str(conf))
+    try:
+        assert wait_for(lambda: (_heartbeat(tmp_path) or {}).get("listeners"), 15), proc.poll()
+        beat = _heartbeat(tmp_path)
+        assert beat["listeners"][0]["name"].startswith("wizard")
+        assert "not configured yet" in beat["ami"]["last_error"]
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("GET", "/config/master/login")
+        resp = conn.getresponse()
+        assert resp.status == 200 and b"password" in resp.read()
+        conn.close()
+    finally:
+        _out, err = _stop(proc)
+    assert "only the setup wizard runs" in err
