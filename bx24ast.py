@@ -103,6 +103,28 @@ def parse_iso_time(text):
     return ts
 
 
+class Worker(object):
+    """A loop in a thread of its own that stop() ends (CEL watcher, offline-event poller)."""
+
+    thread_name = "worker"
+
+    def __init__(self):
+        self._stop = threading.Event()
+        self._thread = None
+
+    def start(self):
+        self._thread = threading.Thread(target=self.run, name=self.thread_name, daemon=True)
+        self._thread.start()
+
+    def stop(self):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+
+    def run(self):
+        raise NotImplementedError
+
+
 ###############################################################################
 # Configuration ###############################################################
 ###############################################################################
@@ -4250,25 +4272,17 @@ def cel_health(source, now=None, max_age=3600):
     return [("OK", "CEL reachable (%s), newest event %d s old" % (source.describe(), max(0, age)))]
 
 
-class CelWatcher(object):
+class CelWatcher(Worker):
     """Runs CelRecovery at start-up and every few minutes, in its own thread."""
 
+    thread_name = "cel"
+
     def __init__(self, recovery, interval):
+        Worker.__init__(self)
         self.recovery = recovery
         self.interval = interval
-        self._stop = threading.Event()
-        self._thread = None
 
-    def start(self):
-        self._thread = threading.Thread(target=self._run, name="cel", daemon=True)
-        self._thread.start()
-
-    def stop(self):
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(10)
-
-    def _run(self):
+    def run(self):
         try:
             self.recovery.start_from_now()
         except CelError as exc:
@@ -4332,6 +4346,29 @@ def _agi_text(value, limit=80):
     it cannot end the command or start another."""
     text = re.sub(r'[\x00-\x1f\x7f"\\]', "", str(value or ""))
     return text[:limit]
+
+
+class Listener(object):
+    """A server socket answered by threads of its own (FastAGI, HTTP lookup, events,
+    wizard); subclasses set self.server and say what they serve in describe()."""
+
+    thread_name = "listener"
+    server = None
+
+    def describe(self):
+        return "%s on %s:%d" % (self.thread_name, self.address[0], self.address[1])
+
+    @property
+    def address(self):
+        return self.server.server_address[:2]
+
+    def start(self):
+        threading.Thread(target=self.server.serve_forever, name=self.thread_name, daemon=True).start()
+        log.info("%s", self.describe())
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
 
 
 class ResponsibleLookup(object):
@@ -4472,10 +4509,11 @@ class ResponsibleLookup(object):
         return pending.response.get("Status") != "4"
 
 
-class FastAgiServer(object):
+class FastAgiServer(Listener):
     """AGI(agi://127.0.0.1:4573/responsible[,number]): sets BX24_RESPONSIBLE_EXT,
     BX24_RESPONSIBLE_USER, BX24_CRM_ENTITY and BX24_RESPONSIBLE_STATUS."""
 
+    thread_name = "fastagi"
     MAX_LINE = 4096
     MAX_ENV_LINES = 200
 
@@ -4496,18 +4534,9 @@ class FastAgiServer(object):
                 server.session(self.rfile, self.wfile, self.client_address)
 
         self.server = _ThreadingTCPServer((host, port), Handler)
-        self.address = self.server.server_address[:2]
-        self._thread = None
 
-    def start(self):
-        self._thread = threading.Thread(target=self.server.serve_forever, name="fastagi", daemon=True)
-        self._thread.start()
-        log.info("routing: FastAGI on %s:%d (AGI(agi://%s:%d/responsible))", self.address[0], self.address[1],
-                 self.address[0], self.address[1])
-
-    def stop(self):
-        self.server.shutdown()
-        self.server.server_close()
+    def describe(self):
+        return "routing: FastAGI on %s:%d (AGI(agi://%s:%d/responsible))" % (self.address * 2)
 
     def _read_env(self, rfile, peer):
         env = {}
@@ -4638,9 +4667,10 @@ def _is_loopback(address):
     return address.startswith("127.") or address in ("::1", "::ffff:127.0.0.1")
 
 
-class LookupHttpServer(object):
+class LookupHttpServer(Listener):
     """GET /responsible?number=... on a local address, for dialplans using CURL()."""
 
+    thread_name = "lookup-http"
     def __init__(self, lookup, host="127.0.0.1", port=4574):
         self.lookup = lookup
         owner = self
@@ -4665,15 +4695,9 @@ class LookupHttpServer(object):
                 return _json_reply(self, 200, owner.lookup.lookup(query["number"]))
 
         self.server = _ThreadingHTTPServer((host, port), Handler)
-        self.address = self.server.server_address[:2]
 
-    def start(self):
-        threading.Thread(target=self.server.serve_forever, name="lookup-http", daemon=True).start()
-        log.info("routing: HTTP lookup on http://%s:%d/responsible?number=...", *self.address)
-
-    def stop(self):
-        self.server.shutdown()
-        self.server.server_close()
+    def describe(self):
+        return "routing: HTTP lookup on http://%s:%d/responsible?number=..." % self.address
 
 
 CLICK_EVENTS = ("ONEXTERNALCALLSTART", "ONEXTERNALCALLBACKSTART")
@@ -4853,10 +4877,11 @@ class ClickToCall(object):
         return False, "unexpected event"
 
 
-class EventListener(object):
+class EventListener(Listener):
     """Port mode: Bitrix24 POSTs events here (form-encoded, PHP-style keys); only those
     carrying our application_token are taken."""
 
+    thread_name = "events"
     MAX_BODY = 64 * 1024
 
     def __init__(self, click, token, host="0.0.0.0", port=8077, cert="", key="", client=None):
@@ -4881,7 +4906,6 @@ class EventListener(object):
                 owner.handle_post(self)
 
         self.server = _ThreadingHTTPServer((host, port), Handler)
-        self.address = self.server.server_address[:2]
         self.scheme = "https" if cert else "http"
 
     def handle_post(self, req):
@@ -4924,16 +4948,11 @@ class EventListener(object):
         stored = (self.client.tokens() or {}).get("application_token") if self.client is not None else None
         return [self.token, stored]
 
-    def start(self):
-        threading.Thread(target=self.server.serve_forever, name="events", daemon=True).start()
-        log.info("click-to-call: listening for Bitrix24 events on %s://%s:%d/", self.scheme, *self.address)
-
-    def stop(self):
-        self.server.shutdown()
-        self.server.server_close()
+    def describe(self):
+        return "click-to-call: listening for Bitrix24 events on %s://%s:%d/" % ((self.scheme,) + self.address)
 
 
-class OfflineEventPoller(object):
+class OfflineEventPoller(Worker):
     """No-port mode: fetch OnExternalCallStart from the portal's offline queue.
 
     event.offline.get with clear=0 reserves the records; they are cleared only
@@ -4943,7 +4962,10 @@ class OfflineEventPoller(object):
     MAX_INTERVAL = 30.0
     RESERVED = "click_to_call.process_id"
 
+    thread_name = "offline-events"
+
     def __init__(self, client, click, store, sender=None, interval=2.0, clock=monotonic):
+        Worker.__init__(self)
         self.client = client
         self.click = click
         self.store = store
@@ -4953,8 +4975,6 @@ class OfflineEventPoller(object):
         self.clear_mode = 0
         self.bound = None
         self.polls = 0
-        self._stop = threading.Event()
-        self._thread = None
 
     def bind(self):
         """Make sure the offline bindings exist; logs clearly whether the portal took them."""
@@ -4969,15 +4989,6 @@ class OfflineEventPoller(object):
                           "needs a local application authorised by an administrator)", event, exc)
                 self.bound = self.bound or False
         return self.bound
-
-    def start(self):
-        self._thread = threading.Thread(target=self.run, name="offline-events", daemon=True)
-        self._thread.start()
-
-    def stop(self):
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(10)
 
     def run(self):
         try:
@@ -5572,9 +5583,10 @@ def check_recordings(path, now=None):
     return CheckResult("OK", "recordings", "%s: %d recordings, mostly .%s" % (path, found[1], found[0]))
 
 
-class WizardServer(object):
+class WizardServer(Listener):
     """The wizard over HTTP(S): login, sessions, CSRF, brute-force delay, pages."""
 
+    thread_name = "wizard"
     SESSION_SECONDS = 8 * 3600
     FAILS_PER_MINUTE = 5
     PREFIX = "/config/master"
@@ -5610,16 +5622,9 @@ class WizardServer(object):
                 owner.serve(self, "POST")
 
         self.server = _ThreadingHTTPServer((host, port), Handler)
-        self.address = self.server.server_address[:2]
 
-    def start(self):
-        threading.Thread(target=self.server.serve_forever, name="wizard", daemon=True).start()
-        log.info("wizard: %s://%s:%d%s", "https" if self.secure else "http", self.address[0], self.address[1],
-                 self.PREFIX)
-
-    def stop(self):
-        self.server.shutdown()
-        self.server.server_close()
+    def describe(self):
+        return "wizard: %s://%s:%d%s" % (("https" if self.secure else "http",) + self.address + (self.PREFIX,))
 
     # -- plumbing ----------------------------------------------------------------------------------
     def _cookies(self, req):
