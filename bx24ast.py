@@ -5730,6 +5730,9 @@ class WizardServer(Listener):
             form = self._form(req) or {}
             now = time.time()
             with self._lock:
+                if len(self.failures) > 1000:   # many addresses: forget the ones past their minute
+                    for address in [a for a, times in self.failures.items() if now - times[-1] >= 60]:
+                        del self.failures[address]
                 recent = [t for t in self.failures.get(peer, []) if now - t < 60]
                 self.failures[peer] = recent
             if len(recent) >= self.FAILS_PER_MINUTE:

@@ -285,3 +285,22 @@ def test_a_fresh_install_serves_the_wizard_before_ami_is_set(tmp_path):
     finally:
         _out, err = _stop(proc)
     assert "only the setup wizard runs" in err
+
+
+def test_service_mode_can_log_to_syslog():
+    import logging
+    import logging.handlers
+    import bx24ast
+    root = logging.getLogger()
+    saved, level = list(root.handlers), root.level   # pytest's own capture handlers
+    try:
+        bx24ast.setup_logging("warning", "syslog")
+        assert len(root.handlers) == 1 and isinstance(root.handlers[0], logging.handlers.SysLogHandler)
+        assert root.level == logging.WARNING
+    finally:
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+            handler.close()
+        for handler in saved:
+            root.addHandler(handler)
+        root.setLevel(level)

@@ -329,3 +329,35 @@ def test_recordings_step_offers_what_the_pbx_uses(wizard_env):
                                              "pbx.recording_format": "mp3", "recordings.attach": "yes"},
                            action="check")
     assert "FAIL" in text and "does not exist" in text
+
+
+def test_the_wizard_over_https_sets_secure_cookies(tmp_path):
+    import shutil
+    import ssl
+    import subprocess
+    if not shutil.which("openssl"):
+        pytest.skip("openssl is not installed")
+    cert, key = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
+    subprocess.check_call(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+                           "/CN=127.0.0.1", "-keyout", key, "-out", cert],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    conf = str(tmp_path / "bx24ast.conf")
+    hashed = bx24ast.hash_password(PASSWORD)
+    bx24ast.update_config_file(conf, {("wizard", "password_hash"): hashed})
+    server = bx24ast.WizardServer(bx24ast.SetupWizard(conf), "admin", hashed, "127.0.0.1", 0, cert, key)
+    server.start()
+    try:
+        context = ssl.create_default_context(cafile=cert)
+        context.check_hostname = False
+        conn = http.client.HTTPSConnection("127.0.0.1", server.address[1], timeout=10, context=context)
+        conn.request("GET", "/config/master/login")
+        resp = conn.getresponse()
+        assert resp.status == 200 and b"password" in resp.read()
+        cookie = resp.getheader("Set-Cookie")
+        assert "Secure" in cookie and "HttpOnly" in cookie and "SameSite=Strict" in cookie
+        conn.close()
+    finally:
+        server.stop()
+    with pytest.raises(bx24ast.ConfigError) as err:
+        bx24ast.WizardServer(bx24ast.SetupWizard(conf), "admin", "", "127.0.0.1", 0)
+    assert "password_hash" in str(err.value)
