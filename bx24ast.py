@@ -1893,7 +1893,8 @@ class CallTracker(object):
 
     WANTED_EVENTS = frozenset(name.encode() for name in (
         "Newchannel", "NewCallerid", "VarSet", "DialBegin", "DialEnd", "BridgeEnter",
-        "BridgeLeave", "BridgeMerge", "BlindTransfer", "AttendedTransfer", "Hangup", "Rename"))
+        "BridgeLeave", "BridgeMerge", "BlindTransfer", "AttendedTransfer", "Hangup", "Rename",
+        "Newstate"))
 
     def __init__(self, rules=None, on_call_event=None):
         self.rules = rules or PbxRules()
@@ -1919,7 +1920,7 @@ class CallTracker(object):
             "BridgeEnter": self._bridgeenter, "BridgeLeave": self._bridgeleave,
             "BridgeMerge": self._bridgemerge, "BlindTransfer": self._blindtransfer,
             "AttendedTransfer": self._attendedtransfer, "Hangup": self._hangup,
-            "Rename": self._rename,
+            "Rename": self._rename, "Newstate": self._newstate,
         }
 
     def wanted_variables(self):
@@ -1963,16 +1964,45 @@ class CallTracker(object):
         self.channels[uid] = chan
         if chan.pair_key:
             self.local_pairs.setdefault(chan.pair_key, set()).add(uid)
-        # A channel that starts in state Ring is the calling side; one created Down was
-        # dialled or originated. When adopting mid-call the first channel of the linkedid
-        # is the calling side whatever its state.
-        calling = state == "4" or (adopted and uid == linkedid)
-        if calling and call.direction is None and not any(
-                c.origin for c in call.channels.values() if c is not chan):
-            self._classify_origin(call, chan, adopted)
-        elif chan.extension is None and not calling:
+        # Asterisk's own call model: the channel whose Uniqueid is the Linkedid started
+        # the call. It calls once it rings in (created Ring on PJSIP, Down and then
+        # Newstate Ring on chan_sip, IAX2, DAHDI); a root channel that is itself dialled
+        # (an Originate) never does. Adopted mid-call, the root is the calling side
+        # whatever its state.
+        if (uid == linkedid and (state == "4" or adopted)) or self._enters_for_root(chan, state):
+            self._start_call(call, chan, adopted)
+        elif chan.extension is None:
             chan.extension = self.rules.extension_of_channel(chan.name)
         return chan
+
+    def _enters_for_root(self, chan, state):
+        """An originated Local/<number>@<context> root: its ;2 half is where the call
+        enters the dialplan (a call file or a test harness playing a trunk or a phone).
+        Local/<extension>@... is the other way round: the ;2 half rings that phone and
+        the call is a click-to-call."""
+        if state != "4" or chan.pair_key is None or not chan.name.endswith(";2"):
+            return False
+        root = self.channels.get(chan.linkedid)
+        if root is None or root.pair_key != chan.pair_key:
+            return False
+        exten = local_channel_parts(chan.name)[0].rstrip("#")
+        return not self.rules.is_extension(exten)
+
+    def _rings_for_other(self, src, dest, msg):
+        """The ;2 half of an originated Local/<extension>@... root dials a phone on behalf
+        of another extension (its caller ID): a call file placing an internal call. When
+        the caller ID is the rung extension itself it is a click-to-call ringing it."""
+        root = self.channels.get(src.linkedid)
+        if src.origin or src is root or root is None or root.pair_key is None \
+                or root.pair_key != src.pair_key or dest.extension is None:
+            return False
+        cid = self._cid(msg.get("CallerIDNum"))
+        return self.rules.is_extension(cid) and cid != dest.extension
+
+    def _start_call(self, call, chan, adopted=False):
+        if call.direction is None and not call.originated and not any(
+                c.origin for c in call.channels.values() if c is not chan):
+            self._classify_origin(call, chan, adopted)
 
     def _classify_origin(self, call, chan, adopted=False):
         rules = self.rules
@@ -1997,8 +2027,8 @@ class CallTracker(object):
             chan.origin = "phone"
             chan.party = True
             # A Local channel's name holds the number it dials, not the phone behind it.
-            if not chan.name.startswith("Local/"):
-                chan.extension = rules.extension_of_channel(chan.name)
+            chan.extension = None if chan.name.startswith("Local/") else \
+                rules.extension_of_channel(chan.name)
             if chan.extension is None and rules.is_extension(self._cid(chan.cid)):
                 chan.extension = chan.cid
             call.placer = chan.extension
@@ -2034,6 +2064,18 @@ class CallTracker(object):
         self._add_channel(uid, msg.get("Channel"), msg.get("Linkedid") or uid, when,
                           msg.get("Context"), msg.get("Exten"), msg.get("CallerIDNum"),
                           msg.get("ChannelState"))
+
+    def _newstate(self, msg, when):
+        uid = msg.get("Uniqueid")
+        chan = self.channels.get(uid) if uid else None
+        if chan is None or chan.origin or uid != chan.linkedid or msg.get("ChannelState") != "4":
+            return
+        call = self.calls.get(chan.linkedid)
+        if call is not None:
+            chan.context = msg.get("Context") or chan.context
+            chan.exten = msg.get("Exten") or chan.exten
+            chan.cid = msg.get("CallerIDNum") or chan.cid
+            self._start_call(call, chan)
 
     def _newcallerid(self, msg, when):
         chan = self._channel(msg, when)
@@ -2083,6 +2125,10 @@ class CallTracker(object):
             return
         src = self._channel(msg, when)
         call = self.calls[dest.linkedid]
+        if src is not None and call.direction is None and self._rings_for_other(src, dest, msg):
+            src.cid = self._cid(msg.get("CallerIDNum"))
+            call.originated = False
+            self._start_call(call, src)
         if src is None and call.direction is None and not any(c.origin for c in call.channels.values()):
             # Dialled by nobody: an AMI Originate (click-to-call) or a call file.
             if dest.extension is not None:
