@@ -1656,6 +1656,17 @@ def channel_endpoint(name):
     return _CHANNEL_SUFFIX.sub("", resource) if "-" in resource else resource
 
 
+def channel_device(name):
+    """'SIP/trunk-x' for SIP/trunk-x-00000003, 'PJSIP/101' for PJSIP/101-0000001a: the
+    device as Asterisk's peer lists name it; None for Local channels."""
+    if not name or name.startswith("Local/"):
+        return None
+    endpoint = channel_endpoint(name)
+    if endpoint is None:
+        return None
+    return name[:name.find("/") + 1] + endpoint
+
+
 class PbxRules(object):
     """How this PBX's dialplan is laid out: which contexts are trunks and phones, what
     an extension looks like, which variables carry the DID, the recording and so on."""
@@ -1678,6 +1689,9 @@ class PbxRules(object):
         self.ignore_numbers = ignore_numbers
         self.call_max_seconds = call_max_seconds
         self.call_id_variable = call_id_variable
+        # 'SIP/trunk-operator' -> 'trunk' or 'phone', as Asterisk itself lists them
+        # (PbxDiscovery); empty until learned, and [pbx] trunk_channels still wins.
+        self.endpoints = {}
 
     @classmethod
     def from_config(cls, config):
@@ -1711,7 +1725,12 @@ class PbxRules(object):
         return digits.isdigit() and len(digits) >= self.external_min_length
 
     def is_trunk_channel(self, name):
-        return self.trunk_channels is not None and self.trunk_channels.match(name) is not None
+        if self.trunk_channels is not None and self.trunk_channels.match(name) is not None:
+            return True
+        return bool(self.endpoints) and self.endpoints.get(channel_device(name)) == "trunk"
+
+    def is_phone_channel(self, name):
+        return bool(self.endpoints) and self.endpoints.get(channel_device(name)) == "phone"
 
     def is_inbound_context(self, context):
         return bool(context) and self.inbound_contexts is not None and \
@@ -1842,6 +1861,7 @@ class Call(object):
         self.dial_statuses = []
         self.notified_ringing = set()
         self.expired = False
+        self.pending_origin = None  # uniqueid of a caller whose kind is not known yet
 
     @property
     def billsec(self):
@@ -2005,33 +2025,63 @@ class CallTracker(object):
             self._classify_origin(call, chan, adopted)
 
     def _classify_origin(self, call, chan, adopted=False):
+        kind = self._origin_kind(chan, adopted)
+        if kind is None:
+            # A Local channel in contexts the rules do not know: what it dials tells.
+            call.pending_origin = chan.uniqueid
+        else:
+            self._set_origin(call, chan, kind)
+
+    def _origin_kind(self, chan, adopted):
+        """'trunk' or 'phone' for the channel that started a call; None while unknown.
+        What Asterisk says of its endpoints comes first, then the [pbx] rules, then the
+        shape of the channel: phones are named by their extension, trunks are not."""
         rules = self.rules
-        trunk = rules.is_trunk_channel(chan.name) or rules.is_inbound_context(chan.context)
-        if adopted and not trunk and not rules.is_internal_context(chan.context):
-            # Seen first mid-call (after a reconnect): its context is wherever the
-            # dialplan has taken it (ext-group, macro-dial...), not where it started.
-            local = local_channel_parts(chan.name)
-            if local is not None:
-                trunk = rules.is_inbound_context(local[1])
-            else:
-                trunk = rules.extension_of_channel(chan.name) is None and "/" in chan.name \
-                    and not rules.is_extension(self._cid(chan.cid))
-        if trunk:
-            chan.origin = "trunk"
-            chan.party = True
+        if rules.is_trunk_channel(chan.name) or rules.is_inbound_context(chan.context):
+            return "trunk"
+        if rules.is_phone_channel(chan.name) or rules.is_internal_context(chan.context):
+            return "phone"
+        cid = self._cid(chan.cid)
+        local = local_channel_parts(chan.name)
+        if local is not None:
+            if rules.is_inbound_context(local[1]):
+                return "trunk"
+            if rules.is_internal_context(local[1]) or rules.is_extension(cid):
+                return "phone"
+            return None if not adopted else "trunk"
+        if "/" not in chan.name:
+            return None
+        if rules.extension_of_channel(chan.name) is not None or rules.is_extension(cid):
+            return "phone"
+        return "trunk"
+
+    def _set_origin(self, call, chan, kind):
+        rules = self.rules
+        call.pending_origin = None
+        chan.party = True
+        chan.origin = kind
+        if kind == "trunk":
+            chan.extension = None
             call.direction = "inbound"
             call.external_number = self._cid(chan.cid)
             if chan.exten and chan.exten != "s" and not call.did_from_variable:
                 call.did = chan.exten
-        elif rules.is_internal_context(chan.context) or rules.is_extension(self._cid(chan.cid)):
-            chan.origin = "phone"
-            chan.party = True
-            # A Local channel's name holds the number it dials, not the phone behind it.
-            chan.extension = None if chan.name.startswith("Local/") else \
-                rules.extension_of_channel(chan.name)
-            if chan.extension is None and rules.is_extension(self._cid(chan.cid)):
-                chan.extension = chan.cid
-            call.placer = chan.extension
+            return
+        # A Local channel's name holds the number it dials, not the phone behind it.
+        chan.extension = None if chan.name.startswith("Local/") else \
+            rules.extension_of_channel(chan.name)
+        if chan.extension is None and rules.is_extension(self._cid(chan.cid)):
+            chan.extension = chan.cid
+        call.placer = chan.extension
+
+    def _settle_pending(self, call, chan, dialled_phone):
+        """A caller whose kind was left open: one who rings phones is a trunk unless
+        its caller ID is an extension; one who dials out is a phone."""
+        if call.pending_origin != chan.uniqueid or chan.origin:
+            return
+        cid = self._cid(chan.cid)
+        self._set_origin(call, chan, "phone" if not dialled_phone or self.rules.is_extension(cid)
+                         else "trunk")
 
     @staticmethod
     def _cid(cid):
@@ -2108,6 +2158,8 @@ class CallTracker(object):
             if value and value != "s" and chan.origin == "trunk" and (call.did is None or not call.notified_ringing):
                 call.did, call.did_from_variable = value, True
         elif kind == "extension":
+            if call.pending_origin == chan.uniqueid and self.rules.is_extension(value):
+                self._set_origin(call, chan, "phone")
             if chan.origin == "phone" and self.rules.is_extension(value):
                 if chan.extension is None or chan.name.startswith("Local/"):
                     chan.extension = value
@@ -2129,6 +2181,9 @@ class CallTracker(object):
             src.cid = self._cid(msg.get("CallerIDNum"))
             call.originated = False
             self._start_call(call, src)
+        if src is not None and call.pending_origin == src.uniqueid:
+            src.cid = self._cid(msg.get("CallerIDNum")) or src.cid
+            self._settle_pending(call, src, dest.extension is not None)
         if src is None and call.direction is None and not any(c.origin for c in call.channels.values()):
             # Dialled by nobody: an AMI Originate (click-to-call) or a call file.
             if dest.extension is not None:
@@ -2371,6 +2426,9 @@ class CallTracker(object):
                 call.transfers.append(collections.OrderedDict(
                     [("type", kind), ("from", src or call.talking_with), ("to", dst)]))
             call.pending_transfer = None
+        pending = call.channels.get(call.pending_origin) if call.pending_origin else None
+        if pending is not None:
+            self._settle_pending(call, pending, not self.rules.is_external_number(pending.exten))
         if call.direction is None:
             # A phone that dialled nothing reachable: outbound when the number was external.
             origin = next((c for c in call.channels.values() if c.origin == "phone"), None)

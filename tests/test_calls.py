@@ -49,11 +49,20 @@ def expected_row(call, plan):
     }
 
 
+def rules_without_contexts():
+    """A PBX whose context names bx24ast has never heard of: no context rule matches."""
+    rules = bx24ast.PbxRules.defaults()
+    rules.inbound_contexts = rules.internal_contexts = None
+    return rules
+
+
+@pytest.mark.parametrize("contexts", ["default-rules", "no-context-rules"])
 @pytest.mark.parametrize("path", scenario_dirs(), ids=scenario_id)
-def test_replay_reproduces_expected(path):
+def test_replay_reproduces_expected(path, contexts):
     expected = load_expected(path)
     plan = bx24ast.NumberPlan()
-    got = {c["linkedid"]: c for c in replay(path)}
+    rules = rules_without_contexts() if contexts == "no-context-rules" else None
+    got = {c["linkedid"]: c for c in replay(path, rules)}
     assert sorted(got) == sorted(c["linkedid"] for c in expected["calls"])
     for call in expected["calls"]:
         want = expected_row(call, plan)
