@@ -316,6 +316,9 @@ CONFIG_SCHEMA = [
     ("crm", "missed_task", "yes", _as_bool, "Create a task for the responsible employee after a missed inbound call."),
     ("crm", "missed_task_title", "Missed call from {number}", _as_template, "Task title; {number}, {did}, {line}, {time}, {linkedid} are filled in."),
     ("crm", "missed_task_description", "Call back {number}: missed call to {line} at {time}.", _as_template, "Task description, same fields."),
+    ("crm", "withheld_number", "0000000000", _as_matching(r"^[0-9#*+]{1,20}$", "digits (Bitrix24 keeps only 0-9 # * +)"),
+     "Registered instead of a withheld caller ID (anonymous, empty, <unknown>); no lead is created for it."),
+    ("crm", "withheld_label", "withheld number", _as_template, "What {number} says in a missed-call task when the caller withheld the number."),
     ("crm", "missed_task_deadline_minutes", "60", _as_int(1, 60 * 24 * 30), "Task deadline after the missed call."),
     ("crm", "callback_window_minutes", "5", _as_float(0, 24 * 60), "No task when the client gets through (either way) within this time."),
     ("recordings", "path", "/var/spool/asterisk/monitor", _as_dir, "Where MixMonitor writes (searched recursively by file name)."),
@@ -1809,7 +1812,7 @@ def decide_disposition(answered, dial_statuses, direction):
 
 class Channel(object):
     __slots__ = ("uniqueid", "name", "linkedid", "context", "exten", "cid", "extension",
-                 "origin", "party", "external_leg", "bridge", "bridged_at", "hungup_at",
+                 "origin", "party", "external_leg", "bridge", "bridged_at", "hungup_at", "on_behalf",
                  "created_at", "dial_status", "pair_key")
 
     def __init__(self, uniqueid, name, linkedid, when):
@@ -1823,6 +1826,7 @@ class Channel(object):
         self.origin = None      # 'trunk' or 'phone' for the channel that started the call
         self.party = False      # the client's side of the call
         self.external_leg = False
+        self.on_behalf = None   # extension a dialplan variable (AMPUSER) names on this channel
         self.bridge = None
         self.bridged_at = None
         self.hungup_at = None
@@ -1914,7 +1918,7 @@ class CallTracker(object):
     WANTED_EVENTS = frozenset(name.encode() for name in (
         "Newchannel", "NewCallerid", "VarSet", "DialBegin", "DialEnd", "BridgeEnter",
         "BridgeLeave", "BridgeMerge", "BlindTransfer", "AttendedTransfer", "Hangup", "Rename",
-        "Newstate"))
+        "Newstate", "Pickup", "OriginateResponse"))
 
     def __init__(self, rules=None, on_call_event=None):
         self.rules = rules or PbxRules()
@@ -1925,6 +1929,9 @@ class CallTracker(object):
         self.local_pairs = {}
         # Channels hung up recently: a late event about one must not bring it back.
         self._gone = collections.OrderedDict()
+        # Originated calls whose phone never answered, waiting for their OriginateResponse
+        # (before or after the Hangups): channel name without its suffix -> (call, number, when).
+        self._unanswered_originates = collections.OrderedDict()
         self._variables = {}
         for kind, names in (("extension", self.rules.extension_variables),
                             ("did", self.rules.did_variables),
@@ -1940,7 +1947,8 @@ class CallTracker(object):
             "BridgeEnter": self._bridgeenter, "BridgeLeave": self._bridgeleave,
             "BridgeMerge": self._bridgemerge, "BlindTransfer": self._blindtransfer,
             "AttendedTransfer": self._attendedtransfer, "Hangup": self._hangup,
-            "Rename": self._rename, "Newstate": self._newstate,
+            "Rename": self._rename, "Newstate": self._newstate, "Pickup": self._pickup,
+            "OriginateResponse": self._originate_response,
         }
 
     def wanted_variables(self):
@@ -2072,16 +2080,21 @@ class CallTracker(object):
             rules.extension_of_channel(chan.name)
         if chan.extension is None and rules.is_extension(self._cid(chan.cid)):
             chan.extension = chan.cid
+        chan.extension = chan.extension or chan.on_behalf
         call.placer = chan.extension
 
-    def _settle_pending(self, call, chan, dialled_phone):
+    def _settle_pending(self, call, chan, dialled_phone, dialled=None):
         """A caller whose kind was left open: one who rings phones is a trunk unless
-        its caller ID is an extension; one who dials out is a phone."""
+        its caller ID is an extension; one who dials out the number it was started
+        for is a phone; one who dials out another number (a forward) is a trunk."""
         if call.pending_origin != chan.uniqueid or chan.origin:
             return
         cid = self._cid(chan.cid)
-        self._set_origin(call, chan, "phone" if not dialled_phone or self.rules.is_extension(cid)
-                         else "trunk")
+        if dialled_phone:
+            kind = "phone" if self.rules.is_extension(cid) else "trunk"
+        else:
+            kind = "trunk" if dialled and chan.exten and dialled != chan.exten else "phone"
+        self._set_origin(call, chan, kind)
 
     @staticmethod
     def _cid(cid):
@@ -2127,6 +2140,25 @@ class CallTracker(object):
             chan.cid = msg.get("CallerIDNum") or chan.cid
             self._start_call(call, chan)
 
+    def _pickup(self, msg, when):
+        """Directed or group pickup: the picker's phone takes the ringing phone's place.
+        Its channel still carries its own Linkedid when it enters the bridge, so it is
+        moved into the picked call here, as the employee answering it."""
+        picker = self._channel(msg, when, create=False)
+        target = self._channel(msg, when, "TargetUniqueid", create=False)
+        if picker is None or target is None:
+            return
+        cid = self._cid(msg.get("CallerIDNum"))
+        ext = picker.extension or (cid if self.rules.is_extension(cid) else None)
+        if ext is None:
+            return
+        old = self.calls.get(picker.linkedid)
+        if old is not None and old.pending_origin == picker.uniqueid:
+            old.pending_origin = None
+        if picker.linkedid != target.linkedid:
+            self._move_channel(picker, target.linkedid, when)
+        picker.origin, picker.party, picker.extension = None, False, ext
+
     def _newcallerid(self, msg, when):
         chan = self._channel(msg, when)
         if chan is None:
@@ -2158,8 +2190,8 @@ class CallTracker(object):
             if value and value != "s" and chan.origin == "trunk" and (call.did is None or not call.notified_ringing):
                 call.did, call.did_from_variable = value, True
         elif kind == "extension":
-            if call.pending_origin == chan.uniqueid and self.rules.is_extension(value):
-                self._set_origin(call, chan, "phone")
+            if self.rules.is_extension(value):
+                chan.on_behalf = value
             if chan.origin == "phone" and self.rules.is_extension(value):
                 if chan.extension is None or chan.name.startswith("Local/"):
                     chan.extension = value
@@ -2183,7 +2215,8 @@ class CallTracker(object):
             self._start_call(call, src)
         if src is not None and call.pending_origin == src.uniqueid:
             src.cid = self._cid(msg.get("CallerIDNum")) or src.cid
-            self._settle_pending(call, src, dest.extension is not None)
+            self._settle_pending(call, src, dest.extension is not None,
+                                 self.rules.dialled_number(msg.get("DialString"), dest.name))
         if src is None and call.direction is None and not any(c.origin for c in call.channels.values()):
             # Dialled by nobody: an AMI Originate (click-to-call) or a call file.
             if dest.extension is not None:
@@ -2199,6 +2232,10 @@ class CallTracker(object):
             if call.direction is not None and ext not in call.notified_ringing:
                 call.notified_ringing.add(ext)
                 self.on_call_event("ringing", call, ext)
+            return
+        if src is not None and call.direction == "inbound" and src.extension is None \
+                and self.rules.is_external_leg(dest.name):
+            self._forward(call, src, dest, msg)
             return
         if src is not None and src.extension is not None and self.rules.is_external_leg(dest.name):
             dest.external_leg = True
@@ -2218,6 +2255,23 @@ class CallTracker(object):
                 if call.placer and call.placer not in call.notified_ringing:
                     call.notified_ringing.add(call.placer)
                     self.on_call_event("ringing", call, call.placer)
+
+    def _forward(self, call, src, dest, msg):
+        """An inbound call dialled out again: a call forward or follow-me to a mobile.
+        The employee who forwarded it stands on the outside leg, so that the mobile
+        answering is that employee answering."""
+        exten = msg.get("Exten")
+        ext = src.on_behalf or (exten if self.rules.is_extension(exten) else None) or \
+            (call.rang[-1] if call.rang else None)
+        if ext is None:
+            return
+        dest.external_leg = True
+        dest.extension = ext
+        if ext not in call.rang:
+            call.rang.append(ext)
+        if ext not in call.notified_ringing:
+            call.notified_ringing.add(ext)
+            self.on_call_event("ringing", call, ext)
 
     def _dialend(self, msg, when):
         # Adopting here too: after a reconnect, the events that arrive before the
@@ -2437,8 +2491,40 @@ class CallTracker(object):
                 call.external_number = origin.exten
             elif origin is not None:
                 call.direction = "internal"
+        if call.direction is None and call.originated and call.rang and call.call_id is None:
+            # Another AMI client's click-to-call that the phone never answered: the
+            # number it was for is only in its OriginateResponse, before or after this.
+            root = call.channels.get(call.linkedid)
+            if root is not None:
+                key = _CHANNEL_SUFFIX.sub("", root.name.rsplit(";", 1)[0] if root.pair_key else root.name)
+                self._match_originate(key, call=call, when=when)
+            return
         if call.direction is None:
             return  # nothing a CRM could use: helper channels, failed originates
+        self.on_call_event("ended", call, None)
+
+    def _originate_response(self, msg, when):
+        number = msg.get("Exten")
+        if msg.get("Response") == "Failure" and self.rules.is_external_number(number):
+            self._match_originate(msg.get("Channel") or "", number=number, when=when)
+
+    def _match_originate(self, key, call=None, number=None, when=None):
+        """Pairs an unanswered originated call with its failed OriginateResponse, which
+        Asterisk sends before or after the call's Hangups (matched by channel name)."""
+        other = self._unanswered_originates.pop(key, None)
+        if other is None or (when is not None and other[2] is not None and abs(when - other[2]) > 60):
+            self._unanswered_originates[key] = (call, number, when)
+            while len(self._unanswered_originates) > 1000:
+                self._unanswered_originates.popitem(last=False)
+            return
+        call = call or other[0]
+        number = number or other[1]
+        if call is None or number is None:
+            return
+        call.direction = "outbound"
+        call.placer = call.rang[0]
+        call.external_number = number
+        call.dial_statuses.append("NOANSWER")
         self.on_call_event("ended", call, None)
 
     # -- housekeeping ---------------------------------------------------------------
@@ -3132,13 +3218,18 @@ class CrmFlows(object):
     def _number(self, call):
         return self.rules.number_plan.normalize(call.external_number)
 
+    def _withheld(self, call):
+        """No number a portal could store: anonymous, empty, <unknown>, a SIP URI."""
+        return self._number(call) is None
+
     def _register_params(self, call, ext, show):
+        withheld = self._withheld(call)
         params = collections.OrderedDict([
             ("USER_ID", {"$": "user", "ext": ext}),
-            ("PHONE_NUMBER", self._number(call) or call.external_number or ""),
+            ("PHONE_NUMBER", self.crm["withheld_number"] if withheld else self._number(call)),
             ("TYPE", 2 if call.direction == "inbound" else 4 if call.callback else 1),
             ("CALL_START_DATE", bitrix_time(call.started_at or time.time())),
-            ("CRM_CREATE", 1 if self.crm["create"] else 0),
+            ("CRM_CREATE", 1 if self.crm["create"] and not withheld else 0),
             ("SHOW", 1 if show and self.crm["show_card"] else 0),
             ("EXTERNAL_CALL_ID", call.linkedid),
         ])
@@ -3228,10 +3319,9 @@ class CrmFlows(object):
             finisher = {"$": "user", "ext": talker}
         else:
             finisher = {"$": "responsible", "ext": last_rang}
-            if missed_inbound:
+            if missed_inbound and not self._withheld(call):
                 self.outbox.add(linkedid, "owner", "telephony.externalCall.searchCrmEntities",
-                                {"PHONE_NUMBER": self._number(call) or call.external_number or ""},
-                                PRIORITY_FINISH)
+                                {"PHONE_NUMBER": self._number(call)}, PRIORITY_FINISH)
         shown = [e for e in self._shown.get(linkedid, []) if e != talker]
         if shown and not late:
             self.outbox.add(linkedid, "hide", "telephony.externalcall.hide",
@@ -3251,7 +3341,7 @@ class CrmFlows(object):
                                           "started_at": call.started_at}}, PRIORITY_LATER)
         if missed_inbound and self.crm["missed_task"]:
             when = call.ended_at or time.time()
-            fields = {"number": self._number(call) or call.external_number or "?",
+            fields = {"number": self._number(call) or self.crm["withheld_label"],
                       "did": call.did or "", "line": call.did or "",
                       "time": time.strftime("%Y-%m-%d %H:%M", time.localtime(when)), "linkedid": linkedid}
             self.outbox.add(linkedid, "task", "tasks.task.add", {"fields": collections.OrderedDict([
@@ -3260,7 +3350,7 @@ class CrmFlows(object):
                 ("RESPONSIBLE_ID", {"$": "responsible", "ext": last_rang}),
                 ("DEADLINE", bitrix_time(when + self.crm["missed_task_deadline_minutes"] * 60)),
                 ("UF_CRM_TASK", {"$": "crm_binding"}),
-            ]), "check": {"number": fields["number"], "since": when}},
+            ]), "check": {"number": self._number(call), "since": when}},
                 PRIORITY_LATER, not_before=when + self.crm["callback_window_minutes"] * 60)
 
 
@@ -3754,7 +3844,7 @@ CEL_COLUMNS = CelRow._fields
 # The rows a call is rebuilt from; the database skips the others (CHAN_END, DTMF,
 # STREAM_*, HOLD, APP_*...), which on a busy PBX are most of the table.
 CEL_USED_EVENTS = ("CHAN_START", "ANSWER", "HANGUP", "BRIDGE_ENTER", "BRIDGE_EXIT", "BLINDTRANSFER",
-                   "ATTENDEDTRANSFER", "LINKEDID_END")
+                   "ATTENDEDTRANSFER", "PICKUP", "LINKEDID_END")
 _CEL_EVENTS_SQL = "eventtype IN (%s)" % ", ".join("'%s'" % e for e in CEL_USED_EVENTS)
 
 
@@ -3882,7 +3972,9 @@ def cel_events(rows, rules):
     CEL has no Dial events: a channel that starts after the first one of the call
     was dialled by it (the trunk dials the ring group, the phone dials the trunk),
     and its ANSWER or HANGUP cause tells how that dial ended. The second half of a
-    Local channel is not dialled, it is born with the first.
+    Local channel is not dialled, it is born with the first; of an originated Local
+    pair, the second half is the one that dials. The CallTracker then reads these
+    events with the live rules.
     """
     if not rows:
         return []
@@ -3895,7 +3987,24 @@ def cel_events(rows, rules):
         else:
             chan_rows.append(row)
     origin_uid = linkedid if linkedid in by_channel else rows[0].uniqueid
-    origin = {"Channel": by_channel[origin_uid][0].channame, "Uniqueid": origin_uid, "Linkedid": linkedid}
+    origin_name = by_channel[origin_uid][0].channame or ""
+    dialer_uid = origin_uid
+    if origin_name.startswith("Local/") and origin_name.endswith(";1"):
+        partner = origin_name[:-1] + "2"
+        dialer_uid = next((u for u, r in by_channel.items() if r[0].channame == partner), origin_uid)
+    dialer_rows = by_channel[dialer_uid]
+    dialer_cid = _first_cid(dialer_rows, rules, True) or _first_cid(dialer_rows, rules, False)
+    if dialer_uid != origin_uid and not rules.is_extension(dialer_cid):
+        # Local/<number>@...: the first half is the phone user who placed the call to
+        # that number (a call file); the second half shows the caller ID the outbound
+        # route presents instead.
+        number = local_channel_parts(origin_name)[0]
+        if rules.is_external_number(number) and any(
+                _dialled(r, rules) == number for u, r in by_channel.items() if u not in (origin_uid, dialer_uid)):
+            dialer_cid = _first_cid(by_channel[origin_uid], rules, True) or dialer_cid
+    origin = {"Channel": dialer_rows[0].channame, "Uniqueid": dialer_uid, "Linkedid": linkedid,
+              "CallerIDNum": dialer_cid}
+    dialer_status = _dial_status_of(dialer_rows)
     events = []
     append = events.append
     answered = set()
@@ -3912,29 +4021,36 @@ def cel_events(rows, rules):
             head = {"Event": "Newchannel", "Channel": name, "Uniqueid": uid, "Linkedid": row_linkedid,
                     "Context": context or "", "Exten": exten or "", "CallerIDNum": cid or ""}
             if uid == origin_uid:
-                trunk = rules.is_inbound_context(context) or rules.is_trunk_channel(name)
-                calling = trunk or (rules.is_internal_context(context) and exten not in ("", "s"))
+                # Local roots never call themselves (their second half does); others
+                # call unless they were originated: a phone rung first sits at 's'.
+                calling = dialer_uid == origin_uid and not name.startswith("Local/") and (
+                    exten not in ("", "s") or rules.extension_of_channel(name) is None)
                 # CallerID may be filled in after CHAN_START (Local channels, trunk
                 # legs starting at 's'): look ahead in the channel's rows.
-                if trunk:
-                    head["CallerIDNum"] = cid or _first_cid(by_channel[uid], rules, False)
-                else:
-                    head["CallerIDNum"] = _first_cid(by_channel[uid], rules, True) or cid or ""
+                head["CallerIDNum"] = cid or _first_cid(by_channel[uid], rules, False) if \
+                    rules.extension_of_channel(name) is None else \
+                    _first_cid(by_channel[uid], rules, True) or cid or ""
                 head["ChannelState"] = "4" if calling else "0"
                 append(Message(head, True, "Newchannel", when))
                 if not calling:
-                    # Originated (click-to-call): nobody dialled it, it rang first.
+                    # Originated (click-to-call, call file): nobody dialled it.
                     dest["Event"] = "DialBegin"
                     dest["DialString"] = exten or ""
                     append(Message(dest, True, "DialBegin", when))
             else:
                 head["ChannelState"] = "4" if local_second else "0"
+                if uid == dialer_uid:
+                    head["CallerIDNum"] = dialer_cid
                 append(Message(head, True, "Newchannel", when))
                 if not local_second:
                     number = None if rules.extension_of_channel(name) else _dialled(by_channel[uid], rules)
                     dest.update(origin)
                     dest["Event"] = "DialBegin"
                     dest["DialString"] = number or exten or ""
+                    if number:
+                        # where the dialler was routed before dialling out (a forward)
+                        dest["Exten"] = next((r.exten for r in dialer_rows if r.id >= row.id
+                                              and rules.is_extension(r.exten)), "")
                     append(Message(dest, True, "DialBegin", when))
         elif kind == "BRIDGE_ENTER" or kind == "BRIDGE_EXIT":
             m = _BRIDGE_ID.search(extra or "")
@@ -3944,19 +4060,21 @@ def cel_events(rows, rules):
                                 "Context": context or "", "Exten": exten or "", "CallerIDNum": cid or "",
                                 "BridgeUniqueid": m.group(1)}, True, event, when))
         elif kind == "ANSWER":
-            if uid != origin_uid and not local_second and uid not in answered:
+            if uid != origin_uid and uid != dialer_uid and not local_second and uid not in answered:
                 answered.add(uid)
                 dest.update(origin)
                 dest["Event"] = "DialEnd"
                 dest["DialStatus"] = "ANSWER"
                 append(Message(dest, True, "DialEnd", when))
         elif kind == "HANGUP":
-            if uid != origin_uid and not local_second and uid not in answered:
+            if uid != origin_uid and uid != dialer_uid and not local_second and uid not in answered:
                 cause = _cel_extra(extra).get("hangupcause")
                 try:
                     status = _HANGUP_CAUSE_STATUS.get(int(cause), "NOANSWER")
                 except (TypeError, ValueError):
                     status = "NOANSWER"
+                if status == "NOANSWER" and dialer_status in _DIAL_FAILURES:
+                    status = dialer_status  # the far end's own cause is often just 0
                 dest.update(origin)
                 dest["Event"] = "DialEnd"
                 dest["DialStatus"] = status
@@ -3966,6 +4084,16 @@ def cel_events(rows, rules):
             append(Message({"Event": "Hangup", "Channel": name, "Uniqueid": uid, "Linkedid": row_linkedid,
                             "Context": context or "", "Exten": exten or "", "CallerIDNum": cid or ""},
                            True, "Hangup", when))
+        elif kind == "PICKUP":
+            info = _cel_extra(extra)
+            picker = info.get("pickup_channel_uniqueid", "")
+            picker_rows = by_channel.get(picker)
+            if picker_rows:
+                append(Message({"Event": "Pickup", "Channel": info.get("pickup_channel", ""),
+                                "Uniqueid": picker, "Linkedid": row_linkedid,
+                                "CallerIDNum": _first_cid(picker_rows, rules, True),
+                                "TargetChannel": name, "TargetUniqueid": uid,
+                                "TargetLinkedid": row_linkedid}, True, "Pickup", when))
         elif kind == "BLINDTRANSFER" or kind == "ATTENDEDTRANSFER":
             info = _cel_extra(extra)
             head = {"Channel": name, "Uniqueid": uid, "Linkedid": row_linkedid, "Context": context or "",
@@ -3980,6 +4108,17 @@ def cel_events(rows, rules):
                             TransferTargetUniqueid=info.get("transfer_target_channel_uniqueid", ""))
                 append(Message(head, True, "AttendedTransfer", when))
     return events
+
+
+_DIAL_FAILURES = ("BUSY", "CHANUNAVAIL", "CONGESTION")
+
+
+def _dial_status_of(chan_rows):
+    """The dialstatus a channel's HANGUP row reports for its own last Dial."""
+    for row in reversed(chan_rows):
+        if row.eventtype == "HANGUP":
+            return _cel_extra(row.extra).get("dialstatus") or ""
+    return ""
 
 
 def _first_cid(chan_rows, rules, extension_only):
@@ -4022,14 +4161,53 @@ class CelCallBuilder(object):
         return ended
 
 
+class CelGroups(object):
+    """Rows grouped into calls by Linkedid, as they stream in. A channel Asterisk
+    re-links into another call (a pickup, a phone-driven transfer) takes all its rows
+    along, so that each call is rebuilt from every channel it ended with."""
+
+    def __init__(self):
+        self.open = collections.OrderedDict()
+        self._owner = {}
+
+    def add(self, row):
+        """Adds a row; returns the call's rows when its LINKEDID_END closed it."""
+        linkedid, uid = row.linkedid, row.uniqueid
+        group = self.open.get(linkedid)
+        if group is None:
+            group = self.open[linkedid] = []
+        previous = self._owner.get(uid)
+        if previous is not None and previous != linkedid and previous in self.open:
+            old = self.open[previous]
+            group.extend(r for r in old if r.uniqueid == uid)
+            group.sort(key=lambda r: r.id)
+            old[:] = [r for r in old if r.uniqueid != uid]
+            if not old:
+                del self.open[previous]
+        self._owner[uid] = linkedid
+        group.append(row)
+        if row.eventtype != "LINKEDID_END":
+            return None
+        del self.open[linkedid]
+        for r in group:
+            if self._owner.get(r.uniqueid) == linkedid:
+                del self._owner[r.uniqueid]
+        return group
+
+    def first_open_id(self):
+        return min(g[0].id for g in self.open.values()) if self.open else None
+
+
 def rebuild_calls(rows, rules):
     """The finished calls in a set of CEL rows (grouped by linkedid), live rules."""
-    groups = collections.OrderedDict()
-    for row in rows:
-        groups.setdefault(row.linkedid, []).append(row)
+    groups = CelGroups()
     builder = CelCallBuilder(rules)
     calls = []
-    for group in groups.values():
+    for row in rows:
+        group = groups.add(row)
+        if group is not None:
+            calls.extend(builder.calls(group))
+    for group in list(groups.open.values()):
         calls.extend(builder.calls(group))
     return calls
 
@@ -4064,22 +4242,14 @@ class CelRecovery(object):
         """One pass; returns how many finished external calls CEL held (each handed to
         report(call) as it is rebuilt, so memory stays flat whatever the backlog)."""
         start = 0 if since is not None else (self.checkpoint() or 0)
-        open_calls = {}
-        first_open_id = {}
+        groups = CelGroups()
         found = 0
         last_id = start
         builder = CelCallBuilder(self.rules)
         for row in self.source.rows(start, since):
             last_id = row.id
-            linkedid = row.linkedid
-            group = open_calls.get(linkedid)
-            if group is None:
-                group = open_calls[linkedid] = []
-                first_open_id[linkedid] = last_id
-            group.append(row)
-            if row.eventtype == "LINKEDID_END":
-                group = open_calls.pop(linkedid)
-                first_open_id.pop(linkedid, None)
+            group = groups.add(row)
+            if group is not None:
                 for call in builder.calls(group):
                     if not is_reportable(call, self.rules):
                         continue
@@ -4094,7 +4264,8 @@ class CelRecovery(object):
                             log.info("call %s: found in CEL, reported late (%s, %s)", call.linkedid,
                                      call.direction, call.disposition)
         if since is None and not dry_run:
-            new = (min(first_open_id.values()) - 1) if first_open_id else last_id
+            first_open = groups.first_open_id()
+            new = (first_open - 1) if first_open is not None else last_id
             self.store.set_setting(self.CHECKPOINT, max(start, new))
         return found
 
@@ -6410,7 +6581,6 @@ class Daemon(object):
         if msg.name == "OriginateResponse":
             if self.click is not None:
                 self.click.on_originate_response(msg)
-            return
         if msg.name == "Shutdown":
             log.warning("AMI: Asterisk is shutting down (%s, restart=%s)",
                         msg.get("Shutdown", "?"), msg.get("Restart", "?"))
