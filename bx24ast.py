@@ -6291,7 +6291,7 @@ class Capture(object):
             return float(wall) - t
         hit = re.search(rb"\r\n(EventTV|Timestamp): ([^\r\n]+)", data)
         if hit is None:
-            return None
+            return self._uniqueid_base(data, records)
         try:
             if hit.group(1) == b"Timestamp":
                 stamp = float(hit.group(2))
@@ -6304,29 +6304,50 @@ class Capture(object):
                 return stamp - t
         return None
 
+    def _uniqueid_base(self, data, records):
+        """An AMI user without 'system'/'security' read rights gets no event with a time
+        of its own; the Uniqueid of the first Newchannel is Asterisk's clock at that
+        moment (epoch.sequence), else the file's own modification time."""
+        hit = re.search(rb"Event: Newchannel\r\n(?:[^\r\n]+\r\n)*?Uniqueid: (?:[^\r\n]*-)?(\d{9,})\.\d+", data)
+        if hit is not None:
+            for offset, length, t, wall in records:
+                if offset + length > hit.start():
+                    return int(hit.group(1)) + 0.5 - t
+        try:
+            return os.path.getmtime(self.path) - records[-1][2]
+        except (OSError, IndexError):
+            return None
+
 
 def replay_capture(capture, tracker, parser=None, on_time=None):
     """Feed a capture through the same AmiStream a live connection uses.
 
     Times come from the sidecar (anchored to the wall clock when possible), else
-    from the events' Timestamp headers, else they are unknown (order only).
-    Returns True when the events had real times.
+    from the events' Timestamp headers, else from the Uniqueids (Asterisk's clock
+    when each channel was made; seconds only), never 0. Returns True when the events
+    had real times.
     """
     parser = parser or AmiParser(wanted_events=tracker.WANTED_EVENTS | {b"FullyBooted"},
                                  wanted_variables=tracker.wanted_variables())
     timed = {"value": False}
+    last = {"time": None}
 
     def on_event(msg):
         if msg.time is None:
             stamp = msg.get("Timestamp")
-            if stamp:
-                try:
-                    msg.time = float(stamp)
+            try:
+                msg.time = float(stamp) if stamp else None
+                timed["value"] = timed["value"] or msg.time is not None
+            except ValueError:
+                msg.time = None
+            if msg.time is None:
+                seconds = _uniqueid_seconds(msg.get("Uniqueid"))
+                if seconds is not None and (last["time"] is None or seconds > last["time"]):
+                    last["time"] = float(seconds)
                     timed["value"] = True
-                except ValueError:
-                    msg.time = 0.0
+                msg.time = last["time"] if last["time"] is not None else _file_time(capture.path)
             else:
-                msg.time = 0.0
+                last["time"] = max(last["time"] or 0.0, msg.time)
         tracker.handle(msg)
 
     stream = AmiStream(on_event, parser)
@@ -6343,6 +6364,21 @@ def replay_capture(capture, tracker, parser=None, on_time=None):
         if on_time is not None and when is not None:
             on_time(when)
     return timed["value"]
+
+
+def _uniqueid_seconds(uid):
+    """1795668067 for 1795668067.574 (or systemname-1795668067.574)."""
+    if isinstance(uid, list):
+        uid = uid[-1]
+    head = (uid or "").rpartition("-")[2].partition(".")[0]
+    return int(head) if len(head) >= 9 and head.isdigit() else None
+
+
+def _file_time(path):
+    try:
+        return os.path.getmtime(path)
+    except OSError:
+        return time.time()
 
 
 class CaptureWriter(object):

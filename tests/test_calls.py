@@ -426,3 +426,32 @@ def test_click_to_call_carries_the_bitrix_call_id():
     row = pbx.ended()["10.0"]
     assert row["click_to_call"] and row["call_id"] == "externalCall.abc123.1700000000"
     assert (row["direction"], row["rang"], row["answered_by"], row["billsec"]) == ("outbound", ["101"], "101", 10)
+
+
+def _time_stripped_copy(tmp_path, keep_sidecar):
+    """A live capture as an AMI user without 'system'/'security' rights records it: no
+    event carries its own time, and the sidecar (if any) has no wall clock."""
+    src = os.path.join(ROOT, "tests", "fixtures", "asterisk-22.10.1-live", "inbound_answered")
+    with open(os.path.join(src, "ami.log"), "rb") as f:
+        data = f.read().replace(b"EventTV:", b"EventTX:").replace(b"Timestamp:", b"Timestampx")
+    (tmp_path / "ami.log").write_bytes(data)
+    if keep_sidecar:
+        with open(os.path.join(src, "ami.timestamps.jsonl")) as f, \
+                open(str(tmp_path / "ami.timestamps.jsonl"), "w") as out:
+            for line in f:
+                rec = json.loads(line)
+                rec.pop("wall", None)
+                out.write(json.dumps(rec) + "\n")
+    return str(tmp_path), load_expected(src)["calls"][0]
+
+
+@pytest.mark.parametrize("keep_sidecar", [True, False], ids=["sidecar-without-wall", "no-sidecar"])
+def test_replay_times_come_from_the_stream_never_1970(tmp_path, keep_sidecar):
+    path, want = _time_stripped_copy(tmp_path, keep_sidecar)
+    (row,) = replay(path)
+    started = bx24ast.parse_iso_time(row["started_at"])
+    # the Uniqueid is Asterisk's clock (whole seconds) when the call's first channel was made
+    assert abs(started - int(want["linkedid"].split(".")[0])) <= 1.5
+    assert row["ended_at"] >= row["started_at"]
+    if keep_sidecar:
+        assert abs(row["billsec"] - want["first_bridge_to_hangup_s"]) <= 1
