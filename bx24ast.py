@@ -7167,6 +7167,14 @@ def cmd_oauth_code(args):
     return EXIT_OK
 
 
+NEEDS_LOCAL_APPLICATION = (
+    "bx24ast: the portal refuses event.bind to an inbound webhook: events can only be bound by a "
+    "local application ([bitrix24] portal_url, client_id, client_secret; bx24ast.py oauth-code). "
+    "For port mode with a webhook, create an outbound webhook in the portal for ONEXTERNALCALLSTART "
+    "and ONEXTERNALCALLBACKSTART with [click_to_call] public_url as its handler, and put its token "
+    "into [click_to_call] application_token (then bind-events is not needed).\n")
+
+
 def cmd_bind_events(args):
     config = _load_config(args, required=True)
     if not BitrixClient.configured(config):
@@ -7178,9 +7186,9 @@ def cmd_bind_events(args):
         bound = bind_events(client, config, unbind=args.unbind)
     except BitrixError as exc:
         sys.stderr.write("bx24ast: %s\n" % exc)
-        if exc.code == "WRONG_AUTH_TYPE":
-            sys.stderr.write("bx24ast: events can only be bound by a local application "
-                             "([bitrix24] portal_url, client_id, client_secret; bx24ast.py oauth-code)\n")
+        if exc.code == "WRONG_AUTH_TYPE" or (exc.code == "ACCESS_DENIED" and not client.uses_oauth) or \
+                "application context" in str(exc).lower():
+            sys.stderr.write(NEEDS_LOCAL_APPLICATION)
         return EXIT_FAILURE
     finally:
         store.close()
@@ -7272,12 +7280,32 @@ def cmd_detect(args):
     return EXIT_OK if found else EXIT_FAILURE
 
 
+def parse_since(text):
+    """Epoch seconds from "YYYY-MM-DD HH:MM[:SS]" (local time, as an admin types it) or
+    ISO 8601 with a T and/or a zone (then that zone; fractions allowed)."""
+    text = (text or "").strip()
+    for fmt in ("%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M"):
+        try:
+            return time.mktime(time.strptime(text, fmt))
+        except ValueError:
+            pass
+    m = re.match(r"^(\d{4}-\d\d-\d\d)T(\d\d:\d\d)(:\d\d(?:\.\d+)?)?$", text)
+    if m:  # ISO 8601 without a zone: local time
+        seconds = float((m.group(3) or ":0")[1:])
+        return time.mktime(time.strptime("%s %s" % (m.group(1), m.group(2)), "%Y-%m-%d %H:%M")) + seconds
+    m = re.match(r"^(\d{4}-\d\d-\d\d[T ]\d\d:\d\d)(\s*(?:Z|[+-]\d\d:?\d\d))$", text)
+    if m:
+        text = m.group(1) + ":00" + m.group(2).strip()
+    return parse_iso_time(text)
+
+
 def cmd_recover(args):
     config = _load_config(args, required=True)
     try:
-        since = time.mktime(time.strptime(args.since, "%Y-%m-%d %H:%M"))
+        since = parse_since(args.since)
     except ValueError:
-        sys.stderr.write("bx24ast: recover: --since %r is not YYYY-MM-DD HH:MM\n" % args.since)
+        sys.stderr.write("bx24ast: recover: --since %r is not a time: use \"YYYY-MM-DD HH:MM[:SS]\" "
+                         "(local time) or ISO 8601 with a zone (2026-12-02T03:28:00+03:00)\n" % args.since)
         return EXIT_CONFIG
     source = open_cel_source(config)
     if source is None:
@@ -7361,7 +7389,8 @@ def build_arg_parser():
     p.set_defaults(func=cmd_detect)
 
     p = sub.add_parser("recover", help="report calls found in CEL since a time (missed while down)")
-    p.add_argument("--since", required=True, help='"YYYY-MM-DD HH:MM", local time')
+    p.add_argument("--since", required=True,
+                   help='"YYYY-MM-DD HH:MM[:SS]" local time, or ISO 8601 (2026-12-02T03:28:00+03:00)')
     p.add_argument("--dry-run", action="store_true", help="only print the calls")
     p.set_defaults(func=cmd_recover)
 

@@ -254,6 +254,14 @@ def test_recover_command_dry_run(tmp_path):
     assert [r["linkedid"] for r in rows] == ["1795667015.3", "1795667032.8"]
     assert rows[0]["disposition"] == "NO ANSWER" and rows[1]["direction"] == "outbound"
     assert "dry run" in out.stderr
+    # seconds and ISO 8601: a time between the two calls keeps only the second
+    env = dict(os.environ, TZ="UTC")
+    for since in ("2026-11-26 04:23:47", "2026-11-26T04:23:47", "2026-11-26T07:23:47+03:00",
+                  "2026-11-26T04:23:47.5Z"):
+        out = subprocess.run([sys.executable, SCRIPT, "-c", str(conf), "recover", "--since", since, "--dry-run"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, env=env)
+        assert out.returncode == 0, (since, out.stderr)
+        assert [json.loads(l)["linkedid"] for l in out.stdout.splitlines()] == ["1795667032.8"], since
     bad = subprocess.run([sys.executable, SCRIPT, "-c", str(conf), "recover", "--since", "yesterday"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
     assert bad.returncode == 2 and "--since" in bad.stderr

@@ -501,6 +501,27 @@ def test_bind_events_cli_against_the_portal(tmp_path, capsys):
         assert emu.bindings == []
 
 
+@pytest.mark.parametrize("refusal", ["emulator", "application-context"])
+def test_bind_events_with_a_webhook_says_a_local_application_is_needed(tmp_path, capsys, monkeypatch,
+                                                                         refusal):
+    with Bitrix24Emulator() as emu:
+        conf = tmp_path / "bx24ast.conf"
+        conf.write_text("[bitrix24]\nwebhook_url = %s\n[click_to_call]\nmode = port\napplication_token = abc\n"
+                        "public_url = https://pbx.example.com:8077/b24\n[storage]\nstate_dir = %s\n"
+                        % (emu.webhook_url, tmp_path))
+        if refusal == "application-context":
+            # what a real portal answers (doc section 12): 400 ACCESS_DENIED
+            def refuse(client, config, unbind=False):
+                raise bx24ast.classify_error(400, {"error": "ACCESS_DENIED",
+                                                   "error_description": "Application context required"},
+                                             "event.bind")
+            monkeypatch.setattr(bx24ast, "bind_events", refuse)
+        assert bx24ast.main(["-c", str(conf), "bind-events"]) == 1
+        err = capsys.readouterr().err
+        assert "local application" in err and "outbound webhook" in err and "application_token" in err
+        assert emu.bindings == []
+
+
 def test_callback_form_rings_the_group_then_the_client(tmp_path):
     click, ami, _ = make_click(tmp_path)
     data = {"PHONE_NUMBER": "+7 916 555-44-33", "TEXT": "Call back the client", "VOICE": "ruinternalfemale",
