@@ -12,6 +12,7 @@ Sections, in the order data flows:
     Storage          sqlite state: StateStore, Outbox (durable requests), CallRecords
     AMI              wire format (build_action, AmiParser), AmiStream, AmiConnection
     Calls            phone numbers, channel names, CallTracker (events -> calls)
+    PBX discovery    PbxDiscovery: trunks and phones as Asterisk lists them
     Bitrix24         BitrixClient: webhook/OAuth, LeakyBucket, batch, error classes
     CRM flows        UserDirectory, CrmFlows (calls -> requests), OutboxSender
     CEL              SqliteCel, MysqlCel, cel_events (CEL rows -> AMI events),
@@ -341,6 +342,7 @@ CONFIG_SCHEMA = [
     ("pbx", "national_number_length", "10", _as_int(4, 15), "Digits of a national number without prefix and country code."),
     ("pbx", "international_prefix", "810|00", _as_pattern_text, "Regex: prefix dialled before a country code (810 and 00 in Russia)."),
     ("pbx", "ignore_numbers", "", _as_regex, "Regex: external numbers never reported (voicemail, feature codes, test lines)."),
+    ("pbx", "discovery_minutes", "5", _as_float(0, 24 * 60), "How often Asterisk is asked which endpoints are trunks and phones (PJSIPShowEndpoints, SIPpeers, IAXpeerlist); 0 turns it off."),
     ("pbx", "call_max_hours", "12", _as_float(0.1, 24 * 30), "A call with no AMI event for this long is closed (its Hangup was lost)."),
     ("cel", "backend", "auto", _as_choice("auto", "sqlite", "mysql", "off"), "Where CEL is: auto (found as bx24ast.py detect does), sqlite, mysql, or off (no recovery)."),
     ("cel", "sqlite_path", "/var/log/asterisk/master.db", _as_dir, "cel_sqlite3_custom database."),
@@ -1298,7 +1300,12 @@ class AmiConnection(object):
     # Events the connection itself needs whatever the consumer filters: the items of
     # list actions, and the PBX's own state.
     CONNECTION_EVENTS = frozenset([b"CoreShowChannel", b"CoreShowChannelsComplete",
-                                   b"OriginateResponse", b"FullyBooted", b"Shutdown"])
+                                   b"OriginateResponse", b"FullyBooted", b"Shutdown",
+                                   # the lists PBX discovery asks for
+                                   b"EndpointList", b"EndpointListComplete",
+                                   b"OutboundRegistrationDetail", b"OutboundRegistrationDetailComplete",
+                                   b"PeerEntry", b"PeerlistComplete", b"RegistryEntry",
+                                   b"RegistrationsComplete"])
 
     def __init__(self, host, port, username, secret, on_event, auth="plain",
                  connect_timeout=5.0, ping_interval=20.0, reconnect_max_delay=30.0,
@@ -2590,6 +2597,161 @@ def _duration_seconds(text):
         return h * 3600 + m * 60 + s
     except ValueError:
         return 0
+
+
+###############################################################################
+# PBX discovery ###############################################################
+###############################################################################
+# Which endpoints are trunks and which are phones, asked of Asterisk itself
+# (PJSIP, chan_sip, IAX2) at connect and every few minutes, so that a PBX with its
+# own context names works with an empty [pbx] section. What is learned lands in
+# PbxRules.endpoints; [pbx] trunk_channels and the context rules stay overrides.
+
+class Endpoint(object):
+    __slots__ = ("device", "kind", "why")
+
+    def __init__(self, device, kind, why):
+        self.device = device    # 'PJSIP/trunk-operator', as channel names start
+        self.kind = kind        # 'trunk', 'phone' or None (could not tell)
+        self.why = why
+
+    def as_dict(self):
+        return collections.OrderedDict([("device", self.device), ("kind", self.kind), ("why", self.why)])
+
+
+def classify_pjsip(endpoints, registrations, rules):
+    """EndpointList events + OutboundRegistrationDetail events -> [Endpoint]."""
+    registered_auths = set()
+    registered_names = set()
+    for reg in registrations:
+        for auth in comma_list(reg.get("OutboundAuth") or ""):
+            registered_auths.add(auth)
+        if reg.get("Endpoint"):
+            registered_names.add(reg.get("Endpoint"))
+    out = []
+    for ep in endpoints:
+        name = ep.get("ObjectName") or ""
+        if not name:
+            continue
+        auths = comma_list(ep.get("Auths") or "")
+        outbound = comma_list(ep.get("OutboundAuths") or "")
+        static = any("/" in c for c in comma_list(ep.get("Contacts") or ""))
+        if name in registered_names or registered_auths & set(outbound):
+            kind, why = "trunk", "registers to a provider (outbound registration)"
+        elif outbound and not auths:
+            kind, why = "trunk", "authenticates to the far end (outbound_auth), not to us"
+        elif rules.is_extension(name) and (auths or not static):
+            kind, why = "phone", "extension-shaped name%s" % (", logs in to us (auth)" if auths else "")
+        elif auths and not outbound:
+            kind, why = "phone", "logs in to us (auth) and has no outbound auth"
+        elif static and not auths:
+            kind, why = "trunk", "a fixed remote contact and no login"
+        else:
+            kind, why = None, "no sign either way; the [pbx] rules decide"
+        out.append(Endpoint("PJSIP/" + name, kind, why))
+    return out
+
+
+def classify_peers(tech, peers, registry, rules):
+    """SIPpeers / IAXpeerlist PeerEntry events (+ SIPshowregistry) -> [Endpoint]."""
+    hosts = set(r.get("Host") for r in registry if r.get("Host"))
+    users = set(r.get("Username") for r in registry if r.get("Username"))
+    out = []
+    for peer in peers:
+        name = peer.get("ObjectName") or ""
+        if not name:
+            continue
+        dynamic = (peer.get("Dynamic") or "").lower() == "yes"
+        address = peer.get("IPaddress") or ""
+        if name in users or (address and address in hosts):
+            kind, why = "trunk", "registers to a provider (register =>)"
+        elif rules.is_extension(name):
+            kind, why = "phone", "extension-shaped name" + (" (host=dynamic)" if dynamic else "")
+        elif not dynamic:
+            kind, why = "trunk", "a fixed host (%s) and not an extension" % (address or "static")
+        else:
+            kind, why = None, "registers to us but is not extension-shaped; the [pbx] rules decide"
+        out.append(Endpoint("%s/%s" % (tech, name), kind, why))
+    return out
+
+
+class PbxDiscovery(Worker):
+    """Asks Asterisk for its endpoints whenever AMI is up, then every interval."""
+
+    thread_name = "discovery"
+    # (channel driver, list action, its item event, [(helper action, its item event)])
+    DRIVERS = (("PJSIP", "PJSIPShowEndpoints", "EndpointList",
+                [("PJSIPShowRegistrationsOutbound", "OutboundRegistrationDetail")]),
+               ("SIP", "SIPpeers", "PeerEntry", [("SIPshowregistry", "RegistryEntry")]),
+               ("IAX2", "IAXpeerlist", "PeerEntry", []))
+
+    def __init__(self, conn, rules, interval):
+        Worker.__init__(self)
+        self.conn = conn
+        self.rules = rules
+        self.interval = interval
+        self.learned = []
+        self.learned_at = None
+        self._refused = set()
+        self._wake = threading.Event()
+
+    def kick(self):
+        """AMI (re)connected: ask again now."""
+        self._wake.set()
+
+    def stop(self):
+        self._stop.set()
+        self._wake.set()
+        Worker.stop(self)
+
+    def run(self):
+        while not self._stop.is_set():
+            if self.conn.connected.wait(1.0) and not self._stop.is_set():
+                try:
+                    self.discover()
+                except AmiError as exc:
+                    log.warning("PBX discovery: %s", exc)
+                except Exception:
+                    log.exception("PBX discovery failed")
+            self._wake.wait(self.interval)
+            self._wake.clear()
+
+    def _list(self, action, item):
+        """The item events of a list action; None when the driver is absent or refused."""
+        try:
+            pending = self.conn.action(action, timeout=10.0)
+        except AmiActionFailed as exc:
+            message = (exc.response.get("Message") or "") if exc.response is not None else ""
+            if "ermission" in message and action not in self._refused:
+                self._refused.add(action)
+                log.warning("PBX discovery: the AMI user may not run %s (%s); trunks and phones are "
+                            "told apart by the [pbx] rules and channel names instead", action, message)
+            return None
+        return [e for e in pending.events if e.name == item]
+
+    def discover(self):
+        found = []
+        for tech, action, item, helpers in self.DRIVERS:
+            listed = self._list(action, item)
+            if listed is None:
+                continue
+            extra = []
+            for helper, helper_item in helpers:
+                extra.extend(self._list(helper, helper_item) or [])
+            if tech == "PJSIP":
+                found.extend(classify_pjsip(listed, extra, self.rules))
+            else:
+                found.extend(classify_peers(tech, listed, extra, self.rules))
+        changed = [e.as_dict() for e in found] != [e.as_dict() for e in self.learned]
+        self.learned, self.learned_at = found, time.time()
+        # one assignment: the reader thread sees the old map or the new one, never half
+        self.rules.endpoints = dict((e.device, e.kind) for e in found if e.kind)
+        if changed:
+            trunks = [e.device for e in found if e.kind == "trunk"]
+            phones = [e.device for e in found if e.kind == "phone"]
+            log.info("PBX discovery: %d trunk(s) %s, %d phone(s), %d unclassified", len(trunks),
+                     ", ".join(trunks[:10]), len(phones), len(found) - len(trunks) - len(phones))
+        return found
 
 
 ###############################################################################
@@ -6531,6 +6693,8 @@ class Daemon(object):
             wanted_events=CallTracker.WANTED_EVENTS | frozenset([b"OriginateResponse"]),
             wanted_variables=self.tracker.wanted_variables(),
             on_connect=self._on_connect)
+        minutes = config.get("pbx", "discovery_minutes")
+        self.discovery = PbxDiscovery(self.ami, self.rules, minutes * 60) if minutes else None
         self.stop_event = threading.Event()
         self.resyncs = 0
         self.lookup = self.click = None
@@ -6638,6 +6802,8 @@ class Daemon(object):
                 log.info("AMI: resynchronised: %d channels up, %d calls tracked (was %d)",
                          len(pending.events), len(self.tracker.calls), before)
         conn.core_show_channels(done)
+        if self.discovery is not None:
+            self.discovery.kick()
 
     def run(self):
         log.info("bx24ast %s starting; AMI %s:%s", __version__, self.ami.host, self.ami.port)
@@ -6649,6 +6815,8 @@ class Daemon(object):
                         "calls are only logged")
         if self.ami.username:
             self.ami.start()
+            if self.discovery is not None:
+                self.discovery.start()
         else:
             # A fresh install: the wizard runs so that the admin can set AMI up.
             log.warning("AMI is not configured yet ([ami] username): only the setup wizard runs")
@@ -6674,6 +6842,8 @@ class Daemon(object):
                 server.stop()
             if self.poller is not None:
                 self.poller.stop()
+            if self.discovery is not None:
+                self.discovery.stop()
             self.ami.stop()
             if self.bridge is not None:
                 self.bridge.stop()
@@ -6715,6 +6885,7 @@ class Daemon(object):
                            for label, server in self.listeners]),
             ("listener_errors", self.listener_errors),
             ("calls_in_progress", len(self.tracker.calls)),
+            ("endpoints", [e.as_dict() for e in self.discovery.learned] if self.discovery else []),
         ])
         if self.bridge is not None:
             client = self.bridge.client
@@ -7277,7 +7448,35 @@ def cmd_detect(args):
                 "%s = %s\n" % kv for kv in found[0]["settings"].items()))))
         for level, message in cel_health(source):
             sys.stdout.write("%s: %s\n" % (level, message))
-    return EXIT_OK if found else EXIT_FAILURE
+    learned = detect_endpoints(config) if config.get("ami", "username") else None
+    return EXIT_OK if found or learned else EXIT_FAILURE
+
+
+def detect_endpoints(config, out=None):
+    """`detect`: what PBX discovery learns from this Asterisk, and why; None if AMI failed."""
+    out = out or sys.stdout
+    ami = config.section("ami")
+    conn = AmiConnection(ami["host"], ami["port"], ami["username"], ami["secret"], lambda msg: None,
+                         auth=ami["auth"], connect_timeout=ami["connect_timeout"],
+                         reconnect_max_delay=ami["reconnect_max_delay"], wanted_events=frozenset())
+    conn.start()
+    try:
+        if not conn.connected.wait(ami["connect_timeout"] + 2):
+            out.write("PBX endpoints: AMI %s:%s not reachable (%s)\n"
+                      % (ami["host"], ami["port"], conn.last_error or "no answer"))
+            return None
+        learned = PbxDiscovery(conn, PbxRules.from_config(config), 0).discover()
+    except AmiError as exc:
+        out.write("PBX endpoints: %s\n" % exc)
+        return None
+    finally:
+        conn.stop()
+    out.write("PBX endpoints (asked of Asterisk at %s:%s): %d\n" % (ami["host"], ami["port"], len(learned)))
+    for e in learned:
+        out.write("  %-7s %-32s %s\n" % (e.kind or "?", e.device, e.why))
+    if not learned:
+        out.write("  none listed (no PJSIP/SIP/IAX2 endpoints, or the AMI user may not list them)\n")
+    return learned
 
 
 def parse_since(text):
@@ -7384,7 +7583,8 @@ def build_arg_parser():
     p.add_argument("--seconds", type=float, default=0, help="stop after this many seconds")
     p.set_defaults(func=cmd_record_ami)
 
-    p = sub.add_parser("detect", help="find the CEL store (FreePBX, ODBC, sqlite) and check its health")
+    p = sub.add_parser("detect", help="find the CEL store (FreePBX, ODBC, sqlite) and check its health; "
+                                      "list the trunks and phones Asterisk has")
     p.add_argument("--root", default="/", help="look in this tree instead of / (for tests)")
     p.set_defaults(func=cmd_detect)
 

@@ -84,7 +84,8 @@ class ChannelTable(object):
 class FakeAmiServer(object):
     def __init__(self, captures=(), username="bx24", secret="s3cret", speed=None,
                  drop_after=None, gap=0, restart_after=None, garbage_at=None, garbage=b"",
-                 seed=1, max_chunk=1500, pause_at=None, on_originate=None, extension_states=None):
+                 seed=1, max_chunk=1500, pause_at=None, on_originate=None, extension_states=None,
+                 lists=None, refuse=()):
         self.messages = []
         for path in captures:
             self.messages.extend(capture_messages(path))
@@ -105,6 +106,9 @@ class FakeAmiServer(object):
         if self.on_originate is not None:
             self.pause_at = 0
         self.extension_states = dict(extension_states or {})   # extension -> Status
+        # list actions answered with these events (PBX discovery); refused ones: no rights
+        self.lists = dict((k.lower(), v) for k, v in (lists or {}).items())
+        self.refuse = set(a.lower() for a in refuse)
         self.cursor = 0
         self.table = ChannelTable()
         self.actions = []          # every action received, as dicts
@@ -351,6 +355,17 @@ class FakeAmiServer(object):
                 ("Exten", msg.get("Exten") or ""), ("Context", msg.get("Context") or ""),
                 ("Hint", "PJSIP/%s" % msg.get("Exten") if status != "-1" else ""), ("Status", status),
                 ("StatusText", {"0": "Idle", "4": "Unavailable", "1": "InUse"}.get(status, "Unknown"))])
+        elif action in self.refuse:
+            self._reply(conn, action_id, "Error", "Permission denied")
+        elif action in self.lists:
+            self._reply(conn, action_id, message="A listing follows", extra=[("EventList", "start")])
+            items = self.lists[action]
+            for item in items:
+                fields = [("Event", item.name), ("ActionID", action_id)] + list(item.items())
+                self._send(conn, ("\r\n".join("%s: %s" % kv for kv in fields) + "\r\n\r\n").encode())
+            self._send(conn, ("Event: %sComplete\r\nActionID: %s\r\nEventList: Complete\r\n"
+                              "ListItems: %d\r\n\r\n" % (items[0].name if items else "List", action_id,
+                                                            len(items))).encode())
         elif action == "setvar":
             self._reply(conn, action_id, message="Variable Set")
         elif action == "command":

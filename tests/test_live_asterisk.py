@@ -305,3 +305,20 @@ def test_daemon_restart_while_calls_are_up(office):
     rec = _stat(emu, uid)
     assert len(_registers(emu, uid)) == 1
     assert rec["CALL_FAILED_CODE"] == "200" and rec["PORTAL_USER_ID"] == 5
+
+
+def test_detect_lists_the_trunks_and_phones_asterisk_has(office):
+    """PBX discovery against the real endpoint lists (tests/live/*_custom.conf)."""
+    pbx, emu, daemon = office
+    out = subprocess.run([sys.executable, SCRIPT, "-c", daemon.conf, "detect"], stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, universal_newlines=True, timeout=60).stdout
+    tech = "PJSIP" if pbx.major >= 20 else "SIP"
+    rows = dict((line.split()[1], line.split()[0]) for line in out.splitlines()
+                if line.startswith("  ") and "/" in line)
+    assert rows.get("%s/trunk-operator" % tech) == "trunk", out
+    assert rows.get("%s/7001" % tech) == "trunk", out      # extension-shaped, but it registers out
+    assert rows.get("%s/101" % tech) == "phone", out
+    # the daemon learned the same and says so in its heartbeat
+    beat = bx24ast.Heartbeat(daemon.tmp)
+    assert wait_for(lambda: any(e["device"] == "%s/7001" % tech and e["kind"] == "trunk"
+                                for e in (beat.read() or {}).get("endpoints", [])), 30)
