@@ -1983,6 +1983,7 @@ class CallTracker(object):
                                      msg.get(prefix + "CallerIDNum"),
                                      msg.get(prefix + "ChannelState"), adopted=True)
         elif linkedid and linkedid != chan.linkedid:
+            chan.cid = self._cid(msg.get(prefix + "CallerIDNum")) or chan.cid
             self._move_channel(chan, linkedid, when)
         call = self.calls.get(chan.linkedid)
         if call is not None and when is not None:
@@ -2006,7 +2007,10 @@ class CallTracker(object):
         # whatever its state.
         if (uid == linkedid and (state == "4" or adopted)) or self._enters_for_root(chan, state):
             self._start_call(call, chan, adopted)
-        elif chan.extension is None:
+        elif chan.extension is None and not (chan.pair_key is not None and chan.name.endswith(";2")):
+            # Local/<exten>@...;1 is what a Dial() rang; its ;2 half runs the dialplan
+            # there for whoever is behind it (a phone it dials next, or the caller ID of
+            # a call file), so the name alone never makes it <exten>'s phone.
             chan.extension = self.rules.extension_of_channel(chan.name)
         return chan
 
@@ -2121,6 +2125,8 @@ class CallTracker(object):
         if chan.origin and new.direction is not None:
             chan.origin = None
             chan.party = chan.external_leg
+        if chan.extension is None and not chan.party and self.rules.is_extension(self._cid(chan.cid)):
+            chan.extension = chan.cid   # a phone's call leg joining this call (parked call taken)
         new.channels[chan.uniqueid] = chan
         if old is not None and not old.channels:
             del self.calls[old.linkedid]
@@ -4166,6 +4172,12 @@ def cel_events(rows, rules):
             dialer_cid = _first_cid(by_channel[origin_uid], rules, True) or dialer_cid
     origin = {"Channel": dialer_rows[0].channame, "Uniqueid": dialer_uid, "Linkedid": linkedid,
               "CallerIDNum": dialer_cid}
+    # Local/<extension>@... (a click-to-call): the second half rings the phone, the
+    # first half, once the phone answered, dials the client.
+    outward = origin
+    if dialer_uid != origin_uid and rules.is_extension(local_channel_parts(origin_name)[0].rstrip("#")):
+        outward = {"Channel": origin_name, "Uniqueid": origin_uid, "Linkedid": linkedid,
+                   "CallerIDNum": _first_cid(by_channel[origin_uid], rules, True)}
     dialer_status = _dial_status_of(dialer_rows)
     events = []
     append = events.append
@@ -4206,7 +4218,7 @@ def cel_events(rows, rules):
                 append(Message(head, True, "Newchannel", when))
                 if not local_second:
                     number = None if rules.extension_of_channel(name) else _dialled(by_channel[uid], rules)
-                    dest.update(origin)
+                    dest.update(outward if number else origin)
                     dest["Event"] = "DialBegin"
                     dest["DialString"] = number or exten or ""
                     if number:

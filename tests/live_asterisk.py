@@ -188,6 +188,9 @@ class LiveAsterisk(object):
         out = self.cli("core show channels concise")
         return [line for line in out.splitlines() if "!" in line]
 
+    def channel_names(self):
+        return [line.split("!")[0] for line in self.channels()]
+
     def wait_idle(self, timeout=60):
         deadline = time.time() + timeout
         while time.time() < deadline:

@@ -195,7 +195,27 @@ class ClickToCallUnanswered(Scenario):
                      extension="102", click=True)]
 
 
+class ParkRetrieved(Scenario):
+    """101 answers, parks the caller on 70 after 3 s; 102 takes the call from 71 after 3 s
+    more and talks until the caller hangs up (12 s after the first answer)."""
+    name = "park_retrieved"
+
+    def run(self, pbx):
+        pbx.db("simphone", "101", "1/0")
+        pbx.db("simphone", "102", "never")
+        uid = self.inbound(pbx, DID1, CLIENT, "talk12")
+        time.sleep(4)
+        agent = [c for c in pbx.channel_names() if c.startswith("Local/101@phones") and c.endswith(";1")]
+        reply = pbx.ami().action("BlindTransfer", Channel=agent[0], Context="from-internal", Exten="70")
+        assert reply.get("Response") == "Success", reply
+        time.sleep(3)
+        self.phone_dials(pbx, "102", "71", stay=30)
+        truth = call(uid, "inbound", CLIENT, DID1, ["101", "102"], "101", "102", talk=12)
+        truth["transfers"] = [{"type": "blind", "from": "101", "to": "102"}]
+        return [truth]
+
+
 ALL = [InboundAnswered(), InboundMissed(), Pickup(), ForwardToMobile(), WithheldAnswered(),
        WithheldMissed(), Voicemail(), Ivr(), OutboundAnswered(), OutboundBusy(), ClickToCallLocal(),
-       ClickToCallUnanswered()]
+       ClickToCallUnanswered(), ParkRetrieved()]
 BY_NAME = dict((s.name, s) for s in ALL)

@@ -207,8 +207,9 @@ def test_every_live_scenario_reaches_bitrix24(tmp_path, path):
                 else:
                     assert not emu.tasks, "a task for a call an employee answered"
                 if call["disposition"] == "ANSWERED" and call["direction"] == "inbound":
-                    # the one who answered (the picker, the forwarding employee) has the card
-                    assert rec["PORTAL_USER_ID"] == USERS[call["answered_by"]]
+                    # the one who answered (the picker, the forwarding employee), or who took
+                    # the call last (from the parking lot), has it
+                    assert rec["PORTAL_USER_ID"] == USERS[call["final_extension"]]
                 if call.get("click_to_call"):
                     register = [e for e in emu.journal if e["method"] == "telephony.externalcall.register"
                                 and e["params"].get("EXTERNAL_CALL_ID") == call["linkedid"]]

@@ -169,7 +169,7 @@ def _check_call(emu, want):
     assert rec["CALL_FAILED_CODE"] == STATUS[want["disposition"]], (linkedid, rec)
     if want["disposition"] == "ANSWERED":
         assert abs(rec["CALL_DURATION"] - want["first_bridge_to_hangup_s"]) <= 1, rec
-        talker = want["answered_by"] if want["direction"] == "inbound" else want["extension"]
+        talker = want["final_extension"] if want["direction"] == "inbound" else want["extension"]
         assert rec["PORTAL_USER_ID"] == USERS[talker]
     else:
         assert rec["CALL_DURATION"] == 0
