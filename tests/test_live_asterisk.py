@@ -322,3 +322,23 @@ def test_detect_lists_the_trunks_and_phones_asterisk_has(office):
     beat = bx24ast.Heartbeat(daemon.tmp)
     assert wait_for(lambda: any(e["device"] == "%s/7001" % tech and e["kind"] == "trunk"
                                 for e in (beat.read() or {}).get("endpoints", [])), 30)
+
+
+def test_a_call_made_while_the_daemon_is_down_comes_back_from_cel(office):
+    """Stopped daemon, a whole call, started again: CEL gives it back once, with the talker,
+    the talk time and the recording MixMonitor wrote."""
+    pbx, emu, daemon = office
+    assert wait_for(lambda: _ami_alive(pbx), 30)
+    daemon.stop()
+    try:
+        truth = live_scenarios.BY_NAME["inbound_answered"].run(pbx)
+        assert pbx.wait_idle(40)
+        time.sleep(1.5)  # LINKEDID_END is written after the last hang-up
+    finally:
+        daemon.start()
+    want = truth[0]
+    rec = _check_call(emu, want)
+    register = _registers(emu, want["linkedid"])[0]
+    assert str(register["params"].get("SHOW")) == "0", "a late call must not pop a card up"
+    assert wait_for(lambda: rec["CALL_ID"] in emu.records, 30), "the recording was not attached"
+    assert emu.records[rec["CALL_ID"]]["FILENAME"].endswith(".wav")
