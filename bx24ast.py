@@ -2035,6 +2035,9 @@ class CallTracker(object):
         if src.origin or src is root or root is None or root.pair_key is None \
                 or root.pair_key != src.pair_key or dest.extension is None:
             return False
+        call = self.calls.get(src.linkedid)
+        if call is not None and (call.callback or call.call_id):
+            return False  # our own click-to-call or callback
         cid = self._cid(msg.get("CallerIDNum"))
         return self.rules.is_extension(cid) and cid != dest.extension
 
@@ -2302,6 +2305,16 @@ class CallTracker(object):
             call.dial_statuses.append(status)
         elif dest.external_leg and call.direction == "outbound":
             call.dial_statuses.append(status)
+        elif status == "ANSWER" and dest.extension is not None and call.originated:
+            self._group_answered(call, dest)
+
+    def _group_answered(self, call, dest):
+        """An originate that rang a ring group first (the callback form, a click-to-call
+        to a group): whoever answered there is the employee placing the call."""
+        root = call.channels.get(call.linkedid)
+        if root is not None and root.pair_key is not None and root.extension != dest.extension:
+            root.extension = dest.extension
+            call.placer = dest.extension
 
     # -- bridges and who talks to whom -------------------------------------------
     def _bridgeenter(self, msg, when):
@@ -5305,7 +5318,7 @@ class ClickToCall(object):
         channel = self.settings["phone_channel"].format(extension=group)
         try:
             self.ami.originate(channel, self.settings["outbound_context"], dial,
-                               caller_id='"Callback %s" <%s>' % (number, group),
+                               caller_id='"Callback %s" <%s>' % (number, dial),
                                variables={"__" + CALLBACK_VARIABLE: "1"},
                                timeout_ms=self.settings["ring_timeout"] * 1000)
         except AmiError as exc:

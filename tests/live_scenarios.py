@@ -215,7 +215,67 @@ class ParkRetrieved(Scenario):
         return [truth]
 
 
+class QueueAnswered(Scenario):
+    """DID1 switched to queue 700 (ringall 101, 102); 102 answers after 2 s."""
+    name = "queue_answered"
+
+    def run(self, pbx):
+        pbx.db("inroute", DID1, "queue")
+        pbx.db("simphone", "101", "never")
+        pbx.db("simphone", "102", "2/0")
+        try:
+            uid = self.inbound(pbx, DID1, CLIENT, "talk6")
+            time.sleep(4)
+        finally:
+            pbx.ami().action("DBDel", Family="inroute", Key=DID1)
+        # the queue answers the caller at once: the talk runs from that answer (6 s),
+        # 2 s of it before 102 picks up
+        return [call(uid, "inbound", CLIENT, DID1, ["101", "102"], "102", "102", talk=4)]
+
+
+class QueueAbandoned(Scenario):
+    """Queue 700, nobody answers, the caller gives up after 6 s in the queue."""
+    name = "queue_abandoned"
+
+    def run(self, pbx):
+        pbx.db("inroute", DID1, "queue")
+        pbx.db("simphone", "101", "never")
+        pbx.db("simphone", "102", "never")
+        try:
+            uid = self.inbound(pbx, DID1, CLIENT, "talk6")
+            time.sleep(4)
+        finally:
+            pbx.ami().action("DBDel", Family="inroute", Key=DID1)
+        return [call(uid, "inbound", CLIENT, DID1, ["101", "102"], disposition="NO ANSWER")]
+
+
+def _agent_leg(pbx, ext):
+    """The channel of ext's phone that is bridged with the caller (Local/<ext>@phones;1)."""
+    legs = [c for c in pbx.channel_names() if c.startswith("Local/%s@phones" % ext) and c.endswith(";1")]
+    assert legs, pbx.channel_names()
+    return legs[0]
+
+
+class BlindTransfer(Scenario):
+    """101 answers after 1 s, talks 3 s, blind-transfers to 103 (answers after 1 s); the
+    caller hangs up 11 s after the first answer."""
+    name = "blind_transfer"
+
+    def run(self, pbx):
+        pbx.db("simphone", "101", "1/0")
+        pbx.db("simphone", "102", "never")
+        pbx.db("simphone", "103", "1/0")
+        uid = self.inbound(pbx, DID1, CLIENT, "talk11")
+        time.sleep(4.5)
+        reply = pbx.ami().action("BlindTransfer", Channel=_agent_leg(pbx, "101"), Context="from-internal",
+                                 Exten="103")
+        assert reply.get("Response") == "Success", reply
+        truth = call(uid, "inbound", CLIENT, DID1, ["101", "102", "103"], "101", "103", talk=11)
+        truth["transfers"] = [{"type": "blind", "from": "101", "to": "103"}]
+        return [truth]
+
+
 ALL = [InboundAnswered(), InboundMissed(), Pickup(), ForwardToMobile(), WithheldAnswered(),
        WithheldMissed(), Voicemail(), Ivr(), OutboundAnswered(), OutboundBusy(), ClickToCallLocal(),
-       ClickToCallUnanswered(), ParkRetrieved()]
+       ClickToCallUnanswered(), ParkRetrieved(), QueueAnswered(), QueueAbandoned(), BlindTransfer()]
 BY_NAME = dict((s.name, s) for s in ALL)

@@ -82,6 +82,7 @@ application_token = %(token)s
 phone_channel = Local/{extension}@from-internal
 outbound_context = from-internal
 user_interval_seconds = 0
+callback_extension = 600
 [storage]
 state_dir = %(tmp)s
 [log]
@@ -342,3 +343,69 @@ def test_a_call_made_while_the_daemon_is_down_comes_back_from_cel(office):
     assert str(register["params"].get("SHOW")) == "0", "a late call must not pop a card up"
     assert wait_for(lambda: rec["CALL_ID"] in emu.records, 30), "the recording was not attached"
     assert emu.records[rec["CALL_ID"]]["FILENAME"].endswith(".wav")
+
+
+def test_wizard_creates_the_ami_user_and_asterisk_takes_it(office, tmp_path):
+    """'Create the user bx24' on the instance's manager.conf, a real 'manager reload', then
+    a login with the new user that can run what bx24ast needs."""
+    pbx, emu, daemon = office
+    assert wait_for(lambda: _ami_alive(pbx), 30)
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    os.symlink(pbx.etc, str(root / "etc" / "asterisk"))
+    before = os.stat(os.path.join(pbx.etc, "manager.conf")).st_mode
+    wizard = bx24ast.SetupWizard(str(tmp_path / "bx24ast.conf"), root=str(root),
+                                 asterisk_command=[pbx.script, "cli", pbx.dir])
+    draft = {}
+    message, ok = wizard.create_ami_user(draft)
+    assert ok, message
+    assert draft[("ami", "username")] == "bx24" and len(draft[("ami", "secret")]) >= 20
+    assert os.stat(os.path.join(pbx.etc, "manager.conf")).st_mode == before
+    events = []
+    conn = bx24ast.AmiConnection("127.0.0.1", pbx.port, "bx24", draft[("ami", "secret")], events.append,
+                                 auth="md5")
+    conn.start()
+    try:
+        assert conn.connected.wait(10), conn.last_error
+        assert conn.ping().response.success
+        state = conn.action("ExtensionState", [("Exten", "102"), ("Context", "from-internal")]).response
+        assert state.get("Hint") == "Local/102@phones"
+        assert conn.action("CoreShowChannels").response.success
+        # and its read rights carry the call events bx24ast tracks
+        pbx.db("simphone", "101", "1/2")
+        live_scenarios.Scenario.phone_dials(pbx, "103", "101", stay=3)
+        assert wait_for(lambda: any(e.name == "Newchannel" for e in events), 15)
+        assert pbx.wait_idle(30)
+    finally:
+        conn.stop()
+    # a second time replaces our own section instead of adding another
+    message, ok = wizard.create_ami_user({})
+    with open(os.path.join(pbx.etc, "manager.conf")) as f:
+        assert f.read().count("[bx24]") == 1
+
+
+def test_callback_form_rings_the_group_then_the_client(office):
+    """OnExternalCallBackStart: ring group 600 first (101 answers), then the client; the
+    call is registered as a callback (TYPE 4) and finished with 101."""
+    pbx, emu, daemon = office
+    pbx.db("simphone", "101", "1/0")
+    pbx.db("simphone", "102", "never")
+    pbx.db("simremote", "89165554433", "2/4")
+    data = {"PHONE_NUMBER": "+7 916 555-44-33", "TEXT": "Call back", "VOICE": "ruinternalfemale",
+            "CRM_ENTITY_TYPE": "LEAD", "CRM_ENTITY_ID": "12", "LINE_NUMBER": ""}
+    status, answer = daemon.post_click(emu.event_form("ONEXTERNALCALLBACKSTART", data, TOKEN))
+    assert status == 200, answer
+    assert wait_for(lambda: pbx.channels(), 10)
+    assert pbx.wait_idle(40)
+
+    def registered():
+        return [e for e in list(emu.journal) if e["method"] == "telephony.externalcall.register"
+                and e.get("status") == 200 and str(e["params"].get("TYPE")) == "4"]
+    assert wait_for(registered, 20), daemon.read_log()[-2000:]
+    reg = registered()[0]
+    assert reg["params"]["PHONE_NUMBER"] == "+79165554433"
+    linkedid = reg["params"]["EXTERNAL_CALL_ID"]
+    assert wait_for(lambda: _stat(emu, linkedid) is not None, 30)
+    stat = _stat(emu, linkedid)
+    assert stat["CALL_FAILED_CODE"] == "200" and stat["PORTAL_USER_ID"] == 5
+    assert abs(stat["CALL_DURATION"] - 4) <= 1
