@@ -1020,6 +1020,8 @@ class Message(dict):
 
 
 _SEP = b"\r\n\r\n"
+# The headers Asterisk itself repeats in one message; every other one has one value.
+_LIST_HEADERS = frozenset(["ChanVariable", "Output", "Variable", "ListItem"])
 
 
 class AmiParser(object):
@@ -1185,13 +1187,15 @@ class AmiParser(object):
                         output.append(line)
                     continue
             key, value = pair
-            if key in headers:
+            if key in headers and key in _LIST_HEADERS:
                 old = headers[key]
                 if isinstance(old, list):
                     old.append(value)
                 else:
                     headers[key] = [old, value]
             else:
+                # A header repeated where Asterisk sends one (a torn or spliced message):
+                # the last value wins, so no handler ever meets a list it did not expect.
                 headers[key] = value
         if "Output" in headers:
             lines = headers["Output"] if isinstance(headers["Output"], list) else [headers["Output"]]

@@ -515,3 +515,22 @@ def test_events_in_the_same_read_as_the_login_answer_are_kept():
         conn.stop()
         t.join()
         srv.close()
+
+
+def test_a_repeated_header_takes_its_last_value_and_breaks_no_handler():
+    """A torn/spliced message repeats headers Asterisk sends once: the last value wins
+    (lists only where Asterisk itself repeats, like ChanVariable and Output)."""
+    raw = (b"Event: Newchannel\r\nChannel: PJSIP/trunk-000001\r\nChannel: PJSIP/trunk-000002\r\n"
+           b"ChannelState: 4\r\nCallerIDNum: +79161234567\r\nCallerIDNum: 89161234567\r\n"
+           b"Context: from-trunk\r\nExten: 74951234567\r\nUniqueid: 9.1\r\nLinkedid: 9.1\r\n"
+           b"ChanVariable: A=1\r\nChanVariable: B=2\r\n\r\n")
+    parser = bx24ast.AmiParser()
+    parser.feed(b"Asterisk Call Manager/11.0.0\r\n")
+    (msg,) = parser.feed(raw, 1.0)
+    assert msg.get("Channel") == "PJSIP/trunk-000002" and msg.get("CallerIDNum") == "89161234567"
+    assert msg.get("ChanVariable") == ["A=1", "B=2"]
+    seen = []
+    tracker = bx24ast.CallTracker(bx24ast.PbxRules.defaults(), lambda k, c, e: seen.append(k))
+    tracker.handle(msg)
+    assert tracker.channels["9.1"].origin == "trunk"
+    assert tracker.calls["9.1"].external_number == "89161234567"
