@@ -5848,7 +5848,8 @@ class SetupWizard(object):
         if step == "database":
             return [check_cel(config)]
         if step == "ami":
-            return [self._check_ami(config)]
+            login = self._check_ami(config)
+            return [login] + (self._check_endpoints(config) if login.level == "OK" else [])
         if step == "recordings":
             return [check_recordings(config.get("recordings", "path"))]
         if step in ("bitrix24", "crm"):
@@ -5870,6 +5871,22 @@ class SetupWizard(object):
                                "is Asterisk running, and AMI enabled in manager.conf ([general] enabled = yes)?")
         return CheckResult("OK", "ami", "logged in to %s:%s as %s (%s)" % (ami["host"], ami["port"], ami["username"],
                                                                           conn.banner or "Asterisk"))
+
+    def _check_endpoints(self, config):
+        """What bx24ast will take for trunks and phones, as Asterisk lists them."""
+        learned, error = learn_endpoints(config)
+        if learned is None:
+            return [CheckResult("WARNING", "endpoints", error, "trunks and phones are told apart by the [pbx] rules")]
+        if not learned:
+            return [CheckResult("WARNING", "endpoints", "Asterisk lists no PJSIP/SIP/IAX2 endpoints to this user",
+                                "give the AMI user read = system, reporting, or set [pbx] trunk_channels")]
+        out = []
+        for kind, label in (("trunk", "trunks"), ("phone", "phones"), (None, "not classified")):
+            items = ["%s (%s)" % (e.device, e.why) for e in learned if e.kind == kind]
+            if items:
+                out.append(CheckResult("OK" if kind else "WARNING", "endpoints", "%s: %s" % (label, "; ".join(items)),
+                                       "" if kind else "set [pbx] trunk_channels to name these trunks"))
+        return out
 
     def _check_portal(self, config):
         if not BitrixClient.configured(config):
@@ -7481,9 +7498,8 @@ def cmd_detect(args):
     return EXIT_OK if found or learned else EXIT_FAILURE
 
 
-def detect_endpoints(config, out=None):
-    """`detect`: what PBX discovery learns from this Asterisk, and why; None if AMI failed."""
-    out = out or sys.stdout
+def learn_endpoints(config):
+    """What PBX discovery learns from this Asterisk: ([Endpoint], None) or (None, why not)."""
     ami = config.section("ami")
     conn = AmiConnection(ami["host"], ami["port"], ami["username"], ami["secret"], lambda msg: None,
                          auth=ami["auth"], connect_timeout=ami["connect_timeout"],
@@ -7491,15 +7507,22 @@ def detect_endpoints(config, out=None):
     conn.start()
     try:
         if not conn.connected.wait(ami["connect_timeout"] + 2):
-            out.write("PBX endpoints: AMI %s:%s not reachable (%s)\n"
-                      % (ami["host"], ami["port"], conn.last_error or "no answer"))
-            return None
-        learned = PbxDiscovery(conn, PbxRules.from_config(config), 0).discover()
+            return None, "AMI %s:%s not reachable (%s)" % (ami["host"], ami["port"], conn.last_error or "no answer")
+        return PbxDiscovery(conn, PbxRules.from_config(config), 0).discover(), None
     except AmiError as exc:
-        out.write("PBX endpoints: %s\n" % exc)
-        return None
+        return None, str(exc)
     finally:
         conn.stop()
+
+
+def detect_endpoints(config, out=None):
+    """`detect`: the trunks and phones Asterisk has, and why each is one; None if AMI failed."""
+    out = out or sys.stdout
+    ami = config.section("ami")
+    learned, error = learn_endpoints(config)
+    if learned is None:
+        out.write("PBX endpoints: %s\n" % error)
+        return None
     out.write("PBX endpoints (asked of Asterisk at %s:%s): %d\n" % (ami["host"], ami["port"], len(learned)))
     for e in learned:
         out.write("  %-7s %-32s %s\n" % (e.kind or "?", e.device, e.why))

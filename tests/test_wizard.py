@@ -186,7 +186,9 @@ def test_every_step_good_values_checks_and_save(wizard_env):
                                 "cel.mysql_port": "3306", "cel.mysql_host": "localhost",
                                 "cel.mysql_database": "asteriskcdrdb"})[0] == 303
     # AMI: create the bx24 user, then the Check logs in with it
-    with FakeAmiServer() as ami:
+    from test_discovery import PJSIP_ENDPOINTS, PJSIP_REGISTRATIONS
+    with FakeAmiServer(lists={"PJSIPShowEndpoints": PJSIP_ENDPOINTS,
+                              "PJSIPShowRegistrationsOutbound": PJSIP_REGISTRATIONS}) as ami:
         status, text, _ = step(b, "ami", {}, action="create_ami_user")
         manager = (wizard_env["root"] / "etc" / "asterisk" / "manager.conf").read_text()
         assert "[admin]\nsecret = amp111" in manager
@@ -201,6 +203,9 @@ def test_every_step_good_values_checks_and_save(wizard_env):
                                           "ami.username": "bx24"}, action="check")
         assert "logged in to 127.0.0.1:%d as bx24" % ami.port in text, text
         assert secret not in text
+        # and what Asterisk says its trunks and phones are
+        assert "trunks: PJSIP/trunk-operator" in text and "PJSIP/7001 (registers to a provider" in text
+        assert "phones: PJSIP/101" in text and "PJSIP/gateway" in text
         assert step(b, "ami", {"ami.host": "127.0.0.1", "ami.port": str(ami.port), "ami.username": "bx24"})[0] == 303
         # a wrong secret fails the check, saying so
         ami.secret = "something else"
