@@ -812,7 +812,12 @@ class Outbox(object):
         return [OutboxRequest(r) for r in rows]
 
     def next_due(self):
-        rows = self.store.query("SELECT MIN(next_at) AS t FROM outbox WHERE state = 'pending'")
+        """When the next request may go: only the first pending request of each call can
+        (the others wait behind it however old they are), so a backlog behind a request
+        that backs off lets the sender sleep instead of spinning."""
+        rows = self.store.query(
+            "SELECT MIN(o.next_at) AS t FROM outbox o WHERE o.state = 'pending' AND o.id = "
+            "(SELECT MIN(id) FROM outbox i WHERE i.linkedid = o.linkedid AND i.state = 'pending')")
         return rows[0]["t"] if rows and rows[0]["t"] is not None else None
 
     def mark_sending(self, requests):
@@ -3720,6 +3725,11 @@ class OutboxSender(object):
             wait = min(wait, max(0.0, due - now))
         if self.paused_until > now:
             wait = max(wait, min(self.paused_until - now, 5.0))
+        if due is not None and due <= now:
+            # due but held back (its method paused after a 429): sleep until the pause ends
+            pauses = [t - now for t in self.method_paused.values() if t > now]
+            if pauses:
+                wait = max(wait, min(min(pauses), 1.0))
         with self.outbox.wakeup:
             if not self._stop.is_set() and wait > 0:
                 self.outbox.wakeup.wait(wait)

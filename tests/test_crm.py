@@ -519,3 +519,41 @@ def test_housekeeping_drops_old_done_requests_and_call_records_only(tmp_path):
     assert records.registered("1.1")  # kept 90 days
     sender.housekeeping(time.time() + 91 * 86400)
     assert not records.registered("1.1") and [r[0] for r in store.query("SELECT id FROM outbox")] == [pending_id]
+
+
+def test_a_backlog_behind_a_backing_off_request_lets_the_sender_sleep(tmp_path):
+    """Only a call's first pending request can go: the requests queued behind one that
+    backs off are not 'due', however old they are (the sender must not spin)."""
+    store = bx24ast.StateStore.open_dir(str(tmp_path))
+    outbox = bx24ast.Outbox(store)
+    for n in range(3):
+        outbox.add("c1", "register" if n == 0 else "finish", "telephony.externalcall.register",
+                   {"n": n}, bx24ast.PRIORITY_CARD)
+    head = outbox.ready(time.time())[0]
+    outbox.retry(head, 120, "HTTP 503")
+    due = outbox.next_due()
+    assert due is not None and due > time.time() + 100
+    outbox.add("c2", "register", "telephony.externalcall.register", {}, bx24ast.PRIORITY_CARD)
+    assert outbox.next_due() <= time.time()
+    store.close()
+
+
+def test_an_outage_costs_a_few_attempts_not_a_busy_loop(tmp_path):
+    with Bitrix24Emulator() as emu:
+        with Harness(tmp_path, emu) as h:
+            emu.failures["telephony.externalcall.register"] = 10 ** 6
+            h.bridge.sender.BACKOFF_CAP = bx24ast.OutboxSender.BACKOFF_CAP   # the real back-off
+            steps = []
+            real_step = h.bridge.sender.step
+            h.bridge.sender.step = lambda: steps.append(1) or real_step()
+            lid = "1796000000.1"
+            for n in range(20):
+                h.bridge.outbox.add(lid, "register" if n == 0 else "show", "telephony.externalcall.register",
+                                    {"USER_ID": 5, "PHONE_NUMBER": "+79160000000", "TYPE": 2}, bx24ast.PRIORITY_CARD)
+            with h.bridge.outbox.wakeup:
+                h.bridge.outbox.wakeup.notify_all()
+            time.sleep(3)
+            attempts = [e for e in emu.journal if e["method"] == "telephony.externalcall.register"]
+            # backing off: a handful of tries and loop turns in 3 s, not thousands
+            assert 1 <= len(attempts) <= 6, len(attempts)
+            assert len(steps) < 60, len(steps)
