@@ -39,6 +39,8 @@ def missing_reason(version):
         if not any(os.path.exists(os.path.join(p, lib)) for p in
                    ("/usr/lib/x86_64-linux-gnu", "/lib/x86_64-linux-gnu", "/usr/lib")):
             return "Asterisk runtime library %s missing (apt-get install libjansson4 libxslt1.1 libedit2 ...)" % lib
+    if not os.path.isdir("/usr/share/asterisk/sounds/en_US_f_Allison"):
+        return "no Asterisk prompts (apt-get install asterisk-core-sounds-en-wav; transfers play them)"
     return None
 
 

@@ -275,7 +275,29 @@ class BlindTransfer(Scenario):
         return [truth]
 
 
+class AttendedTransfer(Scenario):
+    """101 answers after 1 s, consults 103 (answers after 1 s) 3 s later, then hangs up:
+    the caller and 103 are joined; the caller hangs up 14 s after the first answer."""
+    name = "attended_transfer"
+
+    def run(self, pbx):
+        pbx.db("simphone", "101", "1/0")
+        pbx.db("simphone", "102", "never")
+        pbx.db("simphone", "103", "1/0")
+        uid = self.inbound(pbx, DID1, CLIENT, "talk14")
+        time.sleep(4)
+        reply = pbx.ami().action("Atxfer", Channel=_agent_leg(pbx, "101"), Context="from-internal",
+                                 Exten="103")
+        assert reply.get("Response") == "Success", reply
+        time.sleep(5)
+        pbx.ami().action("Hangup", Channel=_agent_leg(pbx, "101"))
+        truth = call(uid, "inbound", CLIENT, DID1, ["101", "102", "103"], "101", "103", talk=14)
+        truth["transfers"] = [{"type": "attended", "from": "101", "to": "103"}]
+        return [truth]
+
+
 ALL = [InboundAnswered(), InboundMissed(), Pickup(), ForwardToMobile(), WithheldAnswered(),
        WithheldMissed(), Voicemail(), Ivr(), OutboundAnswered(), OutboundBusy(), ClickToCallLocal(),
-       ClickToCallUnanswered(), ParkRetrieved(), QueueAnswered(), QueueAbandoned(), BlindTransfer()]
+       ClickToCallUnanswered(), ParkRetrieved(), QueueAnswered(), QueueAbandoned(), BlindTransfer(),
+       AttendedTransfer()]
 BY_NAME = dict((s.name, s) for s in ALL)
