@@ -60,24 +60,22 @@ class Scenario(object):
         return uid
 
 
-class InboundAnswered(Scenario):
-    name = "inbound_answered"
+class GroupCall(Scenario):
+    """DID1 rings the group 600 (101, 102): 101 answers after 2 s and the caller talks
+    `talk` s, or nobody answers and the caller gives up after 5 s."""
+
+    def __init__(self, name, caller, answered, talk=5):
+        self.name, self.caller, self.answered, self.talk = name, caller, answered, talk
 
     def run(self, pbx):
-        pbx.db("simphone", "101", "2/0")
+        pbx.db("simphone", "101", "2/0" if self.answered else "never")
         pbx.db("simphone", "102", "never")
-        uid = self.inbound(pbx, DID1, CLIENT, "talk5")
-        return [call(uid, "inbound", CLIENT, DID1, ["101", "102"], "101", "101", talk=5)]
-
-
-class InboundMissed(Scenario):
-    name = "inbound_missed"
-
-    def run(self, pbx):
-        pbx.db("simphone", "101", "never")
-        pbx.db("simphone", "102", "never")
-        uid = self.inbound(pbx, DID1, CLIENT, "talk5", timeout_ms=5000)
-        return [call(uid, "inbound", CLIENT, DID1, ["101", "102"], disposition="NO ANSWER")]
+        number = self.caller if self.caller not in ("anonymous", None) else None
+        if self.answered:
+            uid = self.inbound(pbx, DID1, self.caller, "talk%d" % self.talk)
+            return [call(uid, "inbound", number, DID1, ["101", "102"], "101", "101", talk=self.talk)]
+        uid = self.inbound(pbx, DID1, self.caller, "talk%d" % self.talk, timeout_ms=5000)
+        return [call(uid, "inbound", number, DID1, ["101", "102"], disposition="NO ANSWER")]
 
 
 class Pickup(Scenario):
@@ -106,26 +104,6 @@ class ForwardToMobile(Scenario):
         finally:
             pbx.ami().action("DBDel", Family="CF", Key="103")
         return [call(uid, "inbound", CLIENT, DID2, ["103"], "103", "103", talk=5)]
-
-
-class WithheldAnswered(Scenario):
-    name = "withheld_answered"
-
-    def run(self, pbx):
-        pbx.db("simphone", "101", "2/0")
-        pbx.db("simphone", "102", "never")
-        uid = self.inbound(pbx, DID1, "anonymous", "talk4")
-        return [call(uid, "inbound", None, DID1, ["101", "102"], "101", "101", talk=4)]
-
-
-class WithheldMissed(Scenario):
-    name = "withheld_missed"
-
-    def run(self, pbx):
-        pbx.db("simphone", "101", "never")
-        pbx.db("simphone", "102", "never")
-        uid = self.inbound(pbx, DID1, None, "talk4", timeout_ms=5000)
-        return [call(uid, "inbound", None, DID1, ["101", "102"], disposition="NO ANSWER")]
 
 
 class Voicemail(Scenario):
@@ -296,8 +274,9 @@ class AttendedTransfer(Scenario):
         return [truth]
 
 
-ALL = [InboundAnswered(), InboundMissed(), Pickup(), ForwardToMobile(), WithheldAnswered(),
-       WithheldMissed(), Voicemail(), Ivr(), OutboundAnswered(), OutboundBusy(), ClickToCallLocal(),
+ALL = [GroupCall("inbound_answered", CLIENT, True), GroupCall("inbound_missed", CLIENT, False), Pickup(),
+       ForwardToMobile(), GroupCall("withheld_answered", "anonymous", True, talk=4),
+       GroupCall("withheld_missed", None, False, talk=4), Voicemail(), Ivr(), OutboundAnswered(), OutboundBusy(), ClickToCallLocal(),
        ClickToCallUnanswered(), ParkRetrieved(), QueueAnswered(), QueueAbandoned(), BlindTransfer(),
        AttendedTransfer()]
 BY_NAME = dict((s.name, s) for s in ALL)
