@@ -2282,12 +2282,13 @@ class CallTracker(object):
                     self.on_call_event("ringing", call, call.placer)
 
     def _forward(self, call, src, dest, msg):
-        """An inbound call dialled out again: a call forward or follow-me to a mobile.
-        The employee who forwarded it stands on the outside leg, so that the mobile
-        answering is that employee answering."""
+        """An inbound call dialled out again: a call forward or follow-me to a mobile, or
+        a transfer to an outside number. The employee who forwarded it (AMPUSER, the
+        extension it was routed to, the one who had it) stands on the outside leg, so
+        that the mobile answering is that employee answering."""
         exten = msg.get("Exten")
         ext = src.on_behalf or (exten if self.rules.is_extension(exten) else None) or \
-            (call.rang[-1] if call.rang else None)
+            call.talking_with or (call.rang[-1] if call.rang else None)
         if ext is None:
             return
         dest.external_leg = True

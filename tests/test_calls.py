@@ -455,3 +455,31 @@ def test_replay_times_come_from_the_stream_never_1970(tmp_path, keep_sidecar):
     assert row["ended_at"] >= row["started_at"]
     if keep_sidecar:
         assert abs(row["billsec"] - want["first_bridge_to_hangup_s"]) <= 1
+
+
+def test_transfer_of_an_answered_call_to_an_outside_number_stays_with_the_employee():
+    """101 answered, then sent the client to a mobile (the trunk leg dials out): the
+    outside number answering is still 101's call, not the last phone that rang (102)."""
+    pbx = Pbx()
+    pbx.new("5.0", "PJSIP/trunk-00000001", "5.0", "from-trunk", "74951234567", "89161234567", 4)
+    pbx.new("5.1", "PJSIP/101-00000002", "5.0")
+    pbx.new("5.2", "PJSIP/102-00000003", "5.0")
+    pbx.dial("5.0", "5.1", "101")
+    pbx.dial("5.0", "5.2", "102")
+    pbx.at(2).dialend("5.0", "5.1", "ANSWER")
+    pbx.dialend("5.0", "5.2", "CANCEL")
+    pbx.hangup("5.2", 26)
+    pbx.enter("5.1", "b1")
+    pbx.enter("5.0", "b1")
+    pbx.at(6).leave("5.0", "b1")
+    pbx.hangup("5.1")
+    pbx.new("5.3", "PJSIP/trunk-00000004", "5.0", "from-trunk", "s", "", 0)
+    pbx.dial("5.0", "5.3", "89162223344@trunk")
+    pbx.at(9).dialend("5.0", "5.3", "ANSWER")
+    pbx.enter("5.3", "b2")
+    pbx.enter("5.0", "b2")
+    pbx.at(15).hangup("5.3")
+    pbx.hangup("5.0")
+    row = pbx.ended()["5.0"]
+    assert (row["answered_by"], row["ended_with"], row["disposition"], row["billsec"]) == \
+        ("101", "101", "ANSWERED", 13)
