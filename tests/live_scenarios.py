@@ -146,6 +146,16 @@ class OutboundBusy(Scenario):
         return [call(uid, "outbound", "89165550000", disposition="BUSY", extension="102")]
 
 
+class OutboundNoAnswer(Scenario):
+    """101 dials a mobile that only rings; 101 gives up after 6 s."""
+    name = "outbound_no_answer"
+
+    def run(self, pbx):
+        pbx.db("simremote", "89167776655", "never")
+        uid = self.phone_dials(pbx, "101", "89167776655", timeout_ms=6000)
+        return [call(uid, "outbound", "89167776655", disposition="NO ANSWER", extension="101")]
+
+
 class ClickToCallLocal(Scenario):
     """FreePBX style: the employee's phone through Local/101@from-internal, then the client."""
     name = "click2call_local"
@@ -276,7 +286,7 @@ class AttendedTransfer(Scenario):
 
 ALL = [GroupCall("inbound_answered", CLIENT, True), GroupCall("inbound_missed", CLIENT, False), Pickup(),
        ForwardToMobile(), GroupCall("withheld_answered", "anonymous", True, talk=4),
-       GroupCall("withheld_missed", None, False, talk=4), Voicemail(), Ivr(), OutboundAnswered(), OutboundBusy(), ClickToCallLocal(),
+       GroupCall("withheld_missed", None, False, talk=4), Voicemail(), Ivr(), OutboundAnswered(), OutboundBusy(), OutboundNoAnswer(), ClickToCallLocal(),
        ClickToCallUnanswered(), ParkRetrieved(), QueueAnswered(), QueueAbandoned(), BlindTransfer(),
        AttendedTransfer()]
 BY_NAME = dict((s.name, s) for s in ALL)

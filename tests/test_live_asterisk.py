@@ -40,7 +40,7 @@ def _need(version):
 class Daemon(object):
     """`bx24ast.py run` as its own process, with a config for this Asterisk and portal."""
 
-    def __init__(self, tmp, pbx, emu):
+    def __init__(self, tmp, pbx, emu, phone_channel="Local/{extension}@from-internal"):
         self.tmp = tmp
         self.agi_port = free_port()
         self.click_port = free_port()
@@ -79,7 +79,7 @@ hint_context = from-internal
 mode = port
 listen = 127.0.0.1:%(click)d
 application_token = %(token)s
-phone_channel = Local/{extension}@from-internal
+phone_channel = %(phone)s
 outbound_context = from-internal
 user_interval_seconds = 0
 callback_extension = 600
@@ -90,7 +90,7 @@ file = %(log)s
 level = debug
 """ % dict(ami=pbx.port, webhook=emu.webhook_url, rate=emu.rate, burst=emu.burst,
                 monitor=pbx.monitor_dir(), cel=pbx.cel_db(), agi=self.agi_port, click=self.click_port,
-                token=TOKEN, tmp=tmp, log=self.log))
+                token=TOKEN, tmp=tmp, log=self.log, phone=phone_channel))
         self.proc = None
 
     def start(self):
@@ -407,3 +407,25 @@ def test_callback_form_rings_the_group_then_the_client(office):
     stat = _stat(emu, linkedid)
     assert stat["CALL_FAILED_CODE"] == "200" and stat["PORTAL_USER_ID"] == 5
     assert abs(stat["CALL_DURATION"] - 4) <= 1
+
+
+def test_click_to_call_through_the_sip_endpoint_itself(office, tmp_path):
+    """phone_channel = PJSIP/{extension} (22) or SIP/{extension} (16): the Originate goes to
+    the real endpoint; nothing is registered behind 101 here, so Asterisk refuses it and
+    the card Bitrix24 opened is closed, once, with the employee."""
+    pbx, emu, daemon = office
+    tech = "PJSIP" if pbx.major >= 20 else "SIP"
+    daemon.stop()
+    direct = Daemon(str(tmp_path), pbx, emu, phone_channel=tech + "/{extension}")
+    try:
+        direct.start()
+        data = emu.start_click(5, "+7 916 123-45-67")
+        status, answer = direct.post_click(emu.event_form("ONEXTERNALCALLSTART", data, TOKEN))
+        assert status == 200 and b"originated" in answer, answer
+        call_id = data["CALL_ID"]
+        assert wait_for(lambda: call_id in emu.stats, 40), direct.read_log()[-2000:]
+        stat = emu.stats[call_id]
+        assert stat["PORTAL_USER_ID"] == 5 and stat["CALL_FAILED_CODE"] != "200" and stat["CALL_DURATION"] == 0
+    finally:
+        direct.stop()
+        daemon.start()
