@@ -2234,6 +2234,11 @@ class CallTracker(object):
             return
         src = self._channel(msg, when)
         call = self.calls[dest.linkedid]
+        if src is not None and src.uniqueid == src.linkedid and not src.origin and not call.originated \
+                and call.direction is None and call.pending_origin is None:
+            # a root that dials without ever having rung in (no Newstate Ring seen)
+            src.cid = self._cid(msg.get("CallerIDNum")) or src.cid
+            self._start_call(call, src)
         if src is not None and call.direction is None and self._rings_for_other(src, dest, msg):
             src.cid = self._cid(msg.get("CallerIDNum"))
             call.originated = False

@@ -483,3 +483,20 @@ def test_transfer_of_an_answered_call_to_an_outside_number_stays_with_the_employ
     row = pbx.ended()["5.0"]
     assert (row["answered_by"], row["ended_with"], row["disposition"], row["billsec"]) == \
         ("101", "101", "ANSWERED", 13)
+
+
+def test_a_root_channel_that_dials_without_ringing_in_still_starts_the_call():
+    """Some drivers never report Ring for an incoming call (Down, then the dialplan runs)."""
+    pbx = Pbx()
+    pbx.new("6.0", "DAHDI/i1/74951234567-1", "6.0", "from-pstn", "74951234567", "89161234567", 0)
+    pbx.new("6.1", "PJSIP/101-00000002", "6.0")
+    pbx.dial("6.0", "6.1", "101")
+    pbx.at(3).dialend("6.0", "6.1", "ANSWER")
+    pbx.enter("6.1", "b1")
+    pbx.enter("6.0", "b1")
+    pbx.at(8).hangup("6.0")
+    pbx.hangup("6.1")
+    row = pbx.ended()["6.0"]
+    assert (row["direction"], row["external_number"], row["answered_by"], row["billsec"]) == \
+        ("inbound", "+79161234567", "101", 5)
+    assert ("ringing", "6.0", "101") in [(k, l, e) for k, l, e, _ in pbx.events]
