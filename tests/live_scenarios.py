@@ -100,7 +100,7 @@ class ForwardToMobile(Scenario):
         pbx.db("simremote", MOBILE, "2/0")
         try:
             uid = self.inbound(pbx, DID2, CLIENT, "talk5")
-            time.sleep(self.seconds / 2.0)
+            time.sleep(2)   # CF/103 is read when the call reaches 103
         finally:
             pbx.ami().action("DBDel", Family="CF", Key="103")
         return [call(uid, "inbound", CLIENT, DID2, ["103"], "103", "103", talk=5)]
@@ -112,7 +112,7 @@ class Voicemail(Scenario):
 
     def run(self, pbx):
         pbx.db("simphone", "103", "never")
-        uid = self.inbound(pbx, DID2, CLIENT, "talk12")
+        uid = self.inbound(pbx, DID2, CLIENT, "talk4")
         return [call(uid, "inbound", CLIENT, DID2, ["103"], disposition="NO ANSWER")]
 
 
