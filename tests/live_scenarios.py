@@ -203,38 +203,27 @@ class ParkRetrieved(Scenario):
         return [truth]
 
 
-class QueueAnswered(Scenario):
-    """DID1 switched to queue 700 (ringall 101, 102); 102 answers after 2 s."""
-    name = "queue_answered"
+class QueueCall(Scenario):
+    """DID1 switched to queue 700 (ringall 101, 102): 102 answers after 2 s, or nobody
+    does and the caller gives up 6 s after the queue answered him."""
+
+    def __init__(self, name, answered):
+        self.name, self.answered = name, answered
 
     def run(self, pbx):
         pbx.db("inroute", DID1, "queue")
         pbx.db("simphone", "101", "never")
-        pbx.db("simphone", "102", "2/0")
+        pbx.db("simphone", "102", "2/0" if self.answered else "never")
         try:
             uid = self.inbound(pbx, DID1, CLIENT, "talk6")
             time.sleep(4)
         finally:
             pbx.ami().action("DBDel", Family="inroute", Key=DID1)
+        if not self.answered:
+            return [call(uid, "inbound", CLIENT, DID1, ["101", "102"], disposition="NO ANSWER")]
         # the queue answers the caller at once: the talk runs from that answer (6 s),
         # 2 s of it before 102 picks up
         return [call(uid, "inbound", CLIENT, DID1, ["101", "102"], "102", "102", talk=4)]
-
-
-class QueueAbandoned(Scenario):
-    """Queue 700, nobody answers, the caller gives up after 6 s in the queue."""
-    name = "queue_abandoned"
-
-    def run(self, pbx):
-        pbx.db("inroute", DID1, "queue")
-        pbx.db("simphone", "101", "never")
-        pbx.db("simphone", "102", "never")
-        try:
-            uid = self.inbound(pbx, DID1, CLIENT, "talk6")
-            time.sleep(4)
-        finally:
-            pbx.ami().action("DBDel", Family="inroute", Key=DID1)
-        return [call(uid, "inbound", CLIENT, DID1, ["101", "102"], disposition="NO ANSWER")]
 
 
 def _agent_leg(pbx, ext):
@@ -287,6 +276,6 @@ class AttendedTransfer(Scenario):
 ALL = [GroupCall("inbound_answered", CLIENT, True), GroupCall("inbound_missed", CLIENT, False), Pickup(),
        ForwardToMobile(), GroupCall("withheld_answered", "anonymous", True, talk=4),
        GroupCall("withheld_missed", None, False, talk=4), Voicemail(), Ivr(), OutboundAnswered(), OutboundBusy(), OutboundNoAnswer(), ClickToCallLocal(),
-       ClickToCallUnanswered(), ParkRetrieved(), QueueAnswered(), QueueAbandoned(), BlindTransfer(),
+       ClickToCallUnanswered(), ParkRetrieved(), QueueCall("queue_answered", True), QueueCall("queue_abandoned", False), BlindTransfer(),
        AttendedTransfer()]
 BY_NAME = dict((s.name, s) for s in ALL)
