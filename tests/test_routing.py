@@ -357,7 +357,8 @@ class Service(object):
 
     def __enter__(self):
         self.thread.start()
-        assert wait_for(lambda: self.daemon.bridge.users.loaded_at, 10)
+        # users load in the sender's thread, listeners start after it in run(): wait for both
+        assert wait_for(lambda: self.daemon.bridge.users.loaded_at and self.daemon.listeners, 10)
         return self
 
     def __exit__(self, *exc):
