@@ -86,6 +86,16 @@ def iso_time(ts):
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + ".%03dZ" % ms
 
 
+def _duration(seconds):
+    """A span for people: 3m05s, 2h10m, 1d4h."""
+    seconds = int(max(0, seconds))
+    if seconds >= 86400:
+        return "%dd%dh" % (seconds // 86400, seconds % 86400 // 3600)
+    if seconds >= 3600:
+        return "%dh%dm" % (seconds // 3600, seconds % 3600 // 60)
+    return "%dm%ds" % (seconds // 60, seconds % 60)
+
+
 def parse_iso_time(text):
     """Seconds since the epoch from Asterisk's EventTV (2026-11-26T04:23:23.109+0000)."""
     m = re.match(r"(\d{4})-(\d\d)-(\d\d)[T ](\d\d):(\d\d):(\d\d)(\.\d+)?\s*(Z|[+-]\d\d:?\d\d)?$",
@@ -302,6 +312,7 @@ CONFIG_SCHEMA = [
     ("bitrix24", "webhook_url", "", _as_webhook_url, "Inbound webhook, https://<portal>/rest/<user>/<token>/ (scopes telephony, crm, user, task)."),
     ("bitrix24", "verify_tls", "yes", _as_bool, "Check the portal's TLS certificate."),
     ("bitrix24", "timeout", "15", _as_float(1, 300), "Seconds before a REST request is abandoned and retried."),
+    ("bitrix24", "unanswered_retry_seconds", "65", _as_float(0, 3600), "A register, finish, attachRecord or task that got no answer is sent again only after this long (the cloud portal finishes or drops a request within 60 s), so a slow portal never gets it twice."),
     ("bitrix24", "portal_url", "", _as_portal_url, "Local application: the portal, https://<portal>.bitrix24.ru/ (webhook_url empty)."),
     ("bitrix24", "client_id", "", _as_str, "Local application: client_id (application ID) from the local application form."),
     ("bitrix24", "client_secret", "", _as_str, "Local application: client_secret (application key)."),
@@ -820,12 +831,24 @@ class Outbox(object):
             "(SELECT MIN(id) FROM outbox i WHERE i.linkedid = o.linkedid AND i.state = 'pending')")
         return rows[0]["t"] if rows and rows[0]["t"] is not None else None
 
-    def mark_sending(self, requests):
+    # Not idempotent: once one of these has left, the portal may carry it out however
+    # the answer fares, so it is not sent again before the first could still be running.
+    UNCERTAIN_KINDS = frozenset(("register", "finish", "record", "task"))
+
+    def mark_sending(self, requests, settle=0.0):
         """Counted before the bytes leave: after a crash, attempts > 0 says the
-        portal may already have done it (register/finish/task are not idempotent)."""
+        portal may already have done it. A non-idempotent request is also held back
+        for settle seconds from now, in the database: a daemon killed while it waits
+        for the answer does not send it again while the portal may still be working."""
+        now = time.time()
         with self.store.transaction() as db:
             for req in requests:
-                db.execute("UPDATE outbox SET attempts = attempts + 1 WHERE id = ?", (req.id,))
+                if settle and req.kind in self.UNCERTAIN_KINDS:
+                    req.next_at = now + settle
+                    db.execute("UPDATE outbox SET attempts = attempts + 1, next_at = ? WHERE id = ?",
+                               (req.next_at, req.id))
+                else:
+                    db.execute("UPDATE outbox SET attempts = attempts + 1 WHERE id = ?", (req.id,))
                 req.attempts += 1
 
     def done(self, request, result=None, note=None):
@@ -833,8 +856,9 @@ class Outbox(object):
                            "WHERE id = ?", (time.time(), json.dumps(result)[:4000], note, request.id))
 
     def retry(self, request, delay, error):
+        request.next_at = time.time() + delay
         self.store.execute("UPDATE outbox SET next_at = ?, last_error = ? WHERE id = ?",
-                           (time.time() + delay, error[:1000], request.id))
+                           (request.next_at, error[:1000], request.id))
 
     def park(self, request, reason):
         self.store.execute("UPDATE outbox SET state = 'parked', last_error = ? WHERE id = ?",
@@ -2798,6 +2822,9 @@ class PbxDiscovery(Worker):
 class BitrixError(Exception):
     """A request that Bitrix24 did not carry out."""
 
+    # Whether the portal may have carried the request out although no answer came.
+    maybe_done = False
+
     def __init__(self, message, code="", description="", status=None, method=None):
         Exception.__init__(self, message)
         self.code = code
@@ -2807,7 +2834,12 @@ class BitrixError(Exception):
 
 
 class BitrixUnavailable(BitrixError):
-    """Timeout, connection error, 5xx: retry later."""
+    """Timeout, connection error, 5xx: retry later. Unless the connection was never
+    made, the portal may have done the work and only the answer was lost."""
+
+    def __init__(self, message, maybe_done=True, **kw):
+        BitrixError.__init__(self, message, **kw)
+        self.maybe_done = maybe_done
 
 
 class BitrixRateLimited(BitrixError):
@@ -3091,8 +3123,10 @@ class BitrixClient(object):
                     continue
             except (urllib.error.URLError, OSError, socket.timeout) as exc:
                 reason = getattr(exc, "reason", exc)
+                # Refused or unresolvable: nothing reached the portal, so nothing was done.
+                never_sent = isinstance(reason, (ConnectionRefusedError, socket.gaierror))
                 raise BitrixUnavailable("Bitrix24 %s: cannot reach the portal: %s" % (method, reason),
-                                        method=method)
+                                        maybe_done=not never_sent, method=method)
             except Exception as exc:  # http.client.IncompleteRead, RemoteDisconnected...
                 raise BitrixUnavailable("Bitrix24 %s: connection failed: %s" % (method, exc), method=method)
             try:
@@ -3573,6 +3607,50 @@ class _Ride(object):
         self.done.set()
 
 
+class OutageLog(object):
+    """What the log says while Bitrix24 is away: one line when it stops answering, a
+    count every few minutes while it stays away, one line when it is back, instead of
+    a warning per attempt. Also what `check` reads through the heartbeat."""
+
+    SUMMARY_EVERY = 300.0
+
+    def __init__(self, clock=monotonic):
+        self.clock = clock
+        self.since = None          # monotonic start of the current outage
+        self.since_wall = None     # the same, for people
+        self.failures = 0
+        self.last_error = None
+        self._summary_at = 0.0
+        self._last = None
+
+    def failed(self, exc, waiting=None):
+        now = self.clock()
+        if exc is self._last:
+            return  # one failed batch, many requests
+        self._last = exc
+        self.failures += 1
+        self.last_error = str(exc)
+        if self.since is None:
+            self.since, self.since_wall, self._summary_at = now, time.time(), now
+            log.warning("%s; requests wait in the outbox and are retried with back-off", exc)
+        elif now - self._summary_at >= self.SUMMARY_EVERY:
+            self._summary_at = now
+            log.warning("Bitrix24 still not answering after %s: %d failed attempts%s; last: %s",
+                        _duration(now - self.since), self.failures,
+                        ", %d requests waiting" % waiting() if waiting else "", exc)
+
+    def succeeded(self):
+        if self.since is not None:
+            log.info("Bitrix24 answers again after %s (%d failed attempts)",
+                     _duration(self.clock() - self.since), self.failures)
+            self.since = self.since_wall = None
+            self.failures = 0
+
+    def status(self):
+        return {"failing_since": self.since_wall, "failures": self.failures,
+                "last_error": self.last_error if self.since is not None else None}
+
+
 class OutboxSender(object):
     """Sends the outbox: one request at a time when idle, batches when a backlog
     builds up, within the leaky bucket; retries, refreshes or parks by error."""
@@ -3583,8 +3661,9 @@ class OutboxSender(object):
     KEEP_CALLS_SECONDS = 90 * 86400    # call records: "already reported" for CEL recovery
 
     def __init__(self, outbox, records, client, users, recordings, default_user_id=None,
-                 clock=time.time):
+                 clock=time.time, unanswered_retry=65.0):
         self.outbox = outbox
+        self.unanswered_retry = unanswered_retry
         self.records = records
         self.client = client
         self.users = users
@@ -3594,6 +3673,8 @@ class OutboxSender(object):
         self.paused_until = 0.0
         self.method_paused = {}
         self.alert = None
+        self.outage = OutageLog()
+        self.last_sent_at = None   # wall time of the last answered request
         self._stop = threading.Event()
         self._thread = None
         self.sent_batches = 0
@@ -3805,6 +3886,8 @@ class OutboxSender(object):
                 if tasks:
                     self.outbox.done(req, note="the task was created by an earlier attempt")
                     return False
+        if req.kind in ("finish", "record") and self._maybe_done_before(req) and row.get("call_id"):
+            return self._not_done_yet(req, row)
         if req.kind in ("show", "hide"):
             try:
                 users = self.resolve(req, req.params["USER_ID"])
@@ -3816,6 +3899,32 @@ class OutboxSender(object):
             if not users:
                 self.outbox.done(req, note="no Bitrix24 user to show/hide the card for")
                 return False
+        return True
+
+    @staticmethod
+    def _maybe_done_before(req):
+        """An earlier attempt left and got no answer (or the daemon died waiting)."""
+        return bool(req.attempts) and (req.last_error is None or req.last_error.startswith("no answer"))
+
+    def _not_done_yet(self, req, row):
+        """Whether a finish or attachRecord whose earlier attempt got no answer still has
+        to go: the call's statistics record (voximplant.statistic.get) shows a finished
+        call, and RECORD_FILE_ID an attached recording (a second upload is a second file)."""
+        try:
+            found = self.client.call("voximplant.statistic.get", {"FILTER": {"CALL_ID": row["call_id"]}})
+        except BitrixError as exc:
+            self.outbox.retry(req, self._backoff(req), "no answer: checking the call's statistics: %s" % exc)
+            return False
+        stats = [r for r in (found or []) if isinstance(r, dict) and r.get("CALL_ID") == row["call_id"]]
+        if req.kind == "finish" and stats:
+            self.records.update(req.linkedid, finished_at=time.time())
+            self.outbox.done(req, stats[0], note="finished by an earlier attempt")
+            log.info("call %s: the finish that got no answer was carried out", req.linkedid)
+            return False
+        if req.kind == "record" and stats and stats[0].get("RECORD_FILE_ID"):
+            self.outbox.done(req, {"FILE_ID": stats[0]["RECORD_FILE_ID"]}, note="attached by an earlier attempt")
+            log.info("call %s: the recording that got no answer was attached", req.linkedid)
+            return False
         return True
 
     def _backoff(self, req):
@@ -3835,7 +3944,7 @@ class OutboxSender(object):
         params = self._params(req)
         if params is None:
             return
-        self.outbox.mark_sending([req])
+        self.outbox.mark_sending([req], self.unanswered_retry)
         self.sent_single += 1
         try:
             result = self.client.call(req.method, params)
@@ -3877,7 +3986,7 @@ class OutboxSender(object):
             return
         for n, ride in enumerate(riders):
             commands.append(("x%d" % n, ride.method, ride.params))
-        self.outbox.mark_sending([m[1] for m in members])
+        self.outbox.mark_sending([m[1] for m in members], self.unanswered_retry)
         self.sent_batches += 1
         try:
             results, errors = self.client.batch(commands)
@@ -3935,7 +4044,7 @@ class OutboxSender(object):
             log.warning("call %s: recording not attached: %s", req.linkedid, exc)
             self.outbox.done(req, note=str(exc))
             return
-        self.outbox.mark_sending([req])
+        self.outbox.mark_sending([req], self.unanswered_retry)
         try:
             if len(data) <= self.recordings.inline_max_bytes:
                 result = self.client.call(req.method, {"CALL_ID": call_id, "FILENAME": name,
@@ -3961,6 +4070,11 @@ class OutboxSender(object):
 
     def _succeeded(self, req, result):
         linkedid = req.linkedid
+        self.outage.succeeded()
+        self.last_sent_at = time.time()
+        if self.alert and self.paused_until <= self.clock() and req.kind != "owner":
+            log.info("Bitrix24 accepts requests again; the alert (%s) no longer applies", self.alert)
+            self.alert = None
         if req.kind == "register" and isinstance(result, dict):
             self.records.update(linkedid, call_id=result.get("CALL_ID"),
                                 crm_entity_type=result.get("CRM_ENTITY_TYPE") or None,
@@ -3987,6 +4101,9 @@ class OutboxSender(object):
             log.info("call %s: missed-call task %s created", linkedid, task.get("id"))
         self.outbox.done(req, result)
 
+    def _waiting(self):
+        return self.outbox.counts().get("pending", 0)
+
     def _uncertain(self, req):
         """An earlier attempt may have been carried out: sent, but no answer came."""
         return req.attempts > 1 and (req.last_error is None or req.last_error.startswith("no answer"))
@@ -3994,13 +4111,21 @@ class OutboxSender(object):
     def _failed(self, req, exc):
         now = self.clock()
         if isinstance(exc, BitrixUnavailable):
-            self.outbox.retry(req, self._backoff(req), "no answer: %s" % exc)
-            log.warning("call %s: %s: %s; retrying", req.linkedid, req.method, exc)
+            delay = self._backoff(req)
+            if exc.maybe_done and req.kind in Outbox.UNCERTAIN_KINDS:
+                # The portal may still be carrying out the attempt that timed out:
+                # resent now, a register would pop up a second card with its own CALL_ID.
+                delay = max(delay, req.next_at - time.time())
+                if req.attempts == 1:
+                    log.info("call %s: %s got no answer; it may have been carried out, so it is "
+                             "asked again in %.0f s", req.linkedid, req.method, delay)
+            self.outbox.retry(req, delay, "no answer: %s" % exc)
+            self.outage.failed(exc, self._waiting)
         elif isinstance(exc, BitrixRateLimited):
             delay = self._backoff(req)
             self.paused_until = max(self.paused_until, now + delay)
             self.outbox.retry(req, delay, str(exc))
-            log.warning("Bitrix24: rate limit reached (QUERY_LIMIT_EXCEEDED); waiting %.1f s", delay)
+            self.outage.failed(exc, self._waiting)
         elif isinstance(exc, BitrixMethodLimited):
             self.method_paused[req.method] = now + 60
             self.outbox.retry(req, 60, str(exc))
@@ -6702,7 +6827,8 @@ class Bridge(object):
         self.recordings = RecordingFiles(rec["path"], rec["settle_seconds"],
                                          int(rec["inline_max_mb"] * 1024 * 1024))
         self.sender = OutboxSender(self.outbox, self.records, self.client, self.users, self.recordings,
-                                   crm["default_user_id"])
+                                   crm["default_user_id"],
+                                   unanswered_retry=config.get("bitrix24", "unanswered_retry_seconds"))
         self.cel = None
         try:
             source = open_cel_source(config)
@@ -7076,15 +7202,6 @@ def check_daemon(state_dir, now=None, stale_after=60.0):
     up = now - float(beat.get("started_at") or now)
     return CheckResult("OK", "daemon", "running (pid %s, up %s, heartbeat %d s ago)"
                        % (beat.get("pid"), _duration(up), age)), beat, False
-
-
-def _duration(seconds):
-    seconds = int(max(0, seconds))
-    if seconds >= 86400:
-        return "%dd%dh" % (seconds // 86400, seconds % 86400 // 3600)
-    if seconds >= 3600:
-        return "%dh%dm" % (seconds // 3600, seconds % 3600 // 60)
-    return "%dm%ds" % (seconds // 60, seconds % 60)
 
 
 def check_ami(beat):

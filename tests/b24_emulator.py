@@ -127,6 +127,7 @@ class Bitrix24Emulator(object):
         self.stats = collections.OrderedDict()
         self.activities = []
         self.records = {}
+        self.record_uploads = {}      # CALL_ID -> how many files were uploaded for it
         self.tasks = collections.OrderedDict()
         self.lines = collections.OrderedDict()
         self.sources = ["CALL", "EMAIL", "WEB", "ADVERTISING", "PARTNER", "RECOMMENDATION", "TRADE_SHOW",
@@ -140,6 +141,9 @@ class Bitrix24Emulator(object):
         self.offline = collections.OrderedDict()
         self.reserved = {}
         self.failures = {}            # method -> how many next calls fail with a 500
+        # method -> [seconds before doing it, seconds before answering, how many requests]:
+        # a slow portal (the work lands after the client gave up) or a lost answer
+        self.slow = {}
         self.offline_extended = True  # the plan allows event.offline.get with clear=0
         self.scopes = ["crm", "telephony", "user", "task", "placement"]
         for uid, name, ext in ((1, "Admin", None), (5, "Ivan Petrov", "101"), (7, "Maria Sidorova", "102"),
@@ -320,7 +324,10 @@ class Bitrix24Emulator(object):
             if auth == "webhook" and (method in self.APP_ONLY or
                                       (self.refuse_webhook_telephony and method in self.TELEPHONY_APP_ONLY)):
                 raise Fail(403, "WRONG_AUTH_TYPE", "Current authorization type is denied for this method")
+            before, after = self._slowness(method, params)
+            time.sleep(before)
             result = self._dispatch(method, params, auth, acting, depth=0)
+            time.sleep(after)
         except Fail as exc:
             entry["status"] = exc.status
             entry["error"] = exc.description or exc.error
@@ -330,6 +337,20 @@ class Bitrix24Emulator(object):
         now = time.time()
         self._reply(req, 200, {"result": result, "time": {"start": now, "finish": now, "duration": 0.001,
                                                           "processing": 0.001, "operating": 0}})
+
+    def _slowness(self, method, params):
+        names = [method]
+        if method == "batch" and isinstance(params, dict):
+            cmd = params.get("cmd") or {}
+            commands = cmd.values() if isinstance(cmd, dict) else cmd
+            names += [str(c).partition("?")[0].lower() for c in commands]
+        with self.lock:
+            for name in names:
+                spec = self.slow.get(name)
+                if spec and spec[2] > 0:
+                    spec[2] -= 1
+                    return spec[0], spec[1]
+        return 0.0, 0.0
 
     def _oauth(self, req, params):
         self.journal.append({"method": "(oauth)", "params": dict(params), "t": time.time(), "status": 200})
@@ -612,7 +633,8 @@ class Bitrix24Emulator(object):
                   "PORTAL_NUMBER": call["LINE_NUMBER"] or "REST_APP:webhook", "INCOMING": str(call["TYPE"]),
                   "CALL_DURATION": duration, "CALL_START_DATE": {}, "CALL_STATUS": 1 if duration > 0 else 0,
                   "CALL_FAILED_CODE": status, "ADD_TO_CHAT": truthy_php(p.get("ADD_TO_CHAT")),
-                  "CRM_ACTIVITY_ID": None, "shown_at_finish": sorted(call["shown"]), "call": call}
+                  "CRM_ACTIVITY_ID": None, "RECORD_FILE_ID": None, "shown_at_finish": sorted(call["shown"]),
+                  "call": call}
         if entity_id:
             activity = {"ID": len(self.activities) + 1, "OWNER_TYPE": entity_type, "OWNER_ID": entity_id,
                         "ORIGIN_ID": "VI_" + call_id, "RESPONSIBLE_ID": uid, "DURATION": duration,
@@ -636,7 +658,12 @@ class Bitrix24Emulator(object):
         if not (content[:4] == b"RIFF" or content[:3] == b"ID3" or content[:2] == b"\xff\xfb"):
             raise core("File is not an audio file")
         file_id = self._id()
+        # A second attachRecord replaces the call's recording, but each upload is a
+        # file of its own in the "call records" Drive folder: copies are counted.
         self.records[call_id] = {"FILE_ID": file_id, "FILENAME": filename, "content": content}
+        self.record_uploads[call_id] = self.record_uploads.get(call_id, 0) + 1
+        if call_id in self.stats:
+            self.stats[call_id]["RECORD_FILE_ID"] = file_id
         return file_id
 
     def m_telephony_externalcall_attachrecord(self, p):

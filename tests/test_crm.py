@@ -2,6 +2,7 @@
 the Bitrix24 emulator, checked against the emulator's state and journal."""
 import base64
 import collections
+import logging
 import os
 import threading
 import time
@@ -29,7 +30,8 @@ class Harness(object):
                        client_secret=emulator.client_secret, oauth_url=emulator.oauth_url)
         else:
             b24["webhook_url"] = emulator.webhook_url
-        b24.update(rate=emulator.rate, burst=emulator.burst, timeout=2)
+        # a compressed "65 s": 5xx answers may have been carried out, so they wait this long
+        b24.update(rate=emulator.rate, burst=emulator.burst, timeout=2, unanswered_retry_seconds=1)
         sections["storage"] = {"state_dir": tmp_path}
         sections["recordings"] = {"path": recordings or tmp_path, "settle_seconds": 0}
         sections["crm"] = {"default_user_id": 1}
@@ -557,3 +559,73 @@ def test_an_outage_costs_a_few_attempts_not_a_busy_loop(tmp_path):
             # backing off: a handful of tries and loop turns in 3 s, not thousands
             assert 1 <= len(attempts) <= 6, len(attempts)
             assert len(steps) < 60, len(steps)
+
+
+# -- uncertain outcomes: a request the portal may have carried out without answering ---------
+
+SLOW = {"bitrix24": {"timeout": 1, "unanswered_retry_seconds": 3}}
+
+
+@pytest.mark.parametrize("method, before, after", [
+    ("telephony.externalcall.register", 2.5, 0),     # done after the client gave up
+    ("telephony.externalcall.register", 0, 1.5),     # done, the answer lost
+    ("telephony.externalcall.finish", 0, 1.5),
+    ("telephony.externalcall.attachrecord", 0, 1.5),
+    ("tasks.task.add", 0, 1.5),
+])
+def test_a_slow_or_lost_answer_never_doubles_a_request(tmp_path, method, before, after):
+    scenario = "inbound_missed" if method == "tasks.task.add" else "inbound_answered"
+    path = os.path.join(PJSIP, scenario)
+    settings = dict(SLOW, crm={"callback_window_minutes": 0})
+    with Bitrix24Emulator() as emu:
+        emu.slow[method] = [before, after, 1]
+        with Harness(tmp_path, emu, settings, recordings=os.path.join(path, "recordings")) as h:
+            h.replay(path)
+            h.wait_idle(timeout=60)
+            check_scenario(h, emu, path)
+            registers = [e for e in emu.journal if e["method"] == "telephony.externalcall.register"]
+            assert len(registers) >= 1
+            # one CALL_ID: nothing registered after the finish, no card left open
+            assert not emu.active_calls, emu.active_calls
+            assert len(emu.stats) == 1
+            call_id = list(emu.stats)[0]
+            if scenario == "inbound_answered":
+                assert emu.record_uploads == {call_id: 1}
+            else:
+                assert len(emu.tasks) == 1
+            assert not h.bridge.outbox.counts().get("parked")
+
+
+def test_a_request_left_without_answer_waits_out_the_portal_after_a_restart(tmp_path):
+    """kill -9 while a register waits for its answer: the next life does not resend
+    it while the portal may still be carrying out the first."""
+    store = bx24ast.StateStore.open_dir(str(tmp_path))
+    outbox = bx24ast.Outbox(store)
+    outbox.add("c1", "register", "telephony.externalcall.register", {}, bx24ast.PRIORITY_CARD)
+    outbox.add("c2", "show", "telephony.externalcall.show", {}, bx24ast.PRIORITY_CARD)
+    sent = outbox.ready(time.time())
+    outbox.mark_sending(sent, 65)
+    store.close()
+    store = bx24ast.StateStore.open_dir(str(tmp_path))   # the next life of the daemon
+    outbox = bx24ast.Outbox(store)
+    assert [r.kind for r in outbox.ready(time.time())] == ["show"]   # idempotent: resent at once
+    assert [r.kind for r in outbox.ready(time.time() + 66)] == ["register", "show"]
+    store.close()
+
+
+def test_an_outage_is_logged_once_then_summarised(tmp_path, caplog):
+    caplog.set_level(logging.INFO, "bx24ast")
+    path = os.path.join(PJSIP, "concurrent_burst")
+    with Bitrix24Emulator() as emu:
+        with Harness(tmp_path, emu, recordings=os.path.join(path, "recordings")) as h:
+            assert wait_for(lambda: h.bridge.users.loaded_at, 10)
+            h.bridge.sender.outage.SUMMARY_EVERY = 1.0
+            emu.set_outage("500", 4.0)
+            h.replay(path)
+            h.wait_idle(timeout=60)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    failed = sum(1 for e in emu.journal if e["method"] == "(outage)")
+    assert failed >= 5
+    # the first failure, then a summary a second: far fewer lines than attempts
+    assert len(warnings) <= 6, warnings
+    assert any("answers again" in r.getMessage() for r in caplog.records)
