@@ -365,6 +365,7 @@ CONFIG_SCHEMA = [
     ("cel", "mysql_password", "", _as_str, "Its password (passed to the mysql client in a 0600 file, never on the command line)."),
     ("cel", "mysql_database", "asteriskcdrdb", _as_identifier, "Database holding the CEL table."),
     ("cel", "recover_interval_minutes", "5", _as_float(0.1, 24 * 60), "How often CEL is read for calls the live path missed."),
+    ("cel", "recover_hours_without_state", "24", _as_float(0, 24 * 90), "With no state database (a new install, or it was lost), CEL is read from this many hours back; 0 starts at the newest row."),
     ("cel", "asterisk_etc", "/etc/asterisk", _as_dir, "Asterisk configuration directory (for detection)."),
     ("routing", "agi_listen", "127.0.0.1:4573", _as_listen, "FastAGI server for AGI(agi://127.0.0.1:4573/responsible); empty turns it off."),
     ("routing", "http_listen", "127.0.0.1:4574", _as_listen, "Local HTTP lookup GET /responsible?number=... (JSON) for CURL() dialplans; empty turns it off."),
@@ -650,7 +651,10 @@ CREATE TABLE IF NOT EXISTS calls (
     finished_at REAL,
     task_id INTEGER,
     source TEXT,
-    updated_at REAL);
+    updated_at REAL,
+    did TEXT,
+    awaiting_since REAL,
+    uncertain TEXT);
 CREATE INDEX IF NOT EXISTS calls_number ON calls (external_number, ended_at);
 CREATE TABLE IF NOT EXISTS clicks (
     key TEXT PRIMARY KEY,
@@ -686,10 +690,22 @@ class StateStore(object):
                 # power cut can lose the last commits, and fsync per call is costly.
                 self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.executescript(_SCHEMA)
+            self._add_new_columns()
         except sqlite3.Error as exc:
             raise StorageError("cannot open the state database %s: %s" % (path, exc))
         self.lock = threading.RLock()
         self.depth = 0
+
+    # Columns added since the first release: a database from an older version gets
+    # them on open (CREATE TABLE IF NOT EXISTS leaves an existing table as it was).
+    ADDED_COLUMNS = (("calls", "did", "TEXT"), ("calls", "awaiting_since", "REAL"),
+                     ("calls", "uncertain", "TEXT"))
+
+    def _add_new_columns(self):
+        for table, column, kind in self.ADDED_COLUMNS:
+            have = [r[1] for r in self.db.execute("PRAGMA table_info(%s)" % table)]
+            if column not in have:
+                self.db.execute("ALTER TABLE %s ADD COLUMN %s %s" % (table, column, kind))
 
     @classmethod
     def open_dir(cls, state_dir):
@@ -906,7 +922,8 @@ class CallRecords(object):
 
     FIELDS = ("direction", "external_number", "call_id", "crm_entity_type", "crm_entity_id",
               "crm_owner_id", "created_entities", "answered", "answered_at", "talker", "last_rang",
-              "started_at", "ended_at", "finished_at", "task_id", "source")
+              "started_at", "ended_at", "finished_at", "task_id", "source", "did", "awaiting_since",
+              "uncertain")
 
     def __init__(self, store):
         self.store = store
@@ -931,6 +948,16 @@ class CallRecords(object):
         """Whether this call was already reported (register queued, or click-to-call)."""
         return bool(self.store.query("SELECT 1 FROM calls WHERE linkedid = ? AND source IS NOT NULL",
                                      (linkedid,)))
+
+    def unended(self):
+        """Calls reported to Bitrix24 whose end was never reported: in progress, or
+        lost in a gap of the live view (a restart, an AMI disconnect)."""
+        return [dict(r) for r in self.store.query(
+            "SELECT * FROM calls WHERE source IS NOT NULL AND ended_at IS NULL ORDER BY started_at")]
+
+    def uncertain_since(self, since):
+        return [dict(r) for r in self.store.query(
+            "SELECT * FROM calls WHERE uncertain IS NOT NULL AND updated_at >= ? ORDER BY ended_at", (since,))]
 
     def answered_since(self, number, since, exclude):
         """Whether the client got through (either way) after a missed call."""
@@ -1906,6 +1933,10 @@ class Call(object):
         self.notified_ringing = set()
         self.expired = False
         self.pending_origin = None  # uniqueid of a caller whose kind is not known yet
+        # The live view had a hole: first seen mid-call (a restart, a reconnect), or its
+        # end happened while AMI was away. What it says of answer and talk time is a guess.
+        self.adopted = False
+        self.ended_unseen = False
 
     @property
     def billsec(self):
@@ -2027,6 +2058,7 @@ class CallTracker(object):
         call = self.calls.get(linkedid)
         if call is None:
             call = self.calls[linkedid] = Call(linkedid, when)
+            call.adopted = adopted
         chan = Channel(uid, name or "", linkedid, when)
         chan.context, chan.exten, chan.cid = context, exten, cid
         call.channels[uid] = chan
@@ -2119,7 +2151,11 @@ class CallTracker(object):
             chan.extension = None
             call.direction = "inbound"
             call.external_number = self._cid(chan.cid)
-            if chan.exten and chan.exten != "s" and not call.did_from_variable:
+            # Adopted mid-call, the trunk leg's extension is where the dialplan is now:
+            # the line only while it is still in the context calls come in at, not once
+            # it went on to a ring group or a phone.
+            if chan.exten and chan.exten != "s" and not call.did_from_variable and (
+                    not call.adopted or rules.is_inbound_context(chan.context)):
                 call.did = chan.exten
             return
         # A Local channel's name holds the number it dials, not the phone behind it.
@@ -2620,6 +2656,9 @@ class CallTracker(object):
             if uid:
                 present[uid] = msg
         for chan in [c for c in self.channels.values() if c.uniqueid not in present]:
+            call = self.calls.get(chan.linkedid)
+            if call is not None:
+                call.ended_unseen = True
             self._hangup_channel(chan, gone_at if gone_at is not None else now)
         for uid, msg in sorted(present.items(), key=lambda kv: _uniqueid_order(kv[0])):
             if uid in self.channels:
@@ -3409,16 +3448,27 @@ class RecordingFiles(object):
 
 
 class CrmFlows(object):
-    """Lifecycle events of external calls -> Bitrix24 requests in the outbox."""
+    """Lifecycle events of external calls -> Bitrix24 requests in the outbox.
 
-    def __init__(self, config, outbox, records, rules):
+    With a ledger (CEL), a call whose live view had a hole (adopted after a restart or
+    a reconnect, or ended while AMI was away) is finished from what Asterisk recorded,
+    not from guesses: its end waits for reconcile(); after ledger_wait seconds without
+    it, the live values are used and the call is marked uncertain.
+    """
+
+    def __init__(self, config, outbox, records, rules, ledger=False, ledger_wait=120.0):
         self.crm = config.section("crm")
         self.lines = dict(config.maps.get("lines", {}))
         self.attach = config.get("recordings", "attach")
         self.outbox = outbox
         self.records = records
         self.rules = rules
+        self.ledger = ledger
+        self.ledger_wait = ledger_wait
         self._shown = {}   # linkedid -> extensions whose screen shows the card
+        self._live = set()  # calls this process follows live and has not seen end
+        self._awaiting = {}  # linkedid -> (Call as seen live, monotonic time it ended)
+        self.on_awaiting = lambda: None   # the CEL watcher's kick: read CEL soon
         self._lock = threading.Lock()
 
     # -- entry points -----------------------------------------------------------------
@@ -3427,22 +3477,102 @@ class CrmFlows(object):
             return
         with self._lock, self.records.store.transaction():
             if kind == "ringing":
+                self._live.add(call.linkedid)
                 self._ringing(call, extension)
             elif kind == "answered":
+                self._live.add(call.linkedid)
                 self._card_only_for(call, extension)
             elif kind == "transferred":
                 self._card_only_for(call, extension)
             elif kind == "ended":
+                self._live.discard(call.linkedid)
+                if self.ledger and (call.adopted or call.ended_unseen) and call.call_id is None:
+                    self._await_ledger(call)
+                    return
                 self._ended(call)
                 self._shown.pop(call.linkedid, None)
 
     def report_finished(self, call):
-        """A whole call at once (found in CEL after a restart): no card, same records."""
+        """A whole call at once, as Asterisk recorded it (CEL): reported late when the
+        live path never saw it; finished when it was registered and never finished
+        (the daemon stopped, AMI was away) or its end waits for the ledger."""
         with self._lock, self.records.store.transaction():
-            if self.records.registered(call.linkedid):
+            row = self.records.get(call.linkedid)
+            if row is None or row.get("source") is None:
+                self._ended(call, late=True)
+                return "late"
+            if row.get("ended_at") is not None or (call.linkedid in self._live
+                                                   and call.linkedid not in self._awaiting):
                 return False
-            self._ended(call, late=True)
-            return True
+            self._awaiting.pop(call.linkedid, None)
+            shown = self._shown.pop(call.linkedid, None)
+            # cards shown by an earlier life of the daemon: whoever rang may still see one
+            self._ended(call, hide=shown if shown is not None else list(call.rang))
+            self.records.update(call.linkedid, awaiting_since=None)
+            return "finished"
+
+    def awaiting(self):
+        return bool(self._awaiting)
+
+    def settle_awaiting(self, now=None):
+        """Ends that waited for the ledger longer than ledger_wait: the live values,
+        marked uncertain (check lists them)."""
+        now = monotonic() if now is None else now
+        with self._lock:
+            late = [(lid, call) for lid, (call, since) in self._awaiting.items() if now - since >= self.ledger_wait]
+            for linkedid, call in late:
+                del self._awaiting[linkedid]
+                with self.records.store.transaction():
+                    self._close_uncertain(call, "not in CEL %.0f s after its end; values as seen live"
+                                          % self.ledger_wait)
+
+    def close_orphans(self, tracked, gone_at):
+        """After (re)connecting: calls registered but never finished that Asterisk no
+        longer has. With a ledger they wait for CEL (ledger_wait); without, they are
+        closed at once with what was kept of them, marked uncertain."""
+        closed = 0
+        with self._lock:
+            for row in self.records.unended():
+                linkedid = row["linkedid"]
+                if linkedid in tracked or linkedid in self._awaiting or linkedid in self._live:
+                    continue
+                call = self._call_from_record(row, gone_at)
+                with self.records.store.transaction():
+                    if self.ledger:
+                        self._awaiting[linkedid] = (call, monotonic())
+                        self.records.update(linkedid, awaiting_since=time.time())
+                        self.on_awaiting()
+                    else:
+                        self._close_uncertain(call, "ended while bx24ast was not connected to Asterisk "
+                                                    "and CEL is off: end time and answer are guesses")
+                        closed += 1
+        return closed
+
+    # -- the ledger -------------------------------------------------------------------------
+    def _await_ledger(self, call):
+        self._awaiting[call.linkedid] = (call, monotonic())
+        if not self._registered(call):
+            self._register(call, call.ended_with or (call.rang[-1] if call.rang else call.placer), show=False)
+        self.records.update(call.linkedid, awaiting_since=time.time())
+        log.info("call %s: its live view had a gap; finishing it from CEL", call.linkedid)
+        self.on_awaiting()
+
+    def _close_uncertain(self, call, why):
+        shown = self._shown.pop(call.linkedid, None)
+        self._ended(call, hide=shown if shown is not None else list(call.rang))
+        self.records.update(call.linkedid, uncertain=why[:500], awaiting_since=None)
+        log.warning("call %s: finished with uncertain values: %s", call.linkedid, why)
+
+    @staticmethod
+    def _call_from_record(row, ended_at):
+        call = Call(row["linkedid"], row.get("started_at"))
+        call.direction = row.get("direction")
+        call.external_number = row.get("external_number")
+        call.did = row.get("did")
+        call.rang = [row["last_rang"]] if row.get("last_rang") else []
+        call.ended_at = max(ended_at or 0, row.get("answered_at") or 0, row.get("started_at") or 0) or None
+        call.adopted = True
+        return call
 
     # -- pieces ---------------------------------------------------------------------------
     def _number(self, call):
@@ -3474,7 +3604,8 @@ class CrmFlows(object):
 
     def _register(self, call, ext, show):
         self.records.update(call.linkedid, direction=call.direction, external_number=self._number(call),
-                            started_at=call.started_at, source="live" if show else "late")
+                            started_at=call.started_at, source="live" if show else "late",
+                            did=call.did if call.direction == "inbound" else None)
         self.outbox.add(call.linkedid, "register", "telephony.externalcall.register",
                         self._register_params(call, ext, show), PRIORITY_CARD)
 
@@ -3521,18 +3652,20 @@ class CrmFlows(object):
                              "USER_ID": [{"$": "user", "ext": e} for e in others]}, PRIORITY_CARD)
         shown[:] = [ext]
 
-    def _ended(self, call, late=False):
+    def _ended(self, call, late=False, hide=None):
         linkedid = call.linkedid
         row = self.records.get(linkedid)
         if row is not None and row.get("ended_at") is not None:
             return  # already reported
         row = row or {}
         answered_at = call.answered_at or row.get("answered_at")
+        if call.adopted and call.answered_at and row.get("answered_at"):
+            # adopted: "answered" is when we found it talking; an earlier life saw the answer
+            answered_at = min(call.answered_at, row["answered_at"])
         answered = answered_at is not None
-        # A call adopted after a restart: the earlier life of the daemon saw the answer.
         talker = (call.ended_with or row.get("talker")) if answered else None
         billsec = call.billsec
-        if answered and call.answered_at is None:
+        if answered and answered_at != call.answered_at:
             billsec = max(0, int((call.ended_at or time.time()) - answered_at + 0.5))
         disposition = "ANSWERED" if answered else call.disposition
         last_rang = (call.rang[-1] if call.rang else row.get("last_rang")) or \
@@ -3552,7 +3685,7 @@ class CrmFlows(object):
             if missed_inbound and not self._withheld(call):
                 self.outbox.add(linkedid, "owner", "telephony.externalCall.searchCrmEntities",
                                 {"PHONE_NUMBER": self._number(call)}, PRIORITY_FINISH)
-        shown = [e for e in self._shown.get(linkedid, []) if e != talker]
+        shown = [e for e in (hide if hide is not None else self._shown.get(linkedid, [])) if e != talker]
         if shown and not late:
             self.outbox.add(linkedid, "hide", "telephony.externalcall.hide",
                             {"CALL_ID": {"$": "call_id"}, "USER_ID": [{"$": "user", "ext": e} for e in shown]},
@@ -3564,11 +3697,14 @@ class CrmFlows(object):
             ("STATUS_CODE", STATUS_CODES.get(disposition, "603")),
             ("ADD_TO_CHAT", 1 if self.crm["add_to_chat"] else 0),
         ]), PRIORITY_FINISH)
-        if call.recording and self.attach and answered:
+        if self.attach and answered and (call.recording or call.adopted):
+            # An adopted call may have started MixMonitor before we saw it: its file is
+            # found by the call's uniqueids, as CEL recovery finds them.
+            spec = {"$": "recording", "name": call.recording, "started_at": call.started_at}
+            if not call.recording:
+                spec["uniqueids"] = sorted(call.channels) or [linkedid]
             self.outbox.add(linkedid, "record", "telephony.externalCall.attachRecord",
-                            {"CALL_ID": {"$": "call_id"},
-                             "FILENAME": {"$": "recording", "name": call.recording,
-                                          "started_at": call.started_at}}, PRIORITY_LATER)
+                            {"CALL_ID": {"$": "call_id"}, "FILENAME": spec}, PRIORITY_LATER)
         if missed_inbound and self.crm["missed_task"]:
             when = call.ended_at or time.time()
             fields = {"number": self._number(call) or self.crm["withheld_label"],
@@ -4029,10 +4165,15 @@ class OutboxSender(object):
             self._park(req, "register failed: " + reason if reason else "no CALL_ID for the recording")
             return
         spec = req.params["FILENAME"]
-        path = self.recordings.locate(spec["name"], spec.get("started_at"))
+        name = spec.get("name") or self.recordings.find_for_call(spec.get("uniqueids") or [], spec.get("started_at"))
+        if name is None:
+            log.info("call %s: no recording found for it under %s", req.linkedid, self.recordings.path)
+            self.outbox.done(req, note="no recording named after the call's channels")
+            return
+        path = self.recordings.locate(name, spec.get("started_at"))
         if path is None:
             log.warning("call %s: recording %s not found under %s; the call is in Bitrix24 without it",
-                        req.linkedid, spec["name"], self.recordings.path)
+                        req.linkedid, name, self.recordings.path)
             self.outbox.done(req, note="recording not found")
             return
         if not self.recordings.settled(path, self.clock()):
@@ -4274,6 +4415,18 @@ class SqliteCel(object):
         finally:
             db.close()
         return (row[0], cel_time(row[1])) if row else (None, None)
+
+    def first_since(self, since):
+        """The id of the first CEL row written at or after since, or None."""
+        db = self._connect()
+        try:
+            row = db.execute("SELECT MIN(%s) FROM %s WHERE eventtime >= ?" % (self.id_column, self.table),
+                             (time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since)),)).fetchone()
+        except sqlite3.Error as exc:
+            raise CelError("reading CEL from %s failed: %s" % (self.path, exc))
+        finally:
+            db.close()
+        return row[0] if row else None
 
 
 _HANGUP_CAUSE_STATUS = {17: "BUSY", 21: "BUSY", 18: "NOANSWER", 19: "NOANSWER", 26: "CANCEL",
@@ -4564,11 +4717,21 @@ class CelRecovery(object):
     def checkpoint(self):
         return self.store.get_setting(self.CHECKPOINT)
 
-    def start_from_now(self):
-        """First start: history before bx24ast was installed is not replayed."""
-        if self.checkpoint() is None:
-            newest, _ = self.source.newest()
-            self.store.set_setting(self.CHECKPOINT, newest or 0)
+    def start_from_now(self, hours=24.0, now=None):
+        """No checkpoint (a first start, or the state database was lost): CEL is read from
+        `hours` back, so that the calls of a daemon whose state is gone are not skipped
+        and the calls in progress are read from their first row; 0 starts at the newest row."""
+        if self.checkpoint() is not None:
+            return
+        newest, _ = self.source.newest()
+        start = newest or 0
+        if hours and newest is not None:
+            first = self.source.first_since((time.time() if now is None else now) - hours * 3600)
+            start = (first - 1) if first is not None else newest
+            log.warning("CEL: no checkpoint in the state database (a new or lost state): calls of the last "
+                        "%g h are read from CEL and reported unless Bitrix24 already has them "
+                        "([cel] recover_hours_without_state)", hours)
+        self.store.set_setting(self.CHECKPOINT, start)
 
     def run_once(self, since=None, dry_run=False, report=None):
         """One pass; returns how many finished external calls CEL held (each handed to
@@ -4592,9 +4755,13 @@ class CelRecovery(object):
                     if report is not None:
                         report(call)
                     if not dry_run and self.crm is not None:
-                        if self.crm.report_finished(call):
+                        done = self.crm.report_finished(call)
+                        if done == "late":
                             log.info("call %s: found in CEL, reported late (%s, %s)", call.linkedid,
                                      call.direction, call.disposition)
+                        elif done:
+                            log.info("call %s: finished from CEL, as Asterisk recorded it (%s, %d s)",
+                                     call.linkedid, call.disposition, call.billsec)
         if since is None and not dry_run:
             first_open = groups.first_open_id()
             new = (first_open - 1) if first_open is not None else last_id
@@ -4723,6 +4890,13 @@ class MysqlCel(object):
             return None, None
         ident, stamp = lines[0].split(b"\t")
         return int(ident), cel_time(bytes.fromhex(stamp.decode()).decode())
+
+    def first_since(self, since):
+        lines = list(self._run("SELECT MIN(`%s`) FROM `%s` WHERE eventtime >= '%s'"
+                               % (self.id_column, self.table,
+                                  time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since)))))
+        value = lines[0].strip() if lines else b""
+        return int(value) if value.isdigit() else None
 
 
 NEEDED_CEL_EVENTS = ("CHAN_START", "ANSWER", "HANGUP", "BRIDGE_ENTER", "BRIDGE_EXIT", "LINKEDID_END")
@@ -4880,20 +5054,33 @@ def cel_health(source, now=None, max_age=3600):
 
 
 class CelWatcher(Worker):
-    """Runs CelRecovery at start-up and every few minutes, in its own thread."""
+    """Runs CelRecovery at start-up and every few minutes, in its own thread; soon
+    after a kick, and every few seconds while calls wait for their end from CEL."""
 
     thread_name = "cel"
+    AWAITING_EVERY = 2.0
 
-    def __init__(self, recovery, interval):
+    def __init__(self, recovery, interval, hours_without_state=24.0):
         Worker.__init__(self)
         self.recovery = recovery
         self.interval = interval
+        self.hours_without_state = hours_without_state
+        self._wake = threading.Event()
+
+    def kick(self):
+        self._wake.set()
+
+    def stop(self):
+        self._stop.set()
+        self._wake.set()
+        Worker.stop(self)
 
     def run(self):
         try:
-            self.recovery.start_from_now()
+            self.recovery.start_from_now(self.hours_without_state)
         except CelError as exc:
             log.warning("CEL: %s; calls missed while bx24ast is down cannot be recovered", exc)
+        crm = self.recovery.crm
         while not self._stop.is_set():
             try:
                 found = self.recovery.run_once()
@@ -4903,7 +5090,13 @@ class CelWatcher(Worker):
                 log.warning("CEL: %s", exc)
             except Exception:
                 log.exception("CEL: recovery failed")
-            self._stop.wait(self.interval)
+            if crm is not None:
+                crm.settle_awaiting()
+            waiting = crm is not None and crm.awaiting()
+            if self._wake.wait(self.AWAITING_EVERY if waiting else self.interval) and not self._stop.is_set():
+                # Asterisk writes the call's last CEL rows with its hang-up: give it a moment
+                self._stop.wait(0.5)
+            self._wake.clear()
 
 
 ###############################################################################
@@ -6822,7 +7015,12 @@ class Bridge(object):
         crm = config.section("crm")
         self.users = UserDirectory(self.client, config.maps["users"], crm["default_user_id"],
                                    config.get("bitrix24", "users_refresh_minutes") * 60)
-        self.crm = CrmFlows(config, self.outbox, self.records, rules)
+        try:
+            source = open_cel_source(config)
+        except CelError as exc:
+            log.warning("CEL: %s", exc)
+            source = None
+        self.crm = CrmFlows(config, self.outbox, self.records, rules, ledger=source is not None)
         rec = config.section("recordings")
         self.recordings = RecordingFiles(rec["path"], rec["settle_seconds"],
                                          int(rec["inline_max_mb"] * 1024 * 1024))
@@ -6830,14 +7028,11 @@ class Bridge(object):
                                    crm["default_user_id"],
                                    unanswered_retry=config.get("bitrix24", "unanswered_retry_seconds"))
         self.cel = None
-        try:
-            source = open_cel_source(config)
-        except CelError as exc:
-            log.warning("CEL: %s", exc)
-            source = None
         if source is not None:
             recovery = CelRecovery(source, self.store, rules, self.crm, self.recordings)
-            self.cel = CelWatcher(recovery, config.get("cel", "recover_interval_minutes") * 60)
+            self.cel = CelWatcher(recovery, config.get("cel", "recover_interval_minutes") * 60,
+                                  config.get("cel", "recover_hours_without_state"))
+            self.crm.on_awaiting = self.cel.kick
 
     def start(self):
         self.sender.start()
@@ -6890,6 +7085,9 @@ class Daemon(object):
         self.listener_errors = []
         self.poller = None
         self.started_at = time.time()
+        beat = Heartbeat(config.get("storage", "state_dir")).read() or {}
+        # the previous life's last sign: calls it left registered ended after it
+        self.last_seen_alive = beat.get("stopped_at") or beat.get("time") or self.started_at
         self.reload_requested = False
         self.next_config = None
         self.config_loader = None   # set by `run`: reads the file again on SIGHUP
@@ -6989,6 +7187,10 @@ class Daemon(object):
                 self.resyncs += 1
                 log.info("AMI: resynchronised: %d channels up, %d calls tracked (was %d)",
                          len(pending.events), len(self.tracker.calls), before)
+                if self.bridge is not None:
+                    # registered calls Asterisk no longer has ended while nobody watched
+                    self.bridge.crm.close_orphans(set(self.tracker.calls),
+                                                  disconnected_at or self.last_seen_alive)
         conn.core_show_channels(done)
         if self.discovery is not None:
             self.discovery.kick()
@@ -7361,7 +7563,7 @@ def display_params(value, users, default_user_id):
         if kind == "crm_binding":
             return "<CRM entity of the call>"
         if kind == "recording":
-            return value["name"]
+            return value["name"] or "<recording named after channels %s>" % ", ".join(value.get("uniqueids") or [])
     if isinstance(value, list):
         return [display_params(v, users, default_user_id) for v in value]
     return value

@@ -144,12 +144,21 @@ def test_calls_in_progress_wait_for_the_next_pass(tmp_path):
     assert reported == ["1795667003.0", "1795667032.8"]
 
 
-def test_first_start_does_not_replay_history(tmp_path):
+def test_without_state_cel_is_read_from_the_last_hours(tmp_path):
+    """A new or lost state database: the calls of the last N hours come back from CEL
+    (a deleted database must not skip the calls made while bx24ast was stopped)."""
     db = _combined_cel(tmp_path, ["inbound_answered"])
-    store = bx24ast.StateStore(":memory:")
-    recovery = bx24ast.CelRecovery(bx24ast.SqliteCel(db), store, bx24ast.PbxRules.defaults())
-    recovery.start_from_now()
-    assert recovery.run_once() == 0
+    source = bx24ast.SqliteCel(db)
+    call_time = bx24ast.cel_time("2026-11-26 04:23:23")
+
+    def passes(hours, now):
+        recovery = bx24ast.CelRecovery(source, bx24ast.StateStore(":memory:"), bx24ast.PbxRules.defaults())
+        recovery.start_from_now(hours, now)
+        return recovery.run_once()
+    assert passes(0, call_time + 3600) == 0                # 0: history is not read
+    assert passes(24, call_time + 3600) == 1
+    assert passes(24, call_time + 2 * 86400) == 0          # older than 24 h
+    assert source.first_since(call_time - 10) == 2172 and source.first_since(call_time + 86400) is None
 
 
 def test_sqlite_cel_is_opened_read_only_and_errors_are_clear(tmp_path):
@@ -315,6 +324,8 @@ def test_mysql_back_end_gives_the_same_calls_as_sqlite(mariadb, tmp_path):
     assert from_mysql == from_sqlite and len(from_mysql) == 27
     newest_id, newest_time = source.newest()
     assert newest_id == rows[-1].id and newest_time == bx24ast.cel_time(rows[-1].eventtime)
+    assert source.first_since(bx24ast.cel_time(rows[0].eventtime)) == rows[0].id
+    assert source.first_since(newest_time + 1) is None
     # the password never appears on a command line
     assert "pa$$" not in " ".join(source.describe().split())
 
