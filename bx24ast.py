@@ -395,6 +395,7 @@ CONFIG_SCHEMA = [
     ("wizard", "password_hash", "", _as_str, "Salted PBKDF2 hash of the wizard password (bx24ast.py set-password writes it; the password itself is never stored)."),
     ("wizard", "language", "en", _as_choice("en", "ru"), "Language of the wizard (en, ru)."),
     ("storage", "state_dir", "/var/lib/bx24ast", _as_dir, "Directory for the state database (outbox, tokens, checkpoints)."),
+    ("storage", "reserve_mb", "4", _as_float(0, 1024), "Space kept in a reserve file next to the state database: given back when the disk fills (check turns CRITICAL) so that no call is lost; 0 turns it off."),
     ("log", "level", "info", _as_choice("debug", "info", "warning", "error"), "Log verbosity."),
     ("log", "file", "", _as_str, "Log file (the service: /var/log/bx24ast/bx24ast.log), or syslog; empty logs to stderr."),
 ]
@@ -689,12 +690,20 @@ class StateStore(object):
                 # NORMAL is durable against a crash of this process (kill -9); only a
                 # power cut can lose the last commits, and fsync per call is costly.
                 self.db.execute("PRAGMA synchronous=NORMAL")
+                # The WAL is folded back every ~400 kB (not the default 4 MB) and
+                # truncated after that, not kept at its largest: on a small disk it
+                # grew to fill it and every write failed from then on.
+                self.db.execute("PRAGMA wal_autocheckpoint=100")
+                self.db.execute("PRAGMA journal_size_limit=%d" % (512 * 1024))
             self.db.executescript(_SCHEMA)
             self._add_new_columns()
         except sqlite3.Error as exc:
             raise StorageError("cannot open the state database %s: %s" % (path, exc))
         self.lock = threading.RLock()
         self.depth = 0
+        self.error = None          # the last failed write, until one succeeds
+        self.error_since = None
+        self.failed_writes = 0
 
     # Columns added since the first release: a database from an older version gets
     # them on open (CREATE TABLE IF NOT EXISTS leaves an existing table as it was).
@@ -713,7 +722,39 @@ class StateStore(object):
 
     def execute(self, sql, args=()):
         with self.lock:
-            return self.db.execute(sql, args)
+            try:
+                cur = self.db.execute(sql, args)
+            except sqlite3.Error as exc:
+                self.write_failed(exc)
+                raise
+            if self.depth == 0 and self.error is not None and not sql.lstrip().upper().startswith("SELECT"):
+                self.write_worked()
+            return cur
+
+    def write_failed(self, exc):
+        if self.error is None:
+            self.error_since = time.time()
+            log.error("state database %s: a write failed: %s; what could not be saved is kept in "
+                      "memory and written again", self.path, exc)
+        self.error = str(exc)
+        self.failed_writes += 1
+
+    def write_worked(self):
+        if self.error is not None:
+            log.info("state database %s: writes work again (%d failed)", self.path, self.failed_writes)
+        self.error = self.error_since = None
+        self.failed_writes = 0
+
+    def checkpoint(self):
+        """Fold the WAL into the database and truncate it (also done at every stop)."""
+        with self.lock:
+            try:
+                self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error as exc:
+                log.warning("state database %s: WAL checkpoint failed: %s", self.path, exc)
+
+    def health(self):
+        return {"error": self.error, "since": self.error_since, "failed_writes": self.failed_writes}
 
     def query(self, sql, args=()):
         with self.lock:
@@ -732,6 +773,8 @@ class StateStore(object):
 
     def close(self):
         with self.lock:
+            if self.path != ":memory:":
+                self.checkpoint()
             self.db.close()
 
 
@@ -746,18 +789,101 @@ class _Transaction(object):
     def __enter__(self):
         self.store.lock.acquire()
         self.outer = self.store.depth == 0
-        self.store.depth += 1
         if self.outer:
-            self.store.db.execute("BEGIN IMMEDIATE")
+            try:
+                self.store.db.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                self.store.lock.release()
+                self.store.write_failed(exc)
+                raise
+        self.store.depth += 1
         return self.store.db
 
     def __exit__(self, exc_type, exc, tb):
         try:
             self.store.depth -= 1
             if self.outer:
-                self.store.db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+                if exc_type is None:
+                    try:
+                        self.store.db.execute("COMMIT")
+                    except sqlite3.Error as err:
+                        self._rollback()
+                        self.store.write_failed(err)
+                        raise
+                    self.store.write_worked()
+                else:
+                    self._rollback()
+                    if isinstance(exc, sqlite3.Error):
+                        self.store.write_failed(exc)
         finally:
             self.store.lock.release()
+
+    def _rollback(self):
+        try:
+            self.store.db.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass  # a failed COMMIT may have rolled back already
+
+
+class DiskReserve(object):
+    """A file of [storage] reserve_mb zeros next to the state database. When the disk
+    fills up it is deleted, which gives the database room to go on writing while
+    `check` turns CRITICAL; it comes back once the disk has room again."""
+
+    NAME = "reserve.bin"
+
+    def __init__(self, state_dir, megabytes):
+        self.directory = state_dir
+        self.path = os.path.join(state_dir, self.NAME)
+        self.size = int(megabytes * 1024 * 1024)
+        self.released_at = None
+        self.free = None
+
+    def free_bytes(self):
+        st = os.statvfs(self.directory)
+        return st.f_bavail * st.f_frsize
+
+    def check(self):
+        """Every few seconds: give the reserve back, or take it again."""
+        if not self.size:
+            return
+        try:
+            self.free = free = self.free_bytes()
+            present = os.path.exists(self.path)
+            if present and free < self.size:
+                os.remove(self.path)
+                self.released_at = time.time()
+                log.error("the disk of %s is almost full (%d kB free): the %d kB reserve was given back to "
+                          "the state database; free some space", self.directory, free // 1024, self.size // 1024)
+            elif not present and free > 3 * self.size:
+                self._fill()
+                if self.released_at is not None:
+                    log.info("the disk of %s has room again; the reserve is kept again", self.directory)
+                self.released_at = None
+            elif not present and self.released_at is None:
+                self.released_at = time.time()   # never had room for it
+        except OSError as exc:
+            log.warning("disk reserve %s: %s", self.path, exc.strerror or exc)
+
+    def _fill(self):
+        tmp = self.path + ".tmp"
+        try:
+            with open(tmp, "wb") as f:
+                block = b"\0" * 65536
+                for _ in range(0, self.size, len(block)):
+                    f.write(block)
+            os.replace(tmp, self.path)
+        except OSError:
+            try:
+                os.remove(tmp)
+            except OSError:
+                pass
+            raise
+
+    def status(self):
+        return {"free_mb": None if self.free is None else round(self.free / 1048576.0, 1),
+                "reserve_mb": round(self.size / 1048576.0, 1),
+                "low_since": self.released_at if self.size else None}
 
 
 class OutboxRequest(object):
@@ -3469,28 +3595,68 @@ class CrmFlows(object):
         self._live = set()  # calls this process follows live and has not seen end
         self._awaiting = {}  # linkedid -> (Call as seen live, monotonic time it ended)
         self.on_awaiting = lambda: None   # the CEL watcher's kick: read CEL soon
+        self._unsaved = collections.deque()   # (kind, call, extension) a failed write left
         self._lock = threading.Lock()
 
     # -- entry points -----------------------------------------------------------------
     def on_call_event(self, kind, call, extension):
         if not is_reportable(call, self.rules):
             return
-        with self._lock, self.records.store.transaction():
-            if kind == "ringing":
-                self._live.add(call.linkedid)
-                self._ringing(call, extension)
-            elif kind == "answered":
-                self._live.add(call.linkedid)
-                self._card_only_for(call, extension)
-            elif kind == "transferred":
-                self._card_only_for(call, extension)
-            elif kind == "ended":
-                self._live.discard(call.linkedid)
-                if self.ledger and (call.adopted or call.ended_unseen) and call.call_id is None:
-                    self._await_ledger(call)
-                    return
-                self._ended(call)
-                self._shown.pop(call.linkedid, None)
+        with self._lock:
+            # a write failed (disk full): later events of every call wait behind it, in order
+            if self._unsaved or not self._saved(kind, call, extension):
+                self._unsaved.append((kind, call, extension))
+
+    def retry_unsaved(self):
+        """Write the events a failed write left in memory; True when none is left."""
+        with self._lock:
+            while self._unsaved:
+                if not self._saved(*self._unsaved[0]):
+                    return False
+                kind, call, _ext = self._unsaved.popleft()
+                log.info("call %s: %s written to the state database after all", call.linkedid, kind)
+            return True
+
+    def unsaved(self):
+        return len(self._unsaved)
+
+    def _saved(self, kind, call, extension):
+        lid = call.linkedid
+        before = (list(self._shown[lid]) if lid in self._shown else None, lid in self._live,
+                  self._awaiting.get(lid))
+        try:
+            with self.records.store.transaction():
+                self._apply(kind, call, extension)
+            return True
+        except sqlite3.Error:
+            shown, live, awaiting = before
+            if shown is None:
+                self._shown.pop(lid, None)
+            else:
+                self._shown[lid] = shown
+            (self._live.add if live else self._live.discard)(lid)
+            if awaiting is None:
+                self._awaiting.pop(lid, None)
+            else:
+                self._awaiting[lid] = awaiting
+            return False
+
+    def _apply(self, kind, call, extension):
+        if kind == "ringing":
+            self._live.add(call.linkedid)
+            self._ringing(call, extension)
+        elif kind == "answered":
+            self._live.add(call.linkedid)
+            self._card_only_for(call, extension)
+        elif kind == "transferred":
+            self._card_only_for(call, extension)
+        elif kind == "ended":
+            self._live.discard(call.linkedid)
+            if self.ledger and (call.adopted or call.ended_unseen) and call.call_id is None:
+                self._await_ledger(call)
+                return
+            self._ended(call)
+            self._shown.pop(call.linkedid, None)
 
     def report_finished(self, call):
         """A whole call at once, as Asterisk recorded it (CEL): reported late when the
@@ -3933,6 +4099,11 @@ class OutboxSender(object):
         while not self._stop.is_set():
             try:
                 busy = self.step()
+            except sqlite3.Error:
+                # the state store logged it and check shows it; what was sent and not
+                # recorded is asked again later, with the checks for uncertain outcomes
+                busy = False
+                self._stop.wait(1)
             except Exception:
                 log.exception("outbox: unexpected error; continuing in 5 s")
                 busy = False
@@ -7009,6 +7180,7 @@ class Bridge(object):
     def __init__(self, config, rules, store=None, client=None):
         self.config = config
         self.store = store or StateStore.open_dir(config.get("storage", "state_dir"))
+        self.reserve = DiskReserve(config.get("storage", "state_dir"), config.get("storage", "reserve_mb"))
         self.outbox = Outbox(self.store)
         self.records = CallRecords(self.store)
         self.client = client if client is not None else BitrixClient.from_config(config, self.store)
@@ -7034,7 +7206,25 @@ class Bridge(object):
                                   config.get("cel", "recover_hours_without_state"))
             self.crm.on_awaiting = self.cel.kick
 
+    def maintain(self):
+        """Every few seconds from the daemon's loop: the disk reserve, events a failed
+        write left in memory, and the WAL folded back now and then."""
+        self.reserve.check()
+        if self.store.error is not None:
+            self.store.checkpoint()     # a full WAL gives its pages back first
+        if self.crm.unsaved():
+            self.crm.retry_unsaved()
+        now = monotonic()
+        if now - self._checkpointed >= 600:
+            self._checkpointed = now
+            self.store.checkpoint()
+
+    def storage_status(self):
+        return dict(self.store.health(), unsaved_events=self.crm.unsaved(), **self.reserve.status())
+
     def start(self):
+        self._checkpointed = monotonic()
+        self.reserve.check()
         self.sender.start()
         if self.cel is not None:
             log.info("CEL: recovering missed calls from %s", self.cel.recovery.source.describe())
@@ -7216,10 +7406,14 @@ class Daemon(object):
         heartbeat = Heartbeat(self.config.get("storage", "state_dir"))
         beat_at = 0.0
         try:
+            maintained = 0.0
             while not self.stop_event.wait(1.0):
                 now = time.time()
                 with self._lock:
                     self.tracker.expire(now)
+                if self.bridge is not None and monotonic() - maintained >= 5.0:
+                    maintained = monotonic()
+                    self.bridge.maintain()
                 if now - beat_at >= Heartbeat.EVERY:
                     beat_at = now
                     heartbeat.write(self.status())
@@ -7280,7 +7474,10 @@ class Daemon(object):
         if self.bridge is not None:
             client = self.bridge.client
             out["bitrix24"] = {"last_error": str(client.last_error) if client.last_error else None,
-                               "alert": self.bridge.sender.alert, "requests_sent": client.requests_sent}
+                               "alert": self.bridge.sender.alert, "requests_sent": client.requests_sent,
+                               "last_sent_at": self.bridge.sender.last_sent_at,
+                               "outage": self.bridge.sender.outage.status()}
+            out["storage"] = self.bridge.storage_status()
         if self.poller is not None:
             out["offline_events"] = {"bound": self.poller.bound, "polls": self.poller.polls}
         return out
@@ -7454,25 +7651,79 @@ def _read_only_store(config):
     return StateStore(path)
 
 
-def check_outbox(config, now=None, backlog_warning=100, age_warning=600.0):
+def check_outbox(config, now=None, backlog_warning=100, age_warning=600.0, beat=None):
+    """Requests given up or waiting long, a sender that no longer sends, and calls at
+    risk: registered and never finished, or finished with uncertain values."""
     now = time.time() if now is None else now
     try:
         store = _read_only_store(config)
     except StorageError as exc:
         return CheckResult("UNKNOWN", "outbox", str(exc))
+    longest_call = config.get("pbx", "call_max_hours") * 3600
     try:
         counts = Outbox(store).counts()
         oldest = store.query("SELECT MIN(created_at) AS t FROM outbox WHERE state = 'pending'")[0]["t"]
+        due = Outbox(store).next_due()
+        stale = store.query("SELECT linkedid FROM calls WHERE source IS NOT NULL AND ended_at IS NULL "
+                            "AND started_at < ? ORDER BY started_at", (now - longest_call,))
+        uncertain = store.query("SELECT linkedid, uncertain FROM calls WHERE uncertain IS NOT NULL "
+                                "AND updated_at >= ? ORDER BY updated_at", (now - 86400,))
+    except sqlite3.Error as exc:
+        return CheckResult("UNKNOWN", "outbox", "cannot read the state database: %s" % exc)
     finally:
         store.close()
     pending, parked = counts.get("pending", 0), counts.get("parked", 0)
+    problems, advice, level = [], [], "OK"
+    bitrix = (beat or {}).get("bitrix24") or {}
+    outage = bitrix.get("outage") or {}
+    if beat and not beat.get("stopped_at") and pending and due is not None and now - due > 120 \
+            and not outage.get("failing_since") and not bitrix.get("alert") \
+            and now - (bitrix.get("last_sent_at") or beat.get("started_at") or now) > 120:
+        level = "CRITICAL"
+        problems.append("%d request(s) due for %s and nothing sent: the sender is stuck" % (pending, _duration(now - due)))
+        advice.append("restart bx24ast (systemctl restart bx24ast) and report the log")
     if parked:
-        return CheckResult("WARNING", "outbox", "%d request(s) given up (parked), %d waiting" % (parked, pending),
-                           "bx24ast.py outbox list shows why; bx24ast.py outbox retry sends them again")
+        level = "WARNING" if level == "OK" else level
+        problems.append("%d request(s) given up (parked)" % parked)
+        advice.append("bx24ast.py outbox list shows why; bx24ast.py outbox retry sends them again")
     if pending and (pending >= backlog_warning or (oldest and now - oldest > age_warning)):
-        return CheckResult("WARNING", "outbox", "%d request(s) waiting, the oldest for %s"
-                           % (pending, _duration(now - oldest)), "is Bitrix24 reachable? (see the bitrix24 check)")
-    return CheckResult("OK", "outbox", "%d waiting, nothing given up" % pending)
+        level = "WARNING" if level == "OK" else level
+        problems.append("%d request(s) waiting, the oldest for %s" % (pending, _duration(now - oldest)))
+        advice.append("is Bitrix24 reachable? (see the bitrix24 check)")
+    if stale:
+        level = "WARNING" if level == "OK" else level
+        problems.append("%d call(s) registered over %s ago and never finished (%s)" % (
+            len(stale), _duration(longest_call), ", ".join(r["linkedid"] for r in stale[:5])))
+        advice.append("their end reached neither AMI nor CEL: is CEL enabled? (bx24ast.py detect)")
+    if uncertain:
+        level = "WARNING" if level == "OK" else level
+        problems.append("%d call(s) in the last 24 h finished with uncertain values (%s: %s)" % (
+            len(uncertain), uncertain[-1]["linkedid"], uncertain[-1]["uncertain"]))
+        advice.append("enable CEL so that calls whose end bx24ast missed are finished as Asterisk recorded them")
+    if not problems:
+        return CheckResult("OK", "outbox", "%d waiting, nothing given up" % pending)
+    return CheckResult(level, "outbox", "; ".join(problems), "; ".join(advice))
+
+
+def check_storage(beat, now=None):
+    """What the daemon says of its state database: failed writes, events held in
+    memory, a disk about full. None when the daemon does not run."""
+    now = time.time() if now is None else now
+    if beat is None or beat.get("stopped_at") or "storage" not in beat:
+        return None
+    st = beat["storage"]
+    free = "" if st.get("free_mb") is None else ", %s MB free" % st["free_mb"]
+    if st.get("error") or st.get("unsaved_events"):
+        return CheckResult("CRITICAL", "storage", "writing the state database fails since %s: %s; %d call event(s) "
+                           "held in memory%s" % (_duration(now - (st.get("since") or now)) + " ago",
+                                                 st.get("error") or "?", st.get("unsaved_events") or 0, free),
+                           "free disk space under [storage] state_dir (df -h); nothing is lost while "
+                           "the daemon runs")
+    if st.get("low_since"):
+        return CheckResult("CRITICAL", "storage", "the disk of the state database is almost full%s (the %s MB "
+                           "reserve is used up)" % (free, st.get("reserve_mb")),
+                           "free disk space under [storage] state_dir (df -h) before writes fail")
+    return CheckResult("OK", "storage", "state database writable%s" % free)
 
 
 def check_cel(config, now=None):
@@ -7507,8 +7758,11 @@ def run_checks(config, now=None, timeout=3.0):
     """Every check, in the order an admin would look; [0] is the daemon."""
     state_dir = config.get("storage", "state_dir")
     daemon, beat, _dead = check_daemon(state_dir, now)
-    results = [daemon, check_ami(beat), check_bitrix24(config, beat, timeout), check_outbox(config, now),
+    results = [daemon, check_ami(beat), check_bitrix24(config, beat, timeout), check_outbox(config, now, beat=beat),
                check_cel(config, now)]
+    storage = check_storage(beat, now)
+    if storage is not None:
+        results.append(storage)
     listeners = check_listeners(config, beat)
     if listeners is not None:
         results.append(listeners)

@@ -75,9 +75,9 @@ def test_all_ok_prints_a_summary_and_one_line_per_check(tmp_path):
             code, out = check(config)
             lines = out.splitlines()
             assert code == 0, out
-            assert lines[0] == "BX24AST OK - 5 checks passed"
+            assert lines[0] == "BX24AST OK - 6 checks passed"
             assert [l.split(":")[0] for l in lines[1:]] == ["OK daemon", "OK ami", "OK bitrix24", "OK outbox",
-                                                            "OK cel"]
+                                                            "OK cel", "OK storage"]
             assert "connected to 127.0.0.1:%d" % ami.port in lines[2]
             # --cron is silent when all is well
             code, out = check(config, "--cron", "--restart-command", "false")
@@ -94,7 +94,7 @@ def test_warnings_parked_requests_and_an_old_cel(tmp_path):
             code, out = check(config)
         assert code == 1, out
         assert out.startswith("BX24AST WARNING - outbox: 1 request(s) given up")
-        assert "WARNING outbox: 1 request(s) given up (parked), 0 waiting -> bx24ast.py outbox list" in out
+        assert "WARNING outbox: 1 request(s) given up (parked) -> bx24ast.py outbox list" in out
         assert "WARNING cel: no CEL event written in the last 60 minutes" in out
 
 
@@ -150,3 +150,47 @@ def test_a_broken_configuration_is_unknown(tmp_path):
     path.write_text("[ami]\nport = many\n")
     code, out = check(str(path))
     assert code == 3 and out.startswith("BX24AST UNKNOWN - configuration:") and "[ami] port" in out
+
+
+def test_calls_at_risk_turn_the_outbox_check_to_warning(tmp_path):
+    """Registered and never finished for longer than a call lasts, or finished with
+    guessed values: check says so (it said OK while calls were lost)."""
+    config = bx24ast.Config.load(write_config(tmp_path))
+    store = bx24ast.StateStore.open_dir(str(tmp_path))
+    records = bx24ast.CallRecords(store)
+    records.update("1.1", source="live", started_at=time.time() - 13 * 3600, call_id="c1")
+    records.update("2.2", source="live", started_at=time.time() - 60, ended_at=time.time(),
+                   uncertain="ended while bx24ast was not connected to Asterisk")
+    store.close()
+    result = bx24ast.check_outbox(config)
+    assert result.level == "WARNING"
+    assert "1 call(s) registered over 12h0m ago and never finished (1.1)" in result.message
+    assert "1 call(s) in the last 24 h finished with uncertain values (2.2" in result.message
+
+
+def test_a_sender_that_sends_nothing_is_critical(tmp_path):
+    config = bx24ast.Config.load(write_config(tmp_path))
+    store = bx24ast.StateStore.open_dir(str(tmp_path))
+    bx24ast.Outbox(store).add("1.1", "register", "telephony.externalcall.register", {}, bx24ast.PRIORITY_CARD)
+    store.close()
+    now = time.time() + 600
+    beat = {"pid": os.getpid(), "time": now, "started_at": now - 900,
+            "bitrix24": {"last_sent_at": now - 900, "outage": {"failing_since": None}}}
+    assert bx24ast.check_outbox(config, now, beat=beat).level == "CRITICAL"
+    # the portal being away is the bitrix24 check's business, not a stuck sender
+    beat["bitrix24"]["outage"]["failing_since"] = now - 300
+    assert bx24ast.check_outbox(config, now, beat=beat).level == "WARNING"
+
+
+def test_storage_check_reports_failed_writes_and_a_full_disk():
+    now = time.time()
+    assert bx24ast.check_storage({"storage": {"error": None, "unsaved_events": 0, "free_mb": 900.0,
+                                              "low_since": None}}, now).level == "OK"
+    failing = bx24ast.check_storage({"storage": {"error": "database or disk is full", "since": now - 30,
+                                                 "unsaved_events": 3, "free_mb": 0.0}}, now)
+    assert failing.level == "CRITICAL" and "database or disk is full" in failing.message
+    assert "3 call event(s) held in memory" in failing.message
+    low = bx24ast.check_storage({"storage": {"error": None, "unsaved_events": 0, "free_mb": 1.5,
+                                             "low_since": now, "reserve_mb": 4}}, now)
+    assert low.level == "CRITICAL" and "almost full" in low.message
+    assert bx24ast.check_storage({"stopped_at": now, "storage": {}}, now) is None

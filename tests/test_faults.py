@@ -11,8 +11,11 @@ import collections
 import logging
 import os
 import sqlite3
+import subprocess
 import threading
 import time
+
+import pytest
 
 import bx24ast
 from b24_emulator import Bitrix24Emulator
@@ -252,3 +255,78 @@ def test_without_cel_a_call_that_ended_while_stopped_is_closed_and_marked_uncert
         assert rec["CALL_FAILED_CODE"] == "200" and rec["PORTAL_USER_ID"] == USERS["102"]
         assert not emu.active_calls
         assert "uncertain" in caplog.text
+
+
+# -- storage faults -------------------------------------------------------------------------
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MB filesystem of its own for the state directory (a tmpfs; needs root)."""
+    path = tmp_path / "disk"
+    path.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(path)],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+    if proc.returncode != 0:
+        pytest.skip("cannot mount a 4 MB tmpfs for the state directory (root needed): %s" % proc.stderr.strip())
+    try:
+        yield str(path)
+    finally:
+        subprocess.run(["umount", "-l", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _fill(directory):
+    """Take every free byte of the filesystem; returns the filler's path."""
+    filler = os.path.join(directory, "filler")
+    with open(filler, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"x" * 4096)
+        except OSError:
+            pass
+    return filler
+
+
+def test_a_full_disk_keeps_the_calls_in_memory_and_writes_them_when_space_is_back(small_disk):
+    from test_crm import Harness, check_scenario
+    path = os.path.join(PJSIP, "concurrent_burst")
+    with Bitrix24Emulator() as emu:
+        with Harness(small_disk, emu, {"storage": {"reserve_mb": 0}},
+                     recordings=os.path.join(path, "recordings")) as h:
+            assert wait_for(lambda: h.bridge.users.loaded_at, 10)
+            filler = _fill(small_disk)
+            h.replay(path)
+            held = h.bridge.crm.unsaved()
+            status = h.bridge.storage_status()
+            assert held > 0 and status["error"], status
+            beat = {"storage": status}
+            assert bx24ast.check_storage(beat).level == "CRITICAL"
+            h.bridge.maintain()                       # still full: nothing is dropped
+            assert h.bridge.crm.unsaved() >= held
+            os.remove(filler)
+            assert wait_for(lambda: h.bridge.maintain() or not h.bridge.crm.unsaved(), 10)
+            h.wait_idle(timeout=60)
+            check_scenario(h, emu, path)
+            assert bx24ast.check_storage({"storage": h.bridge.storage_status()}).level == "OK"
+            assert len(emu.tasks) == 5
+
+
+def test_a_small_disk_gives_its_reserve_to_the_calls_and_check_says_so(small_disk):
+    from test_crm import Harness, check_scenario
+    path = os.path.join(PJSIP, "concurrent_burst")
+    with Bitrix24Emulator() as emu:
+        with Harness(small_disk, emu, {"storage": {"reserve_mb": 1}},
+                     recordings=os.path.join(path, "recordings")) as h:
+            assert os.path.exists(os.path.join(small_disk, bx24ast.DiskReserve.NAME))
+            assert wait_for(lambda: h.bridge.users.loaded_at, 10)
+            filler = _fill(small_disk)
+            h.bridge.maintain()                       # the daemon's loop, every 5 s
+            assert not os.path.exists(os.path.join(small_disk, bx24ast.DiskReserve.NAME))
+            assert bx24ast.check_storage({"storage": h.bridge.storage_status()}).level == "CRITICAL"
+            h.replay(path)
+            assert h.bridge.crm.unsaved() == 0        # the reserve made room: no write failed
+            h.wait_idle(timeout=60)
+            check_scenario(h, emu, path)
+            os.remove(filler)
+            h.bridge.maintain()
+            assert bx24ast.check_storage({"storage": h.bridge.storage_status()}).level == "OK"
+            assert os.path.exists(os.path.join(small_disk, bx24ast.DiskReserve.NAME))
