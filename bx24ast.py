@@ -75,6 +75,46 @@ if sys.version_info < (3, 6):  # pragma: no cover - refuses to run at all
 monotonic = time.monotonic
 
 
+class SteadyClock(object):
+    """Wall-clock seconds that never jump: the wall time at an anchor plus the monotonic
+    time since. AMI events are stamped with it, so an NTP step or a `date -s` in the
+    middle of a call does not change its talk time; the anchor follows the wall clock
+    again (resync) only while no call is being timed."""
+
+    def __init__(self, wall=time.time, mono=monotonic):
+        self.wall, self.mono = wall, mono
+        self.resync()
+
+    def now(self):
+        return self.wall0 + (self.mono() - self.mono0)
+
+    def drift(self):
+        """How far the wall clock is from this one (a step shows up here)."""
+        return self.wall() - self.now()
+
+    def resync(self):
+        self.wall0, self.mono0 = self.wall(), self.mono()
+
+
+class ClockWatch(object):
+    """Notices the system clock stepping, by comparing it to the monotonic clock."""
+
+    def __init__(self, threshold=2.0, wall=None, mono=None):
+        self.threshold = threshold
+        self.wall, self.mono = wall or (lambda: time.time()), mono or monotonic
+        self.offset = self.wall() - self.mono()
+
+    def step(self):
+        """Seconds the wall clock jumped since the last look (0.0 for none)."""
+        offset = self.wall() - self.mono()
+        delta = offset - self.offset
+        self.offset = offset
+        return delta if abs(delta) >= self.threshold else 0.0
+
+
+STEADY = SteadyClock()
+
+
 def iso_time(ts):
     """ISO 8601 in UTC with milliseconds, or None; Bitrix24 and humans both read it."""
     if ts is None:
@@ -1039,6 +1079,13 @@ class Outbox(object):
         return [OutboxRequest(r) for r in self.store.query(
             "SELECT * FROM outbox WHERE linkedid = ? ORDER BY id", (linkedid,))]
 
+    def shift(self, seconds):
+        """Move every waiting request's time by seconds (the wall clock stepped)."""
+        self.store.execute("UPDATE outbox SET next_at = next_at + ? WHERE state = 'pending' AND next_at > 0",
+                           (seconds,))
+        with self.wakeup:
+            self.wakeup.notify_all()
+
     def purge_done(self, older_than):
         self.store.execute("DELETE FROM outbox WHERE state = 'done' AND done_at < ?", (older_than,))
 
@@ -1651,7 +1698,7 @@ class AmiConnection(object):
                 pass
         self.stream.fail_all(AmiDisconnected("AMI: connection closed"))
         if was_connected:
-            self.disconnected_at = time.time()
+            self.disconnected_at = STEADY.now()
             if self.on_disconnect is not None:
                 try:
                     self.on_disconnect()
@@ -1692,14 +1739,14 @@ class AmiConnection(object):
                 except socket.timeout:
                     continue
                 if self.parser.banner is None:
-                    msgs = self.parser.feed(data, time.time())
+                    msgs = self.parser.feed(data, STEADY.now())
                     if self.parser.banner is not None:
                         self.banner = self.parser.banner
                         if not self.banner.startswith(self.BANNER_PREFIX):
                             raise AmiLoginFailed("AMI: %s:%s is not an Asterisk Manager Interface "
                                                  "(banner %r)" % (self.host, self.port, self.banner[:60]))
                 else:
-                    msgs = self.parser.feed(data, time.time())
+                    msgs = self.parser.feed(data, STEADY.now())
                 answer = None
                 for msg in msgs:
                     if answer is None and not msg.is_event and dict.get(msg, "ActionID") == action_id:
@@ -1759,7 +1806,7 @@ class AmiConnection(object):
                     return
                 last_rx = now
                 ping = None
-                self.stream.feed(data, time.time())
+                self.stream.feed(data, STEADY.now())
                 continue
             if ping is not None:
                 if now - ping > self.ping_interval:
@@ -3142,6 +3189,23 @@ class LeakyBucket(object):
             self._drain(self.clock())
             return self.level / self.capacity
 
+    def snapshot(self):
+        """The level with the wall time it was read at: what a restart starts from."""
+        with self.lock:
+            self._drain(self.clock())
+            return {"level": round(self.level, 3), "at": time.time()}
+
+    def restore(self, snapshot):
+        """Start from a saved level, drained for the time since (a clock that went back
+        drains nothing; one far ahead has drained it all)."""
+        try:
+            level, at = float(snapshot["level"]), float(snapshot["at"])
+        except (KeyError, TypeError, ValueError):
+            return
+        with self.lock:
+            self.level = min(self.capacity, max(0.0, level - max(0.0, time.time() - at) * self.rate))
+            self.updated = self.clock()
+
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
     """urllib would follow a 302 of a POST with a GET and drop the body (a renamed
@@ -3179,6 +3243,21 @@ class BitrixClient(object):
         self.may_refresh = True
         self.requests_sent = 0
         self.last_error = None
+        self._saved_level = None
+        if store is not None:
+            # the portal's bucket did not empty because we restarted
+            self.bucket.restore(store.get_setting(self.BUCKET_KEY) or {})
+
+    BUCKET_KEY = "bitrix24.bucket"
+
+    def save_bucket(self):
+        """Keep the bucket's level in the state store (every few seconds and at stop)."""
+        if self.store is None:
+            return
+        snap = self.bucket.snapshot()
+        if snap["level"] != self._saved_level:
+            self.store.set_setting(self.BUCKET_KEY, snap)
+            self._saved_level = snap["level"]
 
     @classmethod
     def from_config(cls, config, store=None):
@@ -3502,7 +3581,9 @@ class RecordingFiles(object):
     def settled(self, path, now=None):
         """MixMonitor may still be writing right after the hang-up."""
         now = time.time() if now is None else now
-        return now - os.path.getmtime(path) >= self.settle_seconds
+        age = now - os.path.getmtime(path)
+        # a file "from the future" was written before the clock stepped back
+        return age >= self.settle_seconds or age < -60
 
     @staticmethod
     def _has_audio(path, data):
@@ -4380,8 +4461,20 @@ class OutboxSender(object):
         if req.kind == "register":
             self.outbox.park_call(req.linkedid, "register failed: " + reason)
 
+    REGISTER_ANSWER_TRIES = 5
+
     def _succeeded(self, req, result):
         linkedid = req.linkedid
+        if req.kind == "register" and not (isinstance(result, dict) and result.get("CALL_ID")):
+            # Nothing to finish the call with: asked again (the same EXTERNAL_CALL_ID
+            # finds the call if the portal did register it), then given up with the reason.
+            reason = "register answered without a CALL_ID: %s" % json.dumps(result)[:200]
+            if req.attempts >= self.REGISTER_ANSWER_TRIES:
+                self._park(req, reason)
+            else:
+                self.outbox.retry(req, self._backoff(req), reason)
+                log.warning("call %s: %s; asking again", linkedid, reason)
+            return
         self.outage.succeeded()
         self.last_sent_at = time.time()
         if self.alert and self.paused_until <= self.clock() and req.kind != "owner":
@@ -7210,6 +7303,10 @@ class Bridge(object):
         """Every few seconds from the daemon's loop: the disk reserve, events a failed
         write left in memory, and the WAL folded back now and then."""
         self.reserve.check()
+        try:
+            self.client.save_bucket()
+        except sqlite3.Error:
+            pass    # the store said so; the level is saved again next time
         if self.store.error is not None:
             self.store.checkpoint()     # a full WAL gives its pages back first
         if self.crm.unsaved():
@@ -7238,6 +7335,10 @@ class Bridge(object):
         if self.cel is not None:
             self.cel.stop()
         self.sender.stop()
+        try:
+            self.client.save_bucket()
+        except sqlite3.Error:
+            pass
 
 
 class Daemon(object):
@@ -7373,7 +7474,7 @@ class Daemon(object):
                 return
             with self._lock:
                 before = len(self.tracker.calls)
-                self.tracker.resync(pending.events, time.time(), disconnected_at)
+                self.tracker.resync(pending.events, STEADY.now(), disconnected_at)
                 self.resyncs += 1
                 log.info("AMI: resynchronised: %d channels up, %d calls tracked (was %d)",
                          len(pending.events), len(self.tracker.calls), before)
@@ -7407,10 +7508,12 @@ class Daemon(object):
         beat_at = 0.0
         try:
             maintained = 0.0
+            clock = ClockWatch()
             while not self.stop_event.wait(1.0):
-                now = time.time()
+                now = STEADY.now()
                 with self._lock:
                     self.tracker.expire(now)
+                    self._follow_the_clock(clock.step())
                 if self.bridge is not None and monotonic() - maintained >= 5.0:
                     maintained = monotonic()
                     self.bridge.maintain()
@@ -7434,6 +7537,18 @@ class Daemon(object):
             if self.next_config is None:
                 heartbeat.write(dict(self.status(), stopped_at=time.time()))
             log.info("bx24ast stopped" if self.next_config is None else "bx24ast restarting with the new configuration")
+
+    def _follow_the_clock(self, step):
+        """A step of the system clock: requests waiting for a time move with it (a step
+        back must not hold them for an hour); call times keep the steady clock until
+        no call is being timed."""
+        if step:
+            log.warning("the system clock stepped by %+.0f s: talk times follow the steady clock, "
+                        "requests waiting for a time are moved with it", step)
+            if self.bridge is not None:
+                self.bridge.outbox.shift(step)
+        if not self.tracker.calls and abs(STEADY.drift()) >= 1.0:
+            STEADY.resync()
 
     def _reload(self):
         """SIGHUP: read the configuration again; a bad file is logged and the running

@@ -141,6 +141,7 @@ class Bitrix24Emulator(object):
         self.offline = collections.OrderedDict()
         self.reserved = {}
         self.failures = {}            # method -> how many next calls fail with a 500
+        self.odd_answers = {}         # method -> [result answered instead of doing it, how many times]
         # method -> [seconds before doing it, seconds before answering, how many requests]:
         # a slow portal (the work lands after the client gave up) or a lost answer
         self.slow = {}
@@ -402,6 +403,10 @@ class Bitrix24Emulator(object):
             if self.failures.get(method):
                 self.failures[method] -= 1
                 raise Fail(500, "INTERNAL_SERVER_ERROR", "injected failure of %s" % method)
+            odd = self.odd_answers.get(method)
+            if odd and odd[1] > 0:
+                odd[1] -= 1
+                return odd[0]
             return handler(p) if method not in ("profile",) else handler(p, acting)
 
     def m_batch(self, p, auth, acting):

@@ -180,3 +180,27 @@ def test_client_bucket_never_triggers_the_portal_limit():
         for _ in range(30):
             client.call("server.time")
         assert emu.rejected_503 == 0 and emu.max_level <= 5
+
+
+@pytest.mark.parametrize("kept", [True, False], ids=["level-kept", "level-lost"])
+def test_a_restart_does_not_burst_into_a_full_portal_bucket(tmp_path, kept):
+    """The portal's bucket does not empty because bx24ast restarted: the level is kept
+    with its time. (level-lost shows what a restart without it costs: 503s.)"""
+    with Bitrix24Emulator(rate=2.0, burst=50) as emu:
+        store = bx24ast.StateStore.open_dir(str(tmp_path))
+        first = bx24ast.BitrixClient(emu.webhook_url, store=store, rate=2.0, burst=50)
+        for _ in range(44):
+            first.call("profile")
+        first.save_bucket()
+        if not kept:
+            store.execute("DELETE FROM settings WHERE key = ?", (bx24ast.BitrixClient.BUCKET_KEY,))
+        second = bx24ast.BitrixClient(emu.webhook_url, store=store, rate=2.0, burst=50)
+        rejected = 0
+        for _ in range(10):
+            try:
+                second.call("profile")
+            except bx24ast.BitrixRateLimited:
+                rejected += 1
+        store.close()
+        assert (emu.rejected_503 == 0) == kept, emu.rejected_503
+        assert rejected == emu.rejected_503

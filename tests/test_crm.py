@@ -629,3 +629,28 @@ def test_an_outage_is_logged_once_then_summarised(tmp_path, caplog):
     # the first failure, then a summary a second: far fewer lines than attempts
     assert len(warnings) <= 6, warnings
     assert any("answers again" in r.getMessage() for r in caplog.records)
+
+
+def test_a_register_answered_without_a_call_id_is_asked_again_not_lost(tmp_path):
+    path = os.path.join(PJSIP, "inbound_answered")
+    with Bitrix24Emulator() as emu:
+        emu.odd_answers["telephony.externalcall.register"] = [[], 2]
+        with Harness(tmp_path, emu, recordings=os.path.join(path, "recordings")) as h:
+            h.replay(path)
+            h.wait_idle(timeout=30)
+            check_scenario(h, emu, path)
+            assert not h.bridge.outbox.counts().get("parked")
+
+
+def test_a_register_that_never_gets_a_call_id_parks_the_call_and_outbox_retry_saves_it(tmp_path):
+    path = os.path.join(PJSIP, "inbound_answered")
+    with Bitrix24Emulator() as emu:
+        emu.odd_answers["telephony.externalcall.register"] = [[], 5]
+        with Harness(tmp_path, emu, recordings=os.path.join(path, "recordings")) as h:
+            h.replay(path)
+            assert wait_for(lambda: h.bridge.outbox.counts().get("parked"), 30)
+            parked = [r for r in h.bridge.outbox.listing(("parked",))]
+            assert parked[0].kind == "register" and "without a CALL_ID" in parked[0].last_error
+            assert h.bridge.outbox.retry_parked() == len(parked)
+            h.wait_idle(timeout=30)
+            check_scenario(h, emu, path)

@@ -330,3 +330,63 @@ def test_a_small_disk_gives_its_reserve_to_the_calls_and_check_says_so(small_dis
             h.bridge.maintain()
             assert bx24ast.check_storage({"storage": h.bridge.storage_status()}).level == "OK"
             assert os.path.exists(os.path.join(small_disk, bx24ast.DiskReserve.NAME))
+
+
+# -- clock steps --------------------------------------------------------------------------
+
+class JumpingTime(object):
+    """bx24ast's view of the time module with a wall clock that can step (NTP, date -s)."""
+
+    def __init__(self):
+        self.offset = 0.0
+
+    def time(self):
+        return _real_time.time() + self.offset
+
+    def __getattr__(self, name):
+        return getattr(_real_time, name)
+
+
+_real_time = time
+
+
+def test_a_clock_step_in_the_middle_of_a_call_changes_no_talk_time(tmp_path, monkeypatch):
+    capture = os.path.join(PJSIP, "inbound_answered")
+    expected = load_expected(capture)["calls"][0]
+    messages = capture_messages(capture)
+    talking = _index_after(messages, b"Event: BridgeEnter", 2)
+    clock = JumpingTime()
+    monkeypatch.setattr(bx24ast, "time", clock)
+    with Bitrix24Emulator() as emu:
+        with FakeAmiServer([capture], speed=2) as ami:
+            with Service(tmp_path, ami, emu, capture) as svc:
+                assert wait_for(lambda: ami.cursor > talking, 20)
+                clock.offset = 3600.0            # the wall clock jumps an hour ahead mid-talk
+                assert wait_for(lambda: emu.stats and svc.idle(), 30)
+    rec = list(emu.stats.values())[0]
+    # played at twice the real speed: 5 s of talk last 2.5 s
+    assert abs(rec["CALL_DURATION"] - expected["first_bridge_to_hangup_s"] / 2) <= 1, rec["CALL_DURATION"]
+
+
+def test_a_clock_step_back_moves_the_waiting_requests_with_it(tmp_path):
+    wall = [1000000.0]
+    mono = [50.0]
+    watch = bx24ast.ClockWatch(wall=lambda: wall[0], mono=lambda: mono[0])
+    steady = bx24ast.SteadyClock(wall=lambda: wall[0], mono=lambda: mono[0])
+    mono[0] += 10
+    wall[0] += 10 - 3600                      # ten seconds pass, and the clock goes back an hour
+    assert watch.step() == -3600 and watch.step() == 0.0
+    assert steady.now() == 1000010.0 and steady.drift() == -3600
+    steady.resync()
+    assert steady.now() == wall[0]
+    # the daemon moves what waits for a time (a retry, a missed-call task's window)
+    config = bx24ast.Config.from_text("[ami]\nusername = bx24\n[bitrix24]\nwebhook_url = http://127.0.0.1:9/rest/1/x/\n"
+                                      "[routing]\nagi_listen =\nhttp_listen =\n[cel]\nbackend = off\n"
+                                      "[storage]\nstate_dir = %s\n" % tmp_path)
+    daemon = bx24ast.Daemon(config)
+    outbox = daemon.bridge.outbox
+    outbox.add("1.1", "task", "tasks.task.add", {}, bx24ast.PRIORITY_LATER, not_before=time.time() + 300)
+    assert not outbox.ready(time.time() - 3600 + 301)    # after the step it would wait an hour more
+    daemon._follow_the_clock(-3600.0)
+    assert [r.kind for r in outbox.ready(time.time() - 3600 + 301)] == ["task"]
+    daemon.bridge.store.close()
