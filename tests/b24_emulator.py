@@ -119,7 +119,7 @@ class Bitrix24Emulator(object):
         self.max_level = 0.0
         self.rejected_503 = 0
         self.journal = []
-        self.outage = None            # None | ("503"|"500"|"timeout"|"html", until_monotonic)
+        self.outage = None            # None | ("503"|"500"|"timeout"|"html"|"hang"|"drop", until_monotonic)
         self.users = collections.OrderedDict()
         self.next_id = 100
         self.leads, self.contacts, self.companies, self.deals = {}, {}, {}, {}
@@ -280,6 +280,13 @@ class Bitrix24Emulator(object):
         if self.outage and self.clock() < self.outage[1]:
             mode = self.outage[0]
             self.journal.append({"method": "(outage)", "params": {}, "status": 503, "t": time.time()})
+            if mode in ("hang", "drop"):
+                # hang: no answer until the outage ends (longer than any client waits);
+                # drop: the connection closes without an answer
+                if mode == "hang":
+                    time.sleep(max(0.0, min(self.outage[1] - self.clock(), 60.0)))
+                req.close_connection = True
+                return None
             if mode == "timeout":
                 time.sleep(3)
                 return self._reply(req, 504, None, raw=b"<html>504 Gateway Time-out</html>")
