@@ -4997,6 +4997,12 @@ class CelRecovery(object):
                         "([cel] recover_hours_without_state)", hours)
         self.store.set_setting(self.CHECKPOINT, start)
 
+    @staticmethod
+    def _from_its_start(group):
+        """Whether the rows hold the call's beginning (its root channel's CHAN_START)."""
+        linkedid = group[-1].linkedid
+        return any(r.eventtype == "CHAN_START" and r.uniqueid == linkedid for r in group)
+
     def run_once(self, since=None, dry_run=False, report=None):
         """One pass; returns how many finished external calls CEL held (each handed to
         report(call) as it is rebuilt, so memory stays flat whatever the backlog)."""
@@ -5008,6 +5014,10 @@ class CelRecovery(object):
         for row in self.source.rows(start, since):
             last_id = row.id
             group = groups.add(row)
+            if group is not None and not self._from_its_start(group):
+                # the tail of a call closed (and reported) before the checkpoint: its
+                # last rows came after the first row of a call still open then
+                group = None
             if group is not None:
                 for call in builder.calls(group):
                     if not is_reportable(call, self.rules):

@@ -144,6 +144,38 @@ def test_calls_in_progress_wait_for_the_next_pass(tmp_path):
     assert reported == ["1795667003.0", "1795667032.8"]
 
 
+def test_the_tail_of_a_call_read_before_is_not_a_call_again(tmp_path):
+    """Two calls overlapping: the first closes while the second is open, so the
+    checkpoint stays before the second's first row and the first's last rows are read
+    again. Those are no call of their own (it was rebuilt whole the first time)."""
+    first = [r[1:] for r in sqlite3.connect(os.path.join(PJSIP, "inbound_answered", "cel.sqlite3")).execute(
+        "SELECT * FROM cel ORDER BY AcctId")]
+    second = [r[1:] for r in sqlite3.connect(os.path.join(PJSIP, "outbound_answered", "cel.sqlite3")).execute(
+        "SELECT * FROM cel ORDER BY AcctId")]
+    db = _combined_cel(tmp_path, ["inbound_answered"])
+    con = sqlite3.connect(db)
+    con.execute("DELETE FROM cel")
+    cols = [r[1] for r in con.execute("PRAGMA table_info(cel)")][1:]
+
+    def write(rows):
+        con.executemany("INSERT INTO cel (%s) VALUES (%s)" % (",".join(cols), ",".join("?" * len(cols))), rows)
+        con.commit()
+    write(first[:5] + second[:3] + first[5:])
+    reported = []
+
+    class Crm(object):
+        def report_finished(self, call):
+            reported.append((call.linkedid, call.disposition))
+            return "late"
+    recovery = bx24ast.CelRecovery(bx24ast.SqliteCel(db), bx24ast.StateStore(":memory:"),
+                                   bx24ast.PbxRules.defaults(), Crm())
+    recovery.run_once()
+    assert reported == [("1795667003.0", "ANSWERED")] and recovery.checkpoint() == 5
+    write(second[3:])
+    recovery.run_once()
+    assert reported == [("1795667003.0", "ANSWERED"), ("1795667032.8", "ANSWERED")]
+
+
 def test_without_state_cel_is_read_from_the_last_hours(tmp_path):
     """A new or lost state database: the calls of the last N hours come back from CEL
     (a deleted database must not skip the calls made while bx24ast was stopped)."""
