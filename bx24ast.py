@@ -3677,6 +3677,7 @@ class CrmFlows(object):
         self._awaiting = {}  # linkedid -> (Call as seen live, monotonic time it ended)
         self.on_awaiting = lambda: None   # the CEL watcher's kick: read CEL soon
         self._unsaved = collections.deque()   # (kind, call, extension) a failed write left
+        self._ledger_first = {}   # linkedid -> (Call from CEL, when): closed in CEL before AMI said so
         self._lock = threading.Lock()
 
     # -- entry points -----------------------------------------------------------------
@@ -3733,8 +3734,13 @@ class CrmFlows(object):
             self._card_only_for(call, extension)
         elif kind == "ended":
             self._live.discard(call.linkedid)
+            recorded = self._ledger_first.pop(call.linkedid, None)
             if self.ledger and (call.adopted or call.ended_unseen) and call.call_id is None:
-                self._await_ledger(call)
+                if recorded is not None:
+                    # CEL closed it before AMI told us: what Asterisk recorded is at hand
+                    self._finish_from_ledger(recorded[0])
+                else:
+                    self._await_ledger(call)
                 return
             self._ended(call)
             self._shown.pop(call.linkedid, None)
@@ -3748,15 +3754,25 @@ class CrmFlows(object):
             if row is None or row.get("source") is None:
                 self._ended(call, late=True)
                 return "late"
-            if row.get("ended_at") is not None or (call.linkedid in self._live
-                                                   and call.linkedid not in self._awaiting):
+            if row.get("ended_at") is not None:
                 return False
-            self._awaiting.pop(call.linkedid, None)
-            shown = self._shown.pop(call.linkedid, None)
-            # cards shown by an earlier life of the daemon: whoever rang may still see one
-            self._ended(call, hide=shown if shown is not None else list(call.rang))
-            self.records.update(call.linkedid, awaiting_since=None)
+            if call.linkedid in self._live and call.linkedid not in self._awaiting:
+                # CEL is written as the call ends, the AMI Hangup may not be read yet:
+                # kept for the live end, which needs it when its own view had a gap
+                now = monotonic()
+                self._ledger_first[call.linkedid] = (call, now)
+                for lid in [k for k, (_c, at) in self._ledger_first.items() if now - at > 600]:
+                    del self._ledger_first[lid]
+                return False
+            self._finish_from_ledger(call)
             return "finished"
+
+    def _finish_from_ledger(self, call):
+        self._awaiting.pop(call.linkedid, None)
+        shown = self._shown.pop(call.linkedid, None)
+        # cards shown by an earlier life of the daemon: whoever rang may still see one
+        self._ended(call, hide=shown if shown is not None else list(call.rang))
+        self.records.update(call.linkedid, awaiting_since=None)
 
     def awaiting(self):
         return bool(self._awaiting)
