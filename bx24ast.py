@@ -2106,10 +2106,11 @@ class Call(object):
         self.notified_ringing = set()
         self.expired = False
         self.pending_origin = None  # uniqueid of a caller whose kind is not known yet
-        # The live view had a hole: first seen mid-call (a restart, a reconnect), or its
-        # end happened while AMI was away. What it says of answer and talk time is a guess.
+        # The live view had a hole: first seen mid-call (a restart, a reconnect), or up
+        # while AMI was away (a transfer, a park, its end may have gone unseen). What it
+        # says of answer, talk time and who talked is then a guess.
         self.adopted = False
-        self.ended_unseen = False
+        self.gap = False
 
     @property
     def billsec(self):
@@ -2831,7 +2832,7 @@ class CallTracker(object):
         for chan in [c for c in self.channels.values() if c.uniqueid not in present]:
             call = self.calls.get(chan.linkedid)
             if call is not None:
-                call.ended_unseen = True
+                call.gap = True
             self._hangup_channel(chan, gone_at if gone_at is not None else now)
         for uid, msg in sorted(present.items(), key=lambda kv: _uniqueid_order(kv[0])):
             if uid in self.channels:
@@ -2849,6 +2850,8 @@ class CallTracker(object):
                 chan.bridged_at = now
                 self.bridges.setdefault(bridge, set()).add(uid)
         for call in list(self.calls.values()):
+            if gone_at is not None:
+                call.gap = True   # up across the disconnect
             self._update_talk(call, now)
 
 
@@ -3735,7 +3738,7 @@ class CrmFlows(object):
         elif kind == "ended":
             self._live.discard(call.linkedid)
             recorded = self._ledger_first.pop(call.linkedid, None)
-            if self.ledger and (call.adopted or call.ended_unseen) and call.call_id is None:
+            if self.ledger and (call.adopted or call.gap) and call.call_id is None:
                 if recorded is not None:
                     # CEL closed it before AMI told us: what Asterisk recorded is at hand
                     self._finish_from_ledger(recorded[0])
