@@ -229,6 +229,18 @@ class DaemonProcess(object):
             return 0.0
 
 
+def pending(state):
+    """Requests the daemon still has to send (its state database, read-only)."""
+    try:
+        db = sqlite3.connect("file:%s?mode=ro" % os.path.join(state, "bx24ast.db"), uri=True, timeout=5)
+        try:
+            return db.execute("SELECT COUNT(*) FROM outbox WHERE state = 'pending'").fetchone()[0]
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return 1
+
+
 def judge(stream, emu):
     """(lost, duplicated, wrong) against each call's expected.json."""
     stats = collections.defaultdict(list)
@@ -365,12 +377,13 @@ def run_row(name, stream, fault, outage=0.0, seed=7):
                 os.remove(filler)
             while ami.now() < stream.length + 2:
                 time.sleep(0.2)
-            # done: everything answered, the outbox empty, no call waiting for CEL
-            deadline = time.time() + 240
-            stable, last = 0, None
-            while time.time() < deadline and stable < 8:
+            # done: the outbox empty (nothing waiting, a retry included) and the portal
+            # quiet for a while (a call may still wait for its end from CEL)
+            deadline = time.time() + 600
+            quiet, last = 0, None
+            while time.time() < deadline and quiet < 10:
                 now = (len(emu.stats), len(emu.journal))
-                stable = stable + 1 if now == last else 0
+                quiet = quiet + 1 if now == last and not pending(state) else 0
                 last = now
                 time.sleep(1)
         finally:

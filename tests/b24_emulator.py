@@ -142,6 +142,7 @@ class Bitrix24Emulator(object):
         self.reserved = {}
         self.failures = {}            # method -> how many next calls fail with a 500
         self.odd_answers = {}         # method -> [result answered instead of doing it, how many times]
+        self.errors = {}              # method -> [HTTP status, error, description, how many times]
         # method -> [seconds before doing it, seconds before answering, how many requests]:
         # a slow portal (the work lands after the client gave up) or a lost answer
         self.slow = {}
@@ -410,6 +411,10 @@ class Bitrix24Emulator(object):
             if self.failures.get(method):
                 self.failures[method] -= 1
                 raise Fail(500, "INTERNAL_SERVER_ERROR", "injected failure of %s" % method)
+            err = self.errors.get(method)
+            if err and err[3] > 0:
+                err[3] -= 1
+                raise Fail(err[0], err[1], err[2])
             odd = self.odd_answers.get(method)
             if odd and odd[1] > 0:
                 odd[1] -= 1

@@ -654,3 +654,21 @@ def test_a_register_that_never_gets_a_call_id_parks_the_call_and_outbox_retry_sa
             assert h.bridge.outbox.retry_parked() == len(parked)
             h.wait_idle(timeout=30)
             check_scenario(h, emu, path)
+
+
+def test_an_overload_block_pauses_everything_and_its_alert_clears_once_requests_go_again(tmp_path):
+    path = os.path.join(PJSIP, "inbound_answered")
+    with Bitrix24Emulator() as emu:
+        emu.errors["telephony.externalcall.register"] = [503, "OVERLOAD_LIMIT", "REST API is blocked", 1]
+        with Harness(tmp_path, emu, recordings=os.path.join(path, "recordings")) as h:
+            sender = h.bridge.sender
+            h.replay(path)
+            assert wait_for(lambda: sender.alert, 10)
+            assert sender.paused_until > sender.clock() + 500     # ten minutes, as support asks
+            sender.paused_until = sender.clock()                  # ...compressed
+            h.bridge.outbox.shift(-600)
+            with h.bridge.outbox.wakeup:
+                h.bridge.outbox.wakeup.notify_all()
+            h.wait_idle(timeout=30)
+            check_scenario(h, emu, path)
+            assert sender.alert is None        # check stops warning once requests go again
