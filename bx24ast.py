@@ -155,20 +155,26 @@ def parse_iso_time(text):
 
 
 class Worker(object):
-    """A loop in a thread of its own that stop() ends (CEL watcher, offline-event poller)."""
+    """A loop in a thread of its own that stop() ends (CEL watcher, offline-event poller,
+    PBX discovery); kick() wakes it early from a wait on self._wake."""
 
     thread_name = "worker"
 
     def __init__(self):
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread = None
 
     def start(self):
         self._thread = threading.Thread(target=self.run, name=self.thread_name, daemon=True)
         self._thread.start()
 
+    def kick(self):
+        self._wake.set()
+
     def stop(self):
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(10)
 
@@ -2966,16 +2972,6 @@ class PbxDiscovery(Worker):
         self.learned = []
         self.learned_at = None
         self._refused = set()
-        self._wake = threading.Event()
-
-    def kick(self):
-        """AMI (re)connected: ask again now."""
-        self._wake.set()
-
-    def stop(self):
-        self._stop.set()
-        self._wake.set()
-        Worker.stop(self)
 
     def run(self):
         while not self._stop.is_set():
@@ -5358,15 +5354,6 @@ class CelWatcher(Worker):
         self.recovery = recovery
         self.interval = interval
         self.hours_without_state = hours_without_state
-        self._wake = threading.Event()
-
-    def kick(self):
-        self._wake.set()
-
-    def stop(self):
-        self._stop.set()
-        self._wake.set()
-        Worker.stop(self)
 
     def run(self):
         try:
