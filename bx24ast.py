@@ -3979,7 +3979,9 @@ class CrmFlows(object):
                 ("DEADLINE", bitrix_time(when + self.crm["missed_task_deadline_minutes"] * 60)),
                 ("UF_CRM_TASK", {"$": "crm_binding"}),
             ]), "check": {"number": self._number(call), "since": when}},
-                PRIORITY_LATER, not_before=when + self.crm["callback_window_minutes"] * 60)
+                # from the wall clock's now at the latest: call times follow the steady
+                # clock, which is ahead of a wall clock that just stepped back
+                PRIORITY_LATER, not_before=min(when, time.time()) + self.crm["callback_window_minutes"] * 60)
 
 
 class Unresolved(Exception):

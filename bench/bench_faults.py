@@ -14,8 +14,8 @@ and the CPU seconds the daemon used during the outage (portal rows).
 Target: 0 lost, 0 duplicated, 0 wrong in every row; CPU during a 10-minute outage < 2 s.
 
 Usage: python3 bench/bench_faults.py [--outages 120,600] [--rows none,kill9,...]
-(the disk-full row mounts a tmpfs and needs root; clock steps cannot be played on a
-separate process without changing the machine's clock: tests/test_faults.py covers them)
+(the disk-full row mounts a tmpfs and needs root; the clock rows step the daemon's own
+view of the wall clock, not the machine's)
 """
 import argparse
 import collections
@@ -197,6 +197,19 @@ class CelWriter(object):
         db.close()
 
 
+# The daemon's own view of the wall clock, stepped an hour forward (SIGUSR1) or back
+# (SIGUSR2) as NTP or `date -s` would; its monotonic clock goes on untouched.
+CLOCK_SHIM = """
+import runpy, signal, sys, time
+_real, _offset = time.time, [0.0]
+time.time = lambda: _real() + _offset[0]
+signal.signal(signal.SIGUSR1, lambda *a: _offset.__setitem__(0, _offset[0] + 3600))
+signal.signal(signal.SIGUSR2, lambda *a: _offset.__setitem__(0, _offset[0] - 3600))
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
 class DaemonProcess(object):
     def __init__(self, conf):
         self.conf = conf
@@ -204,7 +217,7 @@ class DaemonProcess(object):
         self.log = open(conf + ".log", "ab")
 
     def start(self):
-        self.proc = subprocess.Popen([sys.executable, SCRIPT, "-c", self.conf, "run", "-f"],
+        self.proc = subprocess.Popen([sys.executable, "-c", CLOCK_SHIM, SCRIPT, "-c", self.conf, "run", "-f"],
                                      stdout=subprocess.DEVNULL, stderr=self.log)
 
     def signal(self, sig):
@@ -352,6 +365,10 @@ def run_row(name, stream, fault, outage=0.0, seed=7):
                     while ami.now() < at:
                         time.sleep(0.05)
                     daemon.signal(signal.SIGHUP)
+            elif fault in ("clock_ahead", "clock_back"):
+                while ami.now() < stream.length / 2:
+                    time.sleep(0.05)
+                daemon.signal(signal.SIGUSR1 if fault == "clock_ahead" else signal.SIGUSR2)
             elif fault == "ami_gap":
                 while ami.now() < stream.length / 2:
                     time.sleep(0.05)
@@ -401,13 +418,15 @@ def run_row(name, stream, fault, outage=0.0, seed=7):
 
 
 ROWS = [("none", "none", 0), ("kill -9 x10", "kill9", 0), ("SIGTERM, restart 0.5 s", "sigterm", 0),
-        ("SIGHUP x3", "sighup", 0), ("AMI down 4 s", "ami_gap", 0)]
+        ("SIGHUP x3", "sighup", 0), ("AMI down 4 s", "ami_gap", 0),
+        ("clock steps +1 h", "clock_ahead", 0), ("clock steps -1 h", "clock_back", 0)]
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--outages", default="120,600", help="portal outage lengths in seconds")
-    parser.add_argument("--rows", default="", help="only these faults (none,kill9,sigterm,sighup,ami_gap,503,hang,drop,disk)")
+    parser.add_argument("--rows", default="", help="only these faults (none,kill9,sigterm,sighup,ami_gap,"
+                                                    "clock_ahead,clock_back,503,hang,drop,disk)")
     parser.add_argument("--details", action="store_true", help="list what was wrong")
     args = parser.parse_args()
     stream = Stream([os.path.join(FIXTURES, b) for b in BURSTS] + singles())
