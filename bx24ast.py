@@ -1057,6 +1057,12 @@ class Outbox(object):
                                 "state = 'parked' ORDER BY id DESC LIMIT 1", (linkedid, kind))
         return rows[0]["last_error"] if rows else None
 
+    def close_call(self, linkedid, note):
+        """Every pending request of a call done without sending (it needs none)."""
+        return self.store.execute("UPDATE outbox SET state = 'done', done_at = ?, last_error = ? "
+                                  "WHERE linkedid = ? AND state = 'pending'",
+                                  (time.time(), note[:1000], linkedid)).rowcount
+
     def park_call(self, linkedid, reason):
         self.store.execute("UPDATE outbox SET state = 'parked', last_error = ? WHERE linkedid = ? "
                            "AND state = 'pending'", (reason[:1000], linkedid))
@@ -3864,12 +3870,17 @@ class CrmFlows(object):
     def _registered(self, call):
         return call.call_id is not None or self.records.registered(call.linkedid)
 
-    def _register(self, call, ext, show):
+    def _register(self, call, ext, show, recovered=False):
         self.records.update(call.linkedid, direction=call.direction, external_number=self._number(call),
                             started_at=call.started_at, source="live" if show else "late",
                             did=call.did if call.direction == "inbound" else None)
-        self.outbox.add(call.linkedid, "register", "telephony.externalcall.register",
-                        self._register_params(call, ext, show), PRIORITY_CARD)
+        params = self._register_params(call, ext, show)
+        if recovered:
+            # found in CEL with no record of it here (the state may have been lost): the
+            # portal may have it already; the sender looks before registering it again
+            params["check"] = {"external_call_id": call.linkedid}
+        self.outbox.add(call.linkedid, "register", "telephony.externalcall.register", params,
+                        PRIORITY_LATER if recovered else PRIORITY_CARD)
 
     def _ringing(self, call, ext):
         shown = self._shown.setdefault(call.linkedid, [])
@@ -3933,7 +3944,7 @@ class CrmFlows(object):
         last_rang = (call.rang[-1] if call.rang else row.get("last_rang")) or \
             (call.placer if call.direction == "outbound" else None)
         if call.call_id is None and not self._registered(call):
-            self._register(call, talker or last_rang or call.placer, show=False)
+            self._register(call, talker or last_rang or call.placer, show=False, recovered=late)
         elif call.call_id is not None and not row:
             self.records.update(linkedid, direction=call.direction, call_id=call.call_id,
                                 external_number=self._number(call), started_at=call.started_at,
@@ -4291,6 +4302,8 @@ class OutboxSender(object):
                 if tasks:
                     self.outbox.done(req, note="the task was created by an earlier attempt")
                     return False
+        if req.kind == "register" and (req.params.get("check") or {}).get("external_call_id"):
+            return self._not_in_bitrix24_yet(req)
         if req.kind in ("finish", "record") and self._maybe_done_before(req) and row.get("call_id"):
             return self._not_done_yet(req, row)
         if req.kind in ("show", "hide"):
@@ -4331,6 +4344,25 @@ class OutboxSender(object):
             log.info("call %s: the recording that got no answer was attached", req.linkedid)
             return False
         return True
+
+    def _not_in_bitrix24_yet(self, req):
+        """A call recovered from CEL that this state knows nothing of: when the portal's
+        statistics already hold it (by EXTERNAL_CALL_ID) it was reported before the state
+        was lost, and the whole call is left as it is."""
+        external = req.params["check"]["external_call_id"]
+        try:
+            found = self.client.call("voximplant.statistic.get", {"FILTER": {"EXTERNAL_CALL_ID": external}})
+        except BitrixError as exc:
+            self.outbox.retry(req, self._backoff(req), "no answer: looking the call up in the statistics: %s" % exc)
+            return False
+        stats = [r for r in (found or []) if isinstance(r, dict) and r.get("EXTERNAL_CALL_ID") == external]
+        if not stats:
+            return True
+        self.records.update(req.linkedid, call_id=stats[0].get("CALL_ID"), finished_at=time.time())
+        count = self.outbox.close_call(req.linkedid, "already in Bitrix24 (%s)" % stats[0].get("CALL_ID"))
+        log.info("call %s: found in CEL and already in Bitrix24 as %s; %d request(s) not sent",
+                 req.linkedid, stats[0].get("CALL_ID"), count)
+        return False
 
     def _backoff(self, req):
         return min(self.BACKOFF_CAP, 0.5 * (1.6 ** max(0, req.attempts - 1)))

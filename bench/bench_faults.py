@@ -373,13 +373,21 @@ def run_row(name, stream, fault, outage=0.0, seed=7):
                 while ami.now() < stream.length / 2:
                     time.sleep(0.05)
                 ami.down_until = time.time() + 4.0
-            elif fault in ("503", "hang", "drop"):
+            elif fault in ("503", "hang", "drop", "slow", "late_answers"):
                 while ami.now() < stream.length / 3:
                     time.sleep(0.05)
-                emu.set_outage(fault, outage)
+                # slow: each request is carried out 20 s after it arrived (the client gives
+                # up after 15); late_answers: carried out at once, answered after 20 s
+                if fault == "slow":
+                    emu.delay = 20.0
+                elif fault == "late_answers":
+                    emu.reply_delay = 20.0
+                else:
+                    emu.set_outage(fault, outage)
                 before = daemon.cpu()
                 time.sleep(outage)
                 cpu_outage = daemon.cpu() - before
+                emu.delay = emu.reply_delay = 0.0
             elif fault == "disk":
                 while ami.now() < stream.length / 3:
                     time.sleep(0.05)
@@ -426,7 +434,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--outages", default="120,600", help="portal outage lengths in seconds")
     parser.add_argument("--rows", default="", help="only these faults (none,kill9,sigterm,sighup,ami_gap,"
-                                                    "clock_ahead,clock_back,503,hang,drop,disk)")
+                                                    "clock_ahead,clock_back,503,hang,drop,slow,late_answers,disk)")
     parser.add_argument("--details", action="store_true", help="list what was wrong")
     args = parser.parse_args()
     stream = Stream([os.path.join(FIXTURES, b) for b in BURSTS] + singles())
@@ -434,6 +442,8 @@ def main():
     for seconds in [float(x) for x in args.outages.split(",") if x]:
         for mode in ("503", "hang", "drop"):
             rows.append(("portal %s for %.0f min" % (mode, seconds / 60), mode, seconds))
+    rows.append(("portal 20 s slow for 2 min", "slow", 120.0))
+    rows.append(("answers 20 s late, 2 min", "late_answers", 120.0))
     rows.append(("disk full for 30 s", "disk", 0))
     if args.rows:
         wanted = set(args.rows.split(","))

@@ -771,7 +771,7 @@ class Bitrix24Emulator(object):
     def m_voximplant_statistic_get(self, p):
         flt = p.get("FILTER") or {}
         return [{k: v for k, v in r.items() if k not in ("shown_at_finish", "call")} for r in self.stats.values()
-                if "CALL_ID" not in flt or r["CALL_ID"] == flt["CALL_ID"]]
+                if all(r.get(k) == v for k, v in flt.items() if k in ("CALL_ID", "EXTERNAL_CALL_ID"))]
 
     # offline events (click-to-call without a public port)
     def m_event_bind(self, p):

@@ -400,3 +400,26 @@ def test_a_clock_step_back_moves_the_waiting_requests_with_it(tmp_path):
     daemon._follow_the_clock(-3600.0)
     assert [r.kind for r in outbox.ready(time.time() - 3600 + 301)] == ["task"]
     daemon.bridge.store.close()
+
+
+def test_a_lost_state_database_duplicates_nothing_bitrix24_already_has(tmp_path, caplog):
+    """The state database deleted while stopped: CEL is read from hours back, and the calls
+    the portal already has (by EXTERNAL_CALL_ID) are not registered a second time."""
+    caplog.set_level(logging.INFO, "bx24ast")
+    capture = os.path.join(PJSIP, "inbound_answered")
+    expected = load_expected(capture)["calls"]
+    feed = CelFeed(tmp_path, capture)
+    feed.everything()
+    with Bitrix24Emulator() as emu:
+        with FakeAmiServer([capture]) as ami:
+            with Service(tmp_path, ami, emu, capture, feed) as svc:
+                assert wait_for(lambda: ami.finished.is_set() and emu.stats and svc.idle(), 20)
+        for name in os.listdir(str(tmp_path)):
+            if name.startswith("bx24ast.db"):
+                os.remove(str(tmp_path / name))
+        with FakeAmiServer([]) as ami:
+            with Service(tmp_path, ami, emu, capture, feed) as svc:
+                assert wait_for(lambda: "already in Bitrix24" in caplog.text and svc.idle(), 20)
+        _check_exactly_once(emu, expected)
+        assert len([e for e in emu.journal if e["method"] == "telephony.externalcall.register"]) == 1
+    feed.close()
