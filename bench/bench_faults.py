@@ -40,6 +40,7 @@ import bx24ast  # noqa: E402
 from b24_emulator import Bitrix24Emulator  # noqa: E402
 from conftest import FIXTURES, load_expected  # noqa: E402
 from fake_ami import FakeAmiServer, capture_messages  # noqa: E402
+from test_faults import _fill as fill_disk  # noqa: E402
 
 SCRIPT = os.path.join(ROOT, "bx24ast.py")
 USERS = {"101": 5, "102": 7, "103": 9}
@@ -391,13 +392,7 @@ def run_row(name, stream, fault, outage=0.0, seed=7):
             elif fault == "disk":
                 while ami.now() < stream.length / 3:
                     time.sleep(0.05)
-                filler = os.path.join(state, "filler")
-                with open(filler, "wb", buffering=0) as f:
-                    try:
-                        while True:
-                            f.write(b"x" * 65536)
-                    except OSError:
-                        pass
+                filler = fill_disk(state)
                 time.sleep(30)
                 os.remove(filler)
             while ami.now() < stream.length + 2:
