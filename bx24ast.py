@@ -4050,6 +4050,10 @@ class OutageLog(object):
                         _duration(now - self.since), self.failures,
                         ", %d requests waiting" % waiting() if waiting else "", exc)
 
+    def backoff(self, cap):
+        """How long every request waits after the latest failed attempt of an outage."""
+        return min(cap, 0.5 * (1.6 ** max(0, self.failures - 1))) if self.since is not None else 0.0
+
     def succeeded(self):
         if self.since is not None:
             log.info("Bitrix24 answers again after %s (%d failed attempts)",
@@ -4081,6 +4085,9 @@ class OutboxSender(object):
         self.recordings = recordings
         self.default_user_id = default_user_id or None
         self.clock = clock
+        # pauses are spans of time, so they run on the steady clock: a wall-clock step
+        # back must not hold the whole outbox for an hour
+        self.steady = monotonic
         self.paused_until = 0.0
         self.method_paused = {}
         self.alert = None
@@ -4169,7 +4176,7 @@ class OutboxSender(object):
     # -- requests of others riding in our batches ---------------------------------------------
     def backlog(self):
         """True when requests are waiting, so a batch is about to go anyway."""
-        return self._thread is not None and self.clock() >= self.paused_until and \
+        return self._thread is not None and self.steady() >= self.paused_until and \
             bool(self.outbox.ready(self.clock(), 2))
 
     def ride(self, method, params):
@@ -4226,11 +4233,12 @@ class OutboxSender(object):
         wait = 1.0
         if due is not None:
             wait = min(wait, max(0.0, due - now))
-        if self.paused_until > now:
-            wait = max(wait, min(self.paused_until - now, 5.0))
+        steady = self.steady()
+        if self.paused_until > steady:
+            wait = max(wait, min(self.paused_until - steady, 5.0))
         if due is not None and due <= now:
             # due but held back (its method paused after a 429): sleep until the pause ends
-            pauses = [t - now for t in self.method_paused.values() if t > now]
+            pauses = [t - steady for t in self.method_paused.values() if t > steady]
             if pauses:
                 wait = max(wait, min(min(pauses), 1.0))
         with self.outbox.wakeup:
@@ -4248,9 +4256,10 @@ class OutboxSender(object):
             except BitrixError as exc:
                 self.users.next_try = now + (60 if self.users.loaded_at else 3)
                 log.warning("Bitrix24: cannot read users (user.get): %s", exc)
-        if now < self.paused_until:
+        steady = self.steady()
+        if steady < self.paused_until:
             return False
-        ready = [r for r in self.outbox.ready(now, 50) if self.method_paused.get(r.method, 0) <= now]
+        ready = [r for r in self.outbox.ready(now, 50) if self.method_paused.get(r.method, 0) <= steady]
         if not ready:
             return False
         ready = [r for r in ready if self._pre_send(r, now)]
@@ -4526,7 +4535,7 @@ class OutboxSender(object):
             return
         self.outage.succeeded()
         self.last_sent_at = time.time()
-        if self.alert and self.paused_until <= self.clock() and req.kind != "owner":
+        if self.alert and self.paused_until <= self.steady() and req.kind != "owner":
             log.info("Bitrix24 accepts requests again; the alert (%s) no longer applies", self.alert)
             self.alert = None
         if req.kind == "register" and isinstance(result, dict):
@@ -4563,7 +4572,7 @@ class OutboxSender(object):
         return req.attempts > 1 and (req.last_error is None or req.last_error.startswith("no answer"))
 
     def _failed(self, req, exc):
-        now = self.clock()
+        now = self.steady()
         if isinstance(exc, BitrixUnavailable):
             delay = self._backoff(req)
             if exc.maybe_done and req.kind in Outbox.UNCERTAIN_KINDS:
@@ -4575,6 +4584,9 @@ class OutboxSender(object):
                              "asked again in %.0f s", req.linkedid, req.method, delay)
             self.outbox.retry(req, delay, "no answer: %s" % exc)
             self.outage.failed(exc, self._waiting)
+            # The portal is away for every request, not just this one: one probe per
+            # back-off step instead of each waiting request trying on its own clock.
+            self.paused_until = max(self.paused_until, now + self.outage.backoff(self.BACKOFF_CAP))
         elif isinstance(exc, BitrixRateLimited):
             delay = self._backoff(req)
             self.paused_until = max(self.paused_until, now + delay)

@@ -561,6 +561,31 @@ def test_an_outage_costs_a_few_attempts_not_a_busy_loop(tmp_path):
             assert len(steps) < 60, len(steps)
 
 
+def test_a_portal_that_drops_every_connection_is_probed_not_hammered(tmp_path):
+    """Requests that arrive one by one during an outage share one back-off: the portal
+    is away for all of them, so each step of the back-off is one attempt, not one per
+    waiting request on its own clock."""
+    with Bitrix24Emulator() as emu:
+        with Harness(tmp_path, emu) as h:
+            h.bridge.sender.BACKOFF_CAP = 3.0
+            emu.set_outage("drop", 9.0)
+            for n in range(30):
+                h.bridge.outbox.add("1796000100.%d" % n, "show", "telephony.externalcall.show",
+                                    {"CALL_ID": "X", "USER_ID": [5]}, bx24ast.PRIORITY_CARD)
+                with h.bridge.outbox.wakeup:
+                    h.bridge.outbox.wakeup.notify_all()
+                time.sleep(0.25)
+            time.sleep(9.5 - 30 * 0.25)
+            attempts = [e for e in emu.journal if e["method"] == "(outage)"]
+            # 0.5, 0.8, 1.3, 2, 3, 3... s apart: about 6 in 9 s (30+ with a clock per request)
+            assert 2 <= len(attempts) <= 9, len(attempts)
+            deadline = time.time() + 15
+            while time.time() < deadline and h.bridge.outbox.counts().get("pending"):
+                time.sleep(0.2)
+            shows = [e for e in emu.journal if e["method"] == "telephony.externalcall.show"]
+            assert len(shows) == 30 and not h.bridge.outbox.counts().get("pending")
+
+
 # -- uncertain outcomes: a request the portal may have carried out without answering ---------
 
 SLOW = {"bitrix24": {"timeout": 1, "unanswered_retry_seconds": 3}}
@@ -664,8 +689,8 @@ def test_an_overload_block_pauses_everything_and_its_alert_clears_once_requests_
             sender = h.bridge.sender
             h.replay(path)
             assert wait_for(lambda: sender.alert, 10)
-            assert sender.paused_until > sender.clock() + 500     # ten minutes, as support asks
-            sender.paused_until = sender.clock()                  # ...compressed
+            assert sender.paused_until > sender.steady() + 500    # ten minutes, as support asks
+            sender.paused_until = sender.steady()                 # ...compressed
             h.bridge.outbox.shift(-600)
             with h.bridge.outbox.wakeup:
                 h.bridge.outbox.wakeup.notify_all()
