@@ -51,6 +51,7 @@ import socket
 import socketserver
 import sqlite3
 import ssl
+import stat
 import subprocess
 import sys
 import threading
@@ -113,6 +114,14 @@ class ClockWatch(object):
 
 
 STEADY = SteadyClock()
+
+_ASCII_DIGITS = re.compile(r"[0-9]+\Z")
+
+
+def is_digits(text):
+    """ASCII digits only: str.isdigit() and int() also take '１' or '٣', which no PBX
+    dials and no Bitrix24 id is made of."""
+    return isinstance(text, str) and bool(_ASCII_DIGITS.match(text))
 
 
 def iso_time(ts):
@@ -202,7 +211,10 @@ class ConfigError(Exception):
 def _as_int(lo, hi):
     def convert(text):
         try:
-            value = int(text.strip())
+            text = text.strip()
+            if not is_digits(text.lstrip("-")):
+                raise ValueError(text)
+            value = int(text)
         except ValueError:
             raise ValueError("a whole number from %d to %d" % (lo, hi))
         if not lo <= value <= hi:
@@ -224,6 +236,22 @@ def _as_float(lo, hi):
 
 
 _TRUE = {"1", "yes", "true", "on"}
+
+# Every line separator of str.splitlines(), not only CR and LF.
+_LINE_BREAKS = ("\n", "\r", "\v", "\f", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029")
+
+
+def has_line_break(text):
+    return any(c in text for c in _LINE_BREAKS)
+
+
+def is_regular_file(path):
+    """A path given in a form or the config that bx24ast opens must be a plain file:
+    a FIFO or a device (/dev/zero) would hang or flood the reader."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except (OSError, ValueError):
+        return False
 _FALSE = {"0", "no", "false", "off"}
 
 
@@ -320,7 +348,7 @@ def _as_listen(text):
         return None
     host, sep, port = text.rpartition(":")
     host = host.strip("[]")
-    if not sep or not port.isdigit() or not 0 <= int(port) < 65536 or not re.match(r"^[A-Za-z0-9.:\-_]*$", host):
+    if not sep or not is_digits(port) or not 0 <= int(port) < 65536 or not re.match(r"^[A-Za-z0-9.:\-_]*$", host):
         raise ValueError("empty, or address:port like 127.0.0.1:4573 or 0.0.0.0:8077")
     return host or "0.0.0.0", int(port)
 
@@ -440,6 +468,7 @@ CONFIG_SCHEMA = [
     ("wizard", "user", "admin", _as_matching(r"^[A-Za-z0-9_.@\-]{1,64}$", "a login of letters, digits, _ . @ -"), "Wizard login."),
     ("wizard", "password_hash", "", _as_str, "Salted PBKDF2 hash of the wizard password (bx24ast.py set-password writes it; the password itself is never stored)."),
     ("wizard", "language", "en", _as_choice("en", "ru"), "Language of the wizard (en, ru)."),
+    ("wizard", "pbx_root", "/", _as_str, "Where the PBX's files are for the wizard (/etc/asterisk, the CEL database, the AMI user it creates): / on a PBX; install.sh --root sets its tree."),
     ("storage", "state_dir", "/var/lib/bx24ast", _as_dir, "Directory for the state database (outbox, tokens, checkpoints)."),
     ("storage", "reserve_mb", "4", _as_float(0, 1024), "Space kept in a reserve file next to the state database: given back when the disk fills (check turns CRITICAL) so that no call is lost; 0 turns it off."),
     ("log", "level", "info", _as_choice("debug", "info", "warning", "error"), "Log verbosity."),
@@ -560,10 +589,12 @@ def comma_list(text):
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
-def _ini_value(value):
+def _ini_value(value, section=None, key=None):
     text = str(value)
-    if "\n" in text or "\r" in text:
-        raise ConfigError("a configuration value cannot hold a line break: %r" % text[:40])
+    if has_line_break(text):
+        raise ConfigError("%sa configuration value cannot hold a line break: %r"
+                          % ("[%s] %s: " % (section, key) if key else "", text[:40]),
+                          section=section, key=key, value=text)
     return text
 
 
@@ -576,10 +607,14 @@ def update_config_file(path, updates=None, maps=None):
     maps = maps or {}
     try:
         with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
+            # lines as configparser reads them (CR, LF, CRLF), not str.splitlines(),
+            # which also breaks at U+2028 and friends
+            lines = re.split(r"\r\n|\r|\n", f.read())
+            if lines and lines[-1] == "":
+                lines.pop()
     except FileNotFoundError:
         lines = []
-    pending = collections.OrderedDict(((sec, key), _ini_value(v)) for (sec, key), v in updates.items())
+    pending = collections.OrderedDict(((sec, key), _ini_value(v, sec, key)) for (sec, key), v in updates.items())
     out, section = [], None
 
     def flush(sec):
@@ -589,7 +624,7 @@ def update_config_file(path, updates=None, maps=None):
                 out.append("%s = %s" % (key, value) if value != "" else "%s =" % key)
                 del pending[(s_, key)]
         if sec in maps:
-            out.extend("%s = %s" % (_ini_value(k), _ini_value(v)) for k, v in maps[sec].items())
+            out.extend("%s = %s" % (_ini_value(k, sec, k), _ini_value(v, sec, k)) for k, v in maps[sec].items())
 
     for line in lines:
         m = re.match(r"^\s*\[([^\]]+)\]\s*$", line)
@@ -728,6 +763,7 @@ class StateStore(object):
             except OSError as exc:
                 raise StorageError("cannot create the state directory %s ([storage] state_dir): %s"
                                    % (directory, exc.strerror))
+            self._make_private(path)
         try:
             self.db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
             self.db.row_factory = sqlite3.Row
@@ -750,6 +786,22 @@ class StateStore(object):
         self.error = None          # the last failed write, until one succeeds
         self.error_since = None
         self.failed_writes = 0
+
+    @staticmethod
+    def _make_private(path):
+        """0600 for the database and its WAL: it holds the portal's OAuth tokens and
+        every caller's number, whatever the directory's mode or the umask."""
+        if not os.path.exists(path):
+            try:
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+            except OSError:
+                return   # sqlite3.connect says why, naming the file
+        for name in (path, path + "-wal", path + "-shm"):
+            try:
+                if stat.S_IMODE(os.stat(name).st_mode) & 0o077:
+                    os.chmod(name, 0o600)
+            except OSError:
+                pass
 
     # Columns added since the first release: a database from an older version gets
     # them on open (CREATE TABLE IF NOT EXISTS leaves an existing table as it was).
@@ -1861,8 +1913,8 @@ class NumberPlan(object):
         if not text:
             return None
         if text.startswith("+"):
-            return "+" + text[1:] if text[1:].isdigit() else None
-        if not text.isdigit():
+            return "+" + text[1:] if is_digits(text[1:]) else None
+        if not is_digits(text):
             return None  # "anonymous", "<unknown>", SIP URIs: no number to report
         if self._intl is not None:
             m = self._intl.match(text)
@@ -1977,7 +2029,7 @@ class PbxRules(object):
         if not text:
             return False
         digits = text[1:] if text.startswith("+") else text
-        return digits.isdigit() and len(digits) >= self.external_min_length
+        return is_digits(digits) and len(digits) >= self.external_min_length
 
     def is_trunk_channel(self, name):
         if self.trunk_channels is not None and self.trunk_channels.match(name) is not None:
@@ -3220,6 +3272,11 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None
 
 
+def mask_webhook(url):
+    """An inbound webhook's address without its secret code (logs, the wizard)."""
+    return re.sub(r"/rest/(\d+)/[^/]+/?", r"/rest/\1/***/", url or "")
+
+
 class BitrixClient(object):
     """Calls Bitrix24 REST methods through a webhook or a local application."""
 
@@ -3282,7 +3339,7 @@ class BitrixClient(object):
     def describe(self):
         """Where requests go, without the secret part."""
         if self.webhook_url:
-            return re.sub(r"/rest/(\d+)/[^/]+/", r"/rest/\1/***/", self.webhook_url)
+            return mask_webhook(self.webhook_url)
         return "%s (local application %s)" % (self.portal_url, self.client_id)
 
     # -- tokens ---------------------------------------------------------------------------
@@ -3367,7 +3424,7 @@ class BitrixClient(object):
                 if status in (301, 302, 303, 307, 308) and exc.headers.get("Location"):
                     new = exc.headers["Location"]
                     log.warning("Bitrix24: the portal moved to %s; following with the same body",
-                                re.sub(r"/rest/(\d+)/[^/]+/", r"/rest/\1/***/", new.split("?")[0]))
+                                mask_webhook(new.split("?")[0]))
                     url = new
                     continue
             except (urllib.error.URLError, OSError, socket.timeout) as exc:
@@ -3604,6 +3661,8 @@ class RecordingFiles(object):
 
     def prepare(self, path):
         """(file name, bytes) for attachRecord: lower-case .wav/.mp3 with real audio."""
+        if os.path.exists(path) and not is_regular_file(path):
+            raise RecordingProblem("%s is not a regular file" % path)
         try:
             with open(path, "rb") as f:
                 data = f.read()
@@ -4686,6 +4745,9 @@ class SqliteCel(object):
     def _connect(self):
         if not os.path.exists(self.path):
             raise CelError("CEL database %s does not exist (cel_sqlite3_custom not loaded?)" % self.path)
+        if not is_regular_file(self.path):
+            # a FIFO or a device would block the reading thread for ever
+            raise CelError("[cel] sqlite_path %s is not a regular file" % self.path)
         try:
             db = sqlite3.connect("file:%s?mode=ro" % urllib.parse.quote(os.path.abspath(self.path)),
                                  uri=True, timeout=5)
@@ -5659,7 +5721,8 @@ class FastAgiServer(Listener):
             def handle(self):
                 server.session(self.rfile, self.wfile, self.client_address)
 
-        self.server = _ThreadingTCPServer((host, port), Handler)
+        # every call of the PBX may run the AGI at once, all from the PBX's address
+        self.server = bounded(_ThreadingTCPServer((host, port), Handler), "FastAGI", 256, 256, 60.0)
 
     def describe(self):
         return "routing: FastAGI on %s:%d (AGI(agi://%s:%d/responsible))" % (self.address * 2)
@@ -5729,33 +5792,158 @@ class FastAgiServer(Listener):
             return not text.startswith(("511", "520"))
 
 
-def _connection_failed(server, request, client_address):
-    # socketserver would print a traceback to stderr for a client that vanished
-    # or spoke plain HTTP to the TLS port: a log line is enough.
-    log.info("connection from %s failed: %s", client_address[0], sys.exc_info()[1])
+class LogLimiter(object):
+    """At most `burst` lines a minute per kind of event; the rest are counted and told
+    in one line when the minute is over. Refused connections and forms come from
+    outside: a flood of them must not become a flood of log."""
+
+    def __init__(self, burst=5, every=60.0, clock=monotonic):
+        self.burst, self.every, self.clock = burst, every, clock
+        self._windows = {}     # kind -> [window start, lines logged, lines held back]
+        self._lock = threading.Lock()
+
+    def log(self, level, kind, fmt, *args):
+        now = self.clock()
+        with self._lock:
+            window = self._windows.get(kind)
+            held = 0
+            if window is None or now - window[0] >= self.every:
+                held = window[2] if window else 0
+                window = self._windows[kind] = [now, 0, 0]
+                if len(self._windows) > 256:
+                    for old in [k for k, w in self._windows.items() if now - w[0] >= self.every]:
+                        del self._windows[old]
+            if window[1] >= self.burst:
+                window[2] += 1
+                return
+            window[1] += 1
+        if held:
+            log.log(level, "%s: %d more like it in the last minute, not logged one by one", kind, held)
+        log.log(level, fmt, *args)
 
 
-class _ThreadingTCPServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
+REFUSALS = LogLimiter()
+
+# A client that hangs up mid-request or mid-reply: nothing to tell but one line.
+_CLIENT_GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, socket.timeout, ssl.SSLError)
+
+
+class _BoundedServer(socketserver.ThreadingMixIn):
+    """A thread per connection, but a bounded number of them: at most max_connections
+    at once, max_per_address from one address, and each done within request_deadline
+    (an idle or trickling client is cut off). Beyond that a connection is closed at
+    once, so a public port cannot use up the daemon's threads or file descriptors."""
+
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 64
-    handle_error = _connection_failed
+    max_connections = 64
+    max_per_address = 16
+    request_deadline = 30.0
+    label = "listener"
+
+    def __init__(self, *args, **kwargs):
+        self._open = {}     # socket -> (address, deadline)
+        self._open_lock = threading.Lock()
+        super(_BoundedServer, self).__init__(*args, **kwargs)
+
+    def verify_request(self, request, client_address):
+        conns = self._open
+        peer = client_address[0] if client_address else "?"
+        with self._open_lock:
+            if len(conns) >= self.max_connections:
+                why = "%d connections open, the most it takes" % len(conns)
+            elif sum(1 for addr, _ in conns.values() if addr == peer) >= self.max_per_address:
+                why = "%d connections open from that address, the most it takes" % self.max_per_address
+            else:
+                conns[request] = (peer, monotonic() + self.request_deadline)
+                return True
+        REFUSALS.log(logging.WARNING, "%s: refused connections" % self.label,
+                     "%s: refused a connection from %s: %s", self.label, peer, why)
+        return False
+
+    def shutdown_request(self, request):
+        with self._open_lock:
+            self._open.pop(request, None)
+        socketserver.TCPServer.shutdown_request(self, request)
+
+    def service_actions(self):
+        """Called by serve_forever every half second: cut off connections past their deadline."""
+        now = monotonic()
+        with self._open_lock:
+            late = [sock for sock, (_addr, deadline) in self._open.items() if deadline < now]
+        for sock in late:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def open_count(self):
+        with self._open_lock:
+            return len(self._open)
+
+    def handle_error(self, request, client_address):
+        # socketserver would print a traceback to stderr for a client that vanished
+        # or spoke plain HTTP to the TLS port: a (limited) log line is enough.
+        REFUSALS.log(logging.INFO, "%s: failed connections" % self.label, "%s: connection from %s failed: %s",
+                     self.label, client_address[0] if client_address else "?", sys.exc_info()[1])
 
 
-class _ThreadingHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
+class _ThreadingTCPServer(_BoundedServer, socketserver.TCPServer):
+    pass
+
+
+class _ThreadingHTTPServer(_BoundedServer, http.server.HTTPServer):
     # http.server.ThreadingHTTPServer is 3.7+.
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 64
-    handle_error = _connection_failed
+    pass
 
 
-class _TlsRequestHandler(http.server.BaseHTTPRequestHandler):
-    """A request handler whose TLS handshake happens in the connection's own thread:
-    a slow or plain-HTTP client cannot hold up the accept loop."""
+def bounded(server, label, max_connections=None, max_per_address=None, deadline=None):
+    """Set a listener's limits (per instance: FastAGI from the PBX itself takes more
+    from one address than a public port)."""
+    server.label = label
+    if max_connections is not None:
+        server.max_connections = max_connections
+    if max_per_address is not None:
+        server.max_per_address = max_per_address
+    if deadline is not None:
+        server.request_deadline = deadline
+    return server
+
+
+class _QuietRequestHandler(http.server.BaseHTTPRequestHandler):
+    """What every HTTP listener of bx24ast answers with: no Python version in the
+    Server header, the headers that keep browsers from guessing, and no traceback
+    for a client that went away."""
 
     server_version = "bx24ast"
     timeout = 10
+
+    def version_string(self):
+        return self.server_version
+
+    def end_headers(self):
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("Referrer-Policy", "no-referrer")
+        if getattr(self, "tls", None) is not None:
+            self.send_header("Strict-Transport-Security", "max-age=31536000")
+        http.server.BaseHTTPRequestHandler.end_headers(self)
+
+    def handle_one_request(self):
+        try:
+            http.server.BaseHTTPRequestHandler.handle_one_request(self)
+        except _CLIENT_GONE as exc:
+            self.close_connection = True
+            log.debug("http: client %s went away: %s", self.client_address[0], exc)
+
+    def log_message(self, fmt, *args):
+        log.debug("http: " + fmt, *args)
+
+
+class _TlsRequestHandler(_QuietRequestHandler):
+    """A request handler whose TLS handshake happens in the connection's own thread:
+    a slow or plain-HTTP client cannot hold up the accept loop."""
+
     tls = None
 
     def setup(self):
@@ -5764,14 +5952,15 @@ class _TlsRequestHandler(http.server.BaseHTTPRequestHandler):
             self.request = self.tls.wrap_socket(self.request, server_side=True)
         http.server.BaseHTTPRequestHandler.setup(self)
 
-    def log_message(self, fmt, *args):
-        log.debug("http: " + fmt, *args)
-
 
 def tls_context(cert, key, section):
     """A server TLS context, or ConfigError naming [section] tls_cert."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER) if hasattr(ssl, "PROTOCOL_TLS_SERVER") else \
         ssl.SSLContext(ssl.PROTOCOL_SSLv23)
+    for name, path in (("tls_cert", cert), ("tls_key", key)):
+        if path and not is_regular_file(path):
+            raise ConfigError("[%s] %s %s is not a readable regular file" % (section, name, path),
+                              section=section, key=name, value=path)
     try:
         context.load_cert_chain(cert, key or None)
     except (OSError, ssl.SSLError) as exc:
@@ -5801,13 +5990,7 @@ class LookupHttpServer(Listener):
         self.lookup = lookup
         owner = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            server_version = "bx24ast"
-            timeout = 10
-
-            def log_message(self, fmt, *args):
-                log.debug("routing http: " + fmt, *args)
-
+        class Handler(_QuietRequestHandler):
             def do_GET(self):
                 url = urllib.parse.urlsplit(self.path)
                 if not _is_loopback(self.client_address[0]):
@@ -5820,7 +6003,8 @@ class LookupHttpServer(Listener):
                     return _json_reply(self, 400, {"error": "the number parameter is missing"})
                 return _json_reply(self, 200, owner.lookup.lookup(query["number"]))
 
-        self.server = _ThreadingHTTPServer((host, port), Handler)
+        # the dialplan's CURL() of every call, all from the PBX itself
+        self.server = bounded(_ThreadingHTTPServer((host, port), Handler), "routing http", 256, 256, 10.0)
 
     def describe(self):
         return "routing: HTTP lookup on http://%s:%d/responsible?number=..." % self.address
@@ -5887,7 +6071,7 @@ class ClickToCall(object):
             return self._refuse(None, None, None, "%s: data[CALL_ID] %r is not a Bitrix24 call id"
                                 % (source, str(call_id)[:60]))
         user = data.get("USER_ID")
-        user = int(user) if isinstance(user, str) and user.isdigit() and len(user) < 10 else None
+        user = int(user) if is_digits(user) and len(user) < 10 else None
         if user is None:
             return self._refuse(call_id, None, None, "%s: data[USER_ID] %r is not a user id"
                                 % (source, str(data.get("USER_ID"))[:30]))
@@ -6031,7 +6215,7 @@ class EventListener(Listener):
             def do_POST(self):
                 owner.handle_post(self)
 
-        self.server = _ThreadingHTTPServer((host, port), Handler)
+        self.server = bounded(_ThreadingHTTPServer((host, port), Handler), "click-to-call", 64, 16, 15.0)
         self.scheme = "https" if cert else "http"
 
     def handle_post(self, req):
@@ -6041,12 +6225,19 @@ class EventListener(Listener):
         except ValueError:
             length = -1
         if length < 0 or length > self.MAX_BODY:
-            log.warning("click-to-call: refused a POST from %s: body of %s bytes", peer, length)
+            REFUSALS.log(logging.WARNING, "click-to-call: refused POSTs",
+                         "click-to-call: refused a POST from %s: body of %s bytes", peer, length)
             return _json_reply(req, 413, {"error": "body too large"})
         body = req.rfile.read(length).decode("utf-8", "replace")
         form = php_form(body)
         auth = form.get("auth") if isinstance(form.get("auth"), dict) else {}
-        event = str(form.get("event", "")).upper()
+        for name, value in (("event", form.get("event", "")), ("auth[application_token]",
+                                                                auth.get("application_token", ""))):
+            if not isinstance(value, str):
+                REFUSALS.log(logging.WARNING, "click-to-call: refused POSTs",
+                             "click-to-call: refused a POST from %s: %s is not a single value", peer, name)
+                return _json_reply(req, 400, {"error": "%s must be a single value" % name})
+        event = form.get("event", "").upper()
         if event == "ONAPPINSTALL" and self.client is not None:
             try:
                 self.client.install(auth)
@@ -6056,11 +6247,12 @@ class EventListener(Listener):
             return _json_reply(req, 200, {"result": "installed"})
         given = auth.get("application_token") or ""
         if not any(hmac.compare_digest(given.encode("utf-8"), t.encode("utf-8")) for t in self.tokens() if t):
-            log.warning("click-to-call: refused an event from %s: %s", peer,
-                        "wrong auth[application_token]" if given else "no auth[application_token]")
+            REFUSALS.log(logging.WARNING, "click-to-call: refused POSTs", "click-to-call: refused an event from %s: %s",
+                         peer, "wrong auth[application_token]" if given else "no auth[application_token]")
             return _json_reply(req, 403, {"error": "wrong application_token"})
         if event not in CLICK_EVENTS:
-            log.warning("click-to-call: event %r from %s is not one bx24ast handles", event[:40], peer)
+            REFUSALS.log(logging.WARNING, "click-to-call: refused POSTs",
+                         "click-to-call: event %r from %s is not one bx24ast handles", event[:40], peer)
             return _json_reply(req, 400, {"error": "unexpected event"})
         # Answer at once (Bitrix24 does not retry, and slow handlers lose priority);
         # the Originate is asynchronous anyway.
@@ -6291,6 +6483,11 @@ WIZARD_TEXT = {
         "fix": "Fix the fields marked below; nothing was saved.", "what_to_do": "What to do",
         "found": "Found on this PBX", "none_found": "Nothing found.",
         "oauth_code": "Authorization code (local application)",
+        "back": "Back to the setup",
+        "error_stale_login": "The login form has expired: reload the page and log in again.",
+        "error_csrf": "The form is stale or was not sent by this page (CSRF token): reload the page.",
+        "error_not_found": "There is no such page in the setup.",
+        "error_failed": "bx24ast could not show this page; the log says why.",
         "help_oauth_code": "Only when the portal cannot reach this host's install handler: open "
                            "https://<portal>/oauth/authorize/?client_id=<client_id> and paste the code= value.",
     },
@@ -6322,12 +6519,18 @@ WIZARD_TEXT = {
         "fix": "Исправьте отмеченные поля; ничего не сохранено.", "what_to_do": "Что сделать",
         "found": "Найдено на этой АТС", "none_found": "Ничего не найдено.",
         "oauth_code": "Код авторизации (локальное приложение)",
+        "back": "Вернуться к настройке",
+        "error_stale_login": "Форма входа устарела: обновите страницу и войдите снова.",
+        "error_csrf": "Форма устарела или отправлена не с этой страницы (CSRF-токен): обновите страницу.",
+        "error_not_found": "Такой страницы в настройке нет.",
+        "error_failed": "bx24ast не смог показать эту страницу; причина записана в журнале.",
         "help_oauth_code": "Только если портал не может достучаться до обработчика установки: откройте "
                            "https://<портал>/oauth/authorize/?client_id=<client_id> и вставьте значение code=.",
     },
 }
 
-# Fields of each step: (section, key, kind). kind: text, secret (never shown back), choice, flag.
+# Fields of each step: (section, key, kind). kind: text, secret (never shown back), secret_url
+# (shown with its secret part masked, never sent back whole), choice, flag.
 WIZARD_FIELDS = {
     "language": [("wizard", "language", "choice")],
     "database": [("cel", "backend", "choice"), ("cel", "sqlite_path", "text"), ("cel", "mysql_host", "text"),
@@ -6337,7 +6540,7 @@ WIZARD_FIELDS = {
             ("ami", "secret", "secret")],
     "recordings": [("recordings", "path", "text"), ("pbx", "recording_format", "choice"),
                    ("recordings", "attach", "flag")],
-    "bitrix24": [("bitrix24", "webhook_url", "text"), ("bitrix24", "portal_url", "text"),
+    "bitrix24": [("bitrix24", "webhook_url", "secret_url"), ("bitrix24", "portal_url", "text"),
                  ("bitrix24", "client_id", "text"), ("bitrix24", "client_secret", "secret")],
     "crm": [("crm", "mode", "choice"), ("crm", "create", "flag"), ("crm", "missed_task", "flag"),
             ("crm", "default_user_id", "text"), ("routing", "agi_listen", "text")],
@@ -6347,6 +6550,7 @@ WIZARD_FIELDS = {
 }
 
 _SCHEMA_BY_KEY = dict(((row[0], row[1]), row) for row in CONFIG_SCHEMA)
+_FIELD_KINDS = dict(((f[0], f[1]), f[2]) for fields in WIZARD_FIELDS.values() for f in fields)
 _CHOICES = {("wizard", "language"): ("en", "ru"), ("cel", "backend"): ("auto", "sqlite", "mysql", "off"),
             ("pbx", "recording_format"): ("wav", "mp3", "gsm", "wav49", "ogg"),
             ("crm", "mode"): ("leads", "contacts"), ("click_to_call", "mode"): ("off", "port", "offline")}
@@ -6379,6 +6583,8 @@ class SetupWizard(object):
 
     A draft (the values posted so far) lives in the session; the configuration
     file is written once, at the save step, atomically."""
+
+    MAX_LINES = 500     # lines (DIDs) in the lead-source table: more is not an office
 
     def __init__(self, config_path, root="/", asterisk_command=("asterisk", "-rx"), on_saved=None, timeout=5.0):
         self.config_path = config_path
@@ -6434,9 +6640,11 @@ class SetupWizard(object):
                 value = "yes" if form.get(name) else "no"
             else:
                 value = (form.get(name) or "").strip()
-            if kind == "secret" and value == "":
+            if kind in ("secret", "secret_url") and value == "":
                 continue  # blank keeps what is set
-            if "\n" in value or "\r" in value:
+            if has_line_break(value):
+                # every separator str.splitlines knows (U+2028, \x1c, \x85...): configparser
+                # and editors may split there, and the next save would find a second key
                 errors[name] = "a single line"
                 continue
             if (section, key) in _CHOICES and value not in _CHOICES[(section, key)]:
@@ -6449,7 +6657,7 @@ class SetupWizard(object):
                 continue
             accepted[(section, key)] = value
         if step == "bitrix24" and not errors:
-            webhook = accepted.get(("bitrix24", "webhook_url"))
+            webhook = accepted.get(("bitrix24", "webhook_url")) or self.current(draft)[0][("bitrix24", "webhook_url")]
             portal = accepted.get(("bitrix24", "portal_url"))
             if not webhook and not (portal and accepted.get(("bitrix24", "client_id"))):
                 errors["bitrix24.webhook_url"] = "a webhook URL, or the portal address with the application's client_id"
@@ -6460,7 +6668,11 @@ class SetupWizard(object):
                 errors["click_to_call.application_token"] = "needed in port mode (from the webhook or application)"
         if step == "crm":
             lines, line_errors = collections.OrderedDict(), {}
-            for i in range(int(form.get("line_count") or 0)):
+            count = form.get("line_count") or "0"
+            if not is_digits(count) or int(count) > self.MAX_LINES + 3:
+                errors["line_count"] = "a whole number up to %d" % (self.MAX_LINES + 3)
+                count = "0"
+            for i in range(int(count)):
                 did = (form.get("line_did_%d" % i) or "").strip()
                 source = (form.get("line_source_%d" % i) or "").strip()
                 if not did and not source:
@@ -6469,6 +6681,9 @@ class SetupWizard(object):
                     _lines_entry(did, source)
                 except ValueError as exc:
                     line_errors["line_%d" % i] = "expected %s" % exc
+                    continue
+                if did in lines:
+                    line_errors["line_%d" % i] = "this line is already in the table"
                     continue
                 lines[did] = source
             errors.update(line_errors)
@@ -6484,8 +6699,9 @@ class SetupWizard(object):
         out = []
         for key in sorted(k for k in draft if isinstance(k, tuple)):
             if before.get(key) != draft[key]:
-                secret = any(f[2] == "secret" for fields in WIZARD_FIELDS.values() for f in fields if f[:2] == key)
-                out.append(("[%s] %s" % key, "***" if secret else draft[key]))
+                kind = _FIELD_KINDS.get(key)
+                shown = "***" if kind == "secret" else mask_webhook(draft[key]) if kind == "secret_url" else draft[key]
+                out.append(("[%s] %s" % key, shown))
         if "__lines" in draft and draft["__lines"] != before_maps["lines"]:
             out.append(("[lines]", ", ".join("%s = %s" % kv for kv in draft["__lines"].items()) or "(none)"))
         return out
@@ -6642,10 +6858,7 @@ class SetupWizard(object):
                  "permit = 127.0.0.1/255.255.255.255\nread = %s\nwrite = %s\nwriteTimeout = 5000\n"
                  % (secret, AMI_USER_READ, AMI_USER_WRITE))
         try:
-            tmp = path + ".bx24ast.tmp"
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(text + block)
-            os.replace(tmp, path)
+            replace_keeping_mode(path, text + block)
         except OSError as exc:
             return "cannot write %s: %s" % (path, exc.strerror), False
         draft[("ami", "username")] = "bx24"
@@ -6662,6 +6875,38 @@ class SetupWizard(object):
             return "user bx24 written to %s, but 'asterisk -rx \"manager reload\"' could not run: %s" % (path, exc), \
                 False
         return "user bx24 written to %s and AMI reloaded" % path, True
+
+
+def replace_keeping_mode(path, text, new_mode=0o640):
+    """Write a file of someone else's (manager.conf) atomically with the mode and owner
+    it had: it holds every AMI secret, and a rewrite must not make it world-readable.
+    A new file gets new_mode and the group of its directory (asterisk's)."""
+    try:
+        st = os.stat(path)
+        mode, uid, gid = stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
+    except FileNotFoundError:
+        st_dir = os.stat(os.path.dirname(os.path.abspath(path)))
+        mode, uid, gid = new_mode, -1, st_dir.st_gid
+    tmp = path + ".bx24ast.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)   # never readable on the way
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        if os.geteuid() == 0 or uid == -1:
+            try:
+                os.chown(tmp, uid, gid)
+            except OSError:
+                pass   # not ours to give away: the mode still holds
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def _config_text(values, maps):
@@ -6731,6 +6976,7 @@ class WizardServer(Listener):
 
     thread_name = "wizard"
     SESSION_SECONDS = 8 * 3600
+    IDLE_SECONDS = 30 * 60       # a session left alone that long has to log in again
     FAILS_PER_MINUTE = 5
     PREFIX = "/config/master"
     sessions = {}
@@ -6764,7 +7010,7 @@ class WizardServer(Listener):
             def do_POST(self):
                 owner.serve(self, "POST")
 
-        self.server = _ThreadingHTTPServer((host, port), Handler)
+        self.server = bounded(_ThreadingHTTPServer((host, port), Handler), "wizard", 32, 12, 30.0)
 
     def describe(self):
         return "wizard: %s://%s:%d%s" % (("https" if self.secure else "http",) + self.address + (self.PREFIX,))
@@ -6814,11 +7060,14 @@ class WizardServer(Listener):
 
     def _session(self, req):
         token = self._cookies(req).get("bx24ast_session")
+        now = time.time()
         with self._lock:
             session = self.sessions.get(token) if token else None
-            if session is not None and session["expires"] < time.time():
+            if session is not None and (session["expires"] < now or now - session["seen"] > self.IDLE_SECONDS):
                 del self.sessions[token]
                 session = None
+            if session is not None:
+                session["seen"] = now
         return session
 
     def _text(self, session_or_lang):
@@ -6829,9 +7078,20 @@ class WizardServer(Listener):
     def serve(self, req, verb):
         try:
             self.handle(req, verb)
+        except _CLIENT_GONE as exc:
+            log.debug("wizard: %s went away during %s %s: %s", req.client_address[0], verb, req.path[:80], exc)
         except Exception:
             log.exception("wizard: %s %s failed", verb, req.path[:80])
-            self._send(req, 500, "<h1>500</h1><p>bx24ast could not show this page; the log says why.</p>")
+            try:
+                self._error(req, 500, self._text(self._cookies(req).get("bx24ast_lang")), "failed")
+            except _CLIENT_GONE:
+                pass
+
+    def _error(self, req, status, text, what):
+        """A styled page in the admin's language for 403, 404, 429 and 500."""
+        body = "<p>%s</p><p><a href='%s/language'>%s</a></p>" % (_h(text["error_" + what]), self.PREFIX,
+                                                                 _h(text["back"]))
+        return self._send(req, status, self._page(text, "%d" % status, body, None, None))
 
     def handle(self, req, verb):
         url = urllib.parse.urlsplit(req.path)
@@ -6848,9 +7108,9 @@ class WizardServer(Listener):
         if verb == "POST":
             form = self._form(req)
             if form is None or not hmac.compare_digest((form.get("csrf") or "").encode(), session["csrf"].encode()):
-                log.warning("wizard: a form from %s without the right CSRF token was refused", peer)
-                return self._send(req, 403, "<h1>403</h1><p>The form is stale or forged (CSRF token); reload the "
-                                            "page.</p>")
+                REFUSALS.log(logging.WARNING, "wizard: forms refused",
+                             "wizard: a form from %s without the right CSRF token was refused", peer)
+                return self._error(req, 403, self._text(session), "csrf")
         if path == self.PREFIX + "/logout" and verb == "POST":
             with self._lock:
                 self.sessions.pop(self._cookies(req).get("bx24ast_session"), None)
@@ -6862,7 +7122,7 @@ class WizardServer(Listener):
             return self._results(req, session)
         step = path[len(self.PREFIX) + 1:]
         if step not in WIZARD_STEPS:
-            return self._send(req, 404, "<h1>404</h1>")
+            return self._error(req, 404, self._text(session), "not_found")
         return self._step(req, verb, session, step, form)
 
     def _login(self, req, verb, peer):
@@ -6872,35 +7132,42 @@ class WizardServer(Listener):
         if verb == "POST":
             form = self._form(req) or {}
             now = time.time()
+            if not login_csrf or not hmac.compare_digest((form.get("csrf") or "").encode(), login_csrf.encode()):
+                return self._error(req, 403, text, "stale_login")
+            # The attempt is counted before the password is looked at, in one step with
+            # the look at the count: parallel guesses cannot slip in under the limit.
             with self._lock:
                 if len(self.failures) > 1000:   # many addresses: forget the ones past their minute
                     for address in [a for a, times in self.failures.items() if now - times[-1] >= 60]:
                         del self.failures[address]
                 recent = [t for t in self.failures.get(peer, []) if now - t < 60]
+                allowed = len(recent) < self.FAILS_PER_MINUTE
+                if allowed:
+                    recent.append(now)
                 self.failures[peer] = recent
-            if len(recent) >= self.FAILS_PER_MINUTE:
+            if not allowed:
                 wait = int(60 - (now - recent[0])) + 1
+                REFUSALS.log(logging.WARNING, "wizard: logins refused", "wizard: too many failed logins from %s; "
+                             "refused for %d s", peer, wait)
                 return self._send(req, 429, self._page(text, text["login"], "<p class=err>%s</p>"
                                                        % _h(text["wait"] % wait), None, None),
                                   [("Retry-After", str(wait))])
-            if not login_csrf or not hmac.compare_digest((form.get("csrf") or "").encode(), login_csrf.encode()):
-                return self._send(req, 403, "<h1>403</h1><p>Reload the login page (CSRF token).</p>")
             user_ok = hmac.compare_digest((form.get("user") or "").encode(), self.user.encode())
             password_ok = verify_password(form.get("password") or "", self.password_hash)
             if user_ok and password_ok:
                 token = base64.urlsafe_b64encode(os.urandom(24)).decode().rstrip("=")
                 with self._lock:
                     self.sessions[token] = {"csrf": base64.urlsafe_b64encode(os.urandom(18)).decode().rstrip("="),
-                                            "expires": now + self.SESSION_SECONDS, "draft": {},
+                                            "expires": now + self.SESSION_SECONDS, "seen": now, "draft": {},
                                             "lang": self._cookies(req).get("bx24ast_lang") or self.language,
                                             "messages": {}}
-                    self.failures.pop(peer, None)
+                    if self.failures.get(peer):
+                        self.failures[peer].remove(now)
                 log.info("wizard: %s logged in from %s", self.user, peer)
                 return self._redirect(req, self.PREFIX + "/language",
                                       [("Set-Cookie", self._cookie("bx24ast_session", token))])
-            with self._lock:
-                self.failures.setdefault(peer, []).append(now)
-            log.warning("wizard: failed login as %r from %s", (form.get("user") or "")[:40], peer)
+            REFUSALS.log(logging.WARNING, "wizard: failed logins", "wizard: failed login as %r from %s",
+                         (form.get("user") or "")[:40], peer)
             error = "<p class=err>%s</p>" % _h(text["bad_login"])
         login_csrf = base64.urlsafe_b64encode(os.urandom(18)).decode().rstrip("=")
         body = ("%s<form method=post action='%s/login'><input type=hidden name=csrf value='%s'>"
@@ -7012,6 +7279,10 @@ class WizardServer(Listener):
             # A secret already set is never sent back to the browser.
             control = "<input type=password name='%s' value='' placeholder='%s' autocomplete=new-password>" % (
                 _h(name), _h(text["kept"]) if value else "")
+        elif kind == "secret_url":
+            # The webhook's code is its password: shown masked, blank keeps it.
+            control = "<input name='%s' value='' placeholder='%s' autocomplete=off>" % (
+                _h(name), _h("%s (%s)" % (mask_webhook(value), text["kept"])) if value else "")
         else:
             control = "<input name='%s' value='%s'>" % (_h(name), _h(value))
         err = "<span class=err>%s</span>" % _h(error) if error else ""
@@ -7020,9 +7291,12 @@ class WizardServer(Listener):
 
     def _lines_table(self, text, session, lines, posted, errors):
         sources = self.wizard.lead_sources(session["draft"])
+        count = posted.get("line_count") if posted is not None else None
+        count = min(int(count), SetupWizard.MAX_LINES) if is_digits(count) else 0
         rows = list(lines.items()) if posted is None else [
-            (posted.get("line_did_%d" % i, ""), posted.get("line_source_%d" % i, ""))
-            for i in range(int(posted.get("line_count") or 0))]
+            (posted.get("line_did_%d" % i, ""), posted.get("line_source_%d" % i, "")) for i in range(count)]
+        while rows and rows[-1] == ("", ""):
+            rows.pop()   # the blank rows of the last render: three are added again
         rows += [("", "")] * 3
         out = ["<h2>%s</h2><input type=hidden name=line_count value=%d><table><tr><th>%s</th><th>%s</th></tr>"
                % (_h(text["lines"]), len(rows), _h(text["did"]), _h(text["source"]))]
@@ -7483,7 +7757,8 @@ class Daemon(object):
         wizard = self.config.section("wizard")
         if wizard["listen"]:
             wanted.append(("wizard ([wizard] listen)", wizard["listen"], lambda host, port: WizardServer(
-                SetupWizard(self.config.path, on_saved=self.request_reload), wizard["user"], wizard["password_hash"],
+                SetupWizard(self.config.path, root=wizard["pbx_root"] or "/", on_saved=self.request_reload),
+                wizard["user"], wizard["password_hash"],
                 host, port, wizard["tls_cert"], wizard["tls_key"], wizard["language"])))
         for label, (host, port), build in wanted:
             try:
@@ -8366,53 +8641,61 @@ def cmd_example_config(args):
 def build_arg_parser():
     parser = argparse.ArgumentParser(
         prog="bx24ast.py", description="Asterisk <-> Bitrix24 telephony bridge.")
-    parser.add_argument("-c", "--config", help="configuration file (default %s)" % DEFAULT_CONFIG_PATH)
-    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--version", action="version", version="bx24ast %s" % __version__)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    # The global options, before the command or after it (bx24ast.py run -c FILE):
+    # SUPPRESS keeps a command's parser from resetting what was given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    for target, default in ((parser, None), (common, argparse.SUPPRESS)):
+        target.add_argument("-c", "--config", default=default,
+                            help="configuration file (default %s)" % DEFAULT_CONFIG_PATH)
+        target.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=default)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("run", help="connect to AMI and report calls (service mode)")
+    def command(name, **kwargs):
+        return commands.add_parser(name, parents=[common], **kwargs)
+
+    p = command("run", help="connect to AMI and report calls (service mode)")
     p.add_argument("-f", "--foreground", action="store_true", help="log to stderr, not the log file")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("replay", help="print the calls in an AMI capture as JSON lines")
+    p = command("replay", help="print the calls in an AMI capture as JSON lines")
     p.add_argument("capture", help="a capture directory (with ami.log) or an ami.log file")
     p.add_argument("--include-internal", action="store_true", help="also print internal calls")
     p.add_argument("--dry-run", action="store_true",
                    help="after each call, print the Bitrix24 requests that would be sent")
     p.set_defaults(func=cmd_replay)
 
-    p = sub.add_parser("outbox", help="show or retry the requests waiting for Bitrix24")
+    p = command("outbox", help="show or retry the requests waiting for Bitrix24")
     p.add_argument("action", choices=["list", "retry"])
     p.add_argument("--id", type=int, help="retry only this request")
     p.set_defaults(func=cmd_outbox)
 
-    p = sub.add_parser("oauth-code", help="get the local application's first tokens from an authorization code")
+    p = command("oauth-code", help="get the local application's first tokens from an authorization code")
     p.add_argument("code")
     p.set_defaults(func=cmd_oauth_code)
 
-    p = sub.add_parser("bind-events", help="bind click-to-call events on the portal ([click_to_call] mode) "
+    p = command("bind-events", help="bind click-to-call events on the portal ([click_to_call] mode) "
                                            "and print the bindings")
     p.add_argument("--unbind", action="store_true", help="remove the bindings instead")
     p.set_defaults(func=cmd_bind_events)
 
-    p = sub.add_parser("record-ami", help="record the raw AMI stream with its timing sidecar")
+    p = command("record-ami", help="record the raw AMI stream with its timing sidecar")
     p.add_argument("-o", "--output", required=True, help="file to write (ami.log)")
     p.add_argument("--seconds", type=float, default=0, help="stop after this many seconds")
     p.set_defaults(func=cmd_record_ami)
 
-    p = sub.add_parser("detect", help="find the CEL store (FreePBX, ODBC, sqlite) and check its health; "
+    p = command("detect", help="find the CEL store (FreePBX, ODBC, sqlite) and check its health; "
                                       "list the trunks and phones Asterisk has")
     p.add_argument("--root", default="/", help="look in this tree instead of / (for tests)")
     p.set_defaults(func=cmd_detect)
 
-    p = sub.add_parser("recover", help="report calls found in CEL since a time (missed while down)")
+    p = command("recover", help="report calls found in CEL since a time (missed while down)")
     p.add_argument("--since", required=True,
                    help='"YYYY-MM-DD HH:MM[:SS]" local time, or ISO 8601 (2026-12-02T03:28:00+03:00)')
     p.add_argument("--dry-run", action="store_true", help="only print the calls")
     p.set_defaults(func=cmd_recover)
 
-    p = sub.add_parser("check", help="health of the service, AMI, Bitrix24, outbox and CEL (Nagios plugin exit "
+    p = command("check", help="health of the service, AMI, Bitrix24, outbox and CEL (Nagios plugin exit "
                                      "codes: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN)")
     p.add_argument("--cron", action="store_true",
                    help="print nothing when all is OK; restart the service when it died or hangs")
@@ -8421,19 +8704,19 @@ def build_arg_parser():
     p.add_argument("--timeout", type=float, default=3.0, help="seconds for the Bitrix24 request")
     p.set_defaults(func=cmd_check)
 
-    p = sub.add_parser("set-password", help="set the wizard login; the password is read from stdin and only its "
+    p = command("set-password", help="set the wizard login; the password is read from stdin and only its "
                                             "salted hash is stored")
     p.add_argument("--user", default="admin")
     p.set_defaults(func=cmd_set_password)
 
-    p = sub.add_parser("set", help="set configuration keys: section.key=value ... (validated, written atomically)")
+    p = command("set", help="set configuration keys: section.key=value ... (validated, written atomically)")
     p.add_argument("assignments", nargs="+")
     p.set_defaults(func=cmd_set)
 
-    p = sub.add_parser("check-config", help="validate the configuration file")
+    p = command("check-config", help="validate the configuration file")
     p.set_defaults(func=cmd_check_config)
 
-    p = sub.add_parser("example-config", help="print a configuration with every key and its default")
+    p = command("example-config", help="print a configuration with every key and its default")
     p.set_defaults(func=cmd_example_config)
     return parser
 

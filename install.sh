@@ -99,6 +99,15 @@ python_version() {
     "$1" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null
 }
 
+real_python() {
+    # The interpreter itself, not a pyenv/asdf shim or a symlink that an upgrade may
+    # point elsewhere: the unit and cron run it without the login shell's PATH.
+    local exe
+    exe="$("$1" -c 'import sys; print(sys.executable)' 2>/dev/null)" || return 1
+    [ -n "$exe" ] && [ -x "$exe" ] || return 1
+    readlink -f "$exe" 2>/dev/null || printf '%s\n' "$exe"
+}
+
 find_python() {
     PYTHON=""
     local candidate version major minor best_bad=""
@@ -109,7 +118,7 @@ find_python() {
         major="${version%%.*}"
         minor="${version#*.}"
         if [ "$major" -eq 3 ] && [ "$minor" -ge 6 ]; then
-            PYTHON="$(command -v "$candidate")"
+            PYTHON="$(real_python "$candidate")" || PYTHON="$(command -v "$candidate")"
             say "Python $version: $PYTHON"
             return 0
         fi
@@ -177,7 +186,8 @@ write_config() {
     else
         ( umask 077 && "$PYTHON" "$OPT_DIR/bx24ast.py" example-config > "$CONF" ) \
             || fail "cannot write $CONF" "check $ETC_DIR"
-        bx set storage.state_dir=/var/lib/bx24ast log.file=/var/log/bx24ast/bx24ast.log >/dev/null \
+        # With --root every path is inside the tree, and the wizard looks at the PBX there.
+        bx set "storage.state_dir=$STATE_DIR" "log.file=$LOG_DIR/bx24ast.log" "wizard.pbx_root=${ROOT:-/}" >/dev/null \
             || fail "cannot set the paths in $CONF" ""
         say "configuration: $CONF (new, mode 0600)"
     fi
@@ -232,8 +242,8 @@ make_certificate() {
     fi
     WIZARD_TLS=1
     if ! sed -n '/^\[wizard\]/,/^\[/p' "$CONF" | grep -q '^listen = .'; then
-        bx set wizard.listen=0.0.0.0:8078 wizard.tls_cert=/etc/bx24ast/tls/cert.pem \
-            wizard.tls_key=/etc/bx24ast/tls/key.pem >/dev/null || fail "cannot enable the wizard in $CONF" ""
+        bx set wizard.listen=0.0.0.0:8078 "wizard.tls_cert=$tls/cert.pem" \
+            "wizard.tls_key=$tls/key.pem" >/dev/null || fail "cannot enable the wizard in $CONF" ""
     fi
 }
 
@@ -253,12 +263,15 @@ Wants=network-online.target
 
 [Service]
 Type=simple
-ExecStart=$PYTHON /opt/bx24ast/bx24ast.py -c /etc/bx24ast/bx24ast.conf run
+ExecStart=$PYTHON $OPT_DIR/bx24ast.py -c $CONF run
 ExecReload=/bin/kill -HUP \$MAINPID
 Restart=always
 RestartSec=5
 KillSignal=SIGTERM
 TimeoutStopSec=30
+# Listeners cap their connections far below this; the margin is for the state
+# database, AMI and the portal while a port is being flooded.
+LimitNOFILE=4096
 
 [Install]
 WantedBy=multi-user.target
@@ -278,11 +291,12 @@ EOF
 # Default-Stop:      0 1 6
 # Short-Description: Asterisk to Bitrix24 telephony bridge
 ### END INIT INFO
-PIDFILE=/var/lib/bx24ast/bx24ast.pid
-RUN="$PYTHON /opt/bx24ast/bx24ast.py -c /etc/bx24ast/bx24ast.conf run"
+PIDFILE=$STATE_DIR/bx24ast.pid
+RUN="$PYTHON $OPT_DIR/bx24ast.py -c $CONF run"
 running() { [ -s "\$PIDFILE" ] && kill -0 "\$(cat "\$PIDFILE")" 2>/dev/null; }
 case "\$1" in
   start)   running && { echo "bx24ast is running"; exit 0; }
+           ulimit -n 4096 2>/dev/null
            nohup \$RUN >/dev/null 2>&1 &
            echo "bx24ast started" ;;
   stop)    running && kill -TERM "\$(cat "\$PIDFILE")"; echo "bx24ast stopped" ;;
@@ -296,13 +310,13 @@ EOF
         say "service: $INITSCRIPT (SysV init script)"
     fi
     mkdir -p "$(dirname "$CRON")"
-    printf '# bx24ast: health check every minute; silent when all is well, restarts a dead service\n* * * * * root %s /opt/bx24ast/bx24ast.py -c /etc/bx24ast/bx24ast.conf check --cron\n' \
-        "$PYTHON" > "$CRON"
+    printf '# bx24ast: health check every minute; silent when all is well, restarts a dead service\n* * * * * root %s %s -c %s check --cron\n' \
+        "$PYTHON" "$OPT_DIR/bx24ast.py" "$CONF" > "$CRON"
     chmod 0644 "$CRON"
     say "cron: $CRON (check --cron every minute)"
     mkdir -p "$(dirname "$LOGROTATE")"
     cat > "$LOGROTATE" <<EOF
-/var/log/bx24ast/*.log {
+$LOG_DIR/*.log {
     weekly
     rotate 8
     compress

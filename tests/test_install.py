@@ -46,20 +46,29 @@ def test_install_creates_every_piece_with_the_right_modes(tmp_path):
     with open(str(tree / "opt" / "bx24ast" / "bx24ast.py")) as a, open(os.path.join(ROOT, "bx24ast.py")) as b:
         assert a.read() == b.read()
     config = bx24ast.Config.load(str(conf))
-    assert config.get("storage", "state_dir") == "/var/lib/bx24ast"
-    assert config.get("log", "file") == "/var/log/bx24ast/bx24ast.log"
+    # --root: every path of the configuration is inside the tree, the wizard looks there
+    assert config.get("storage", "state_dir") == str(tree / "var" / "lib" / "bx24ast")
+    assert config.get("log", "file") == str(tree / "var" / "log" / "bx24ast" / "bx24ast.log")
     assert config.get("wizard", "user") == "admin" and config.get("wizard", "listen") == ("0.0.0.0", 8078)
-    assert config.get("wizard", "tls_cert") == "/etc/bx24ast/tls/cert.pem"
+    assert config.get("wizard", "tls_cert") == str(tree / "etc" / "bx24ast" / "tls" / "cert.pem")
+    assert config.get("wizard", "pbx_root") == str(tree)
     assert bx24ast.verify_password(PASSWORD, config.get("wizard", "password_hash"))
     assert PASSWORD not in conf.read_text()
     assert mode(tree / "etc" / "bx24ast" / "tls" / "key.pem") == 0o600
     unit = (tree / "etc" / "systemd" / "system" / "bx24ast.service").read_text()
     assert "Restart=always" in unit and "After=network-online.target asterisk.service" in unit
-    assert re.search(r"ExecStart=\S*python3\S* /opt/bx24ast/bx24ast.py -c /etc/bx24ast/bx24ast.conf run", unit)
+    start = re.search(r"^ExecStart=(\S+) (\S+) -c (\S+) run$", unit, re.M)
+    assert start and start.group(2) == str(tree / "opt" / "bx24ast" / "bx24ast.py") and start.group(3) == str(conf)
+    # the interpreter itself, never a shim that needs the login shell's PATH
+    python = start.group(1)
+    assert os.path.isabs(python) and "shims" not in python and os.path.realpath(python) == python
+    with open(python, "rb") as f:
+        assert f.read(4) == b"\x7fELF", "%s is a script, not the interpreter" % python
+    assert "LimitNOFILE=4096" in unit
     assert "ExecReload=/bin/kill -HUP $MAINPID" in unit
     cron = (tree / "etc" / "cron.d" / "bx24ast").read_text()
-    assert re.search(r"^\* \* \* \* \* root \S+ /opt/bx24ast/bx24ast.py -c /etc/bx24ast/bx24ast.conf check --cron$",
-                     cron, re.M)
+    assert re.search(r"^\* \* \* \* \* root %s %s -c %s check --cron$" % (
+        re.escape(python), re.escape(start.group(2)), re.escape(str(conf))), cron, re.M)
     assert "copytruncate" in (tree / "etc" / "logrotate.d" / "bx24ast").read_text()
     assert "service not started (--root" in out
 
@@ -90,7 +99,7 @@ def test_sysv_init_script_when_there_is_no_systemd(tmp_path):
     script = tree / "etc" / "init.d" / "bx24ast"
     assert mode(script) == 0o755 and not (tree / "etc" / "systemd").exists()
     text = script.read_text()
-    assert "chkconfig: 2345" in text and "PIDFILE=/var/lib/bx24ast/bx24ast.pid" in text
+    assert "chkconfig: 2345" in text and "PIDFILE=%s/var/lib/bx24ast/bx24ast.pid" % tree in text
     assert subprocess.run(["sh", "-n", str(script)]).returncode == 0
 
 
