@@ -360,6 +360,7 @@ def test_the_wizard_over_https_sets_secure_cookies(tmp_path):
         assert resp.status == 200 and b"password" in resp.read()
         cookie = resp.getheader("Set-Cookie")
         assert "Secure" in cookie and "HttpOnly" in cookie and "SameSite=Strict" in cookie
+        assert resp.getheader("Strict-Transport-Security", "").startswith("max-age=")
         conn.close()
     finally:
         server.stop()
