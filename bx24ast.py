@@ -145,6 +145,60 @@ def _duration(seconds):
     return "%dm%ds" % (seconds // 60, seconds % 60)
 
 
+class Said(str):
+    """A message for people, in English, that remembers how it was made (its template
+    and values) so that the wizard can say it in the admin's language; `check`, the
+    log and Nagios print it as it is. Only the template is translated: the values
+    (paths, numbers, what Asterisk or the portal answered) are shown as they are."""
+
+    def __new__(cls, template, *args):
+        self = str.__new__(cls, template % args if args else template)
+        self.template = template
+        self.args = args
+        return self
+
+
+def say(template, *args):
+    return Said(template, *args)
+
+
+def said_join(separator, parts):
+    """Messages joined into one that stays translatable part by part."""
+    parts = list(parts)
+    return Said(separator.join(["%s"] * len(parts)), *parts)
+
+
+def said_of(exc):
+    """An exception's message as it was raised (a Said keeps its template)."""
+    return exc.args[0] if exc.args and isinstance(exc.args[0], Said) else str(exc)
+
+
+class Span(float):
+    """A length of time that reads as words (2 days 4 hours, 3 minutes 5 seconds),
+    in the wizard in the admin's language, instead of '8576 minutes'."""
+
+    UNITS = ((86400, "day", "days"), (3600, "hour", "hours"), (60, "minute", "minutes"), (1, "second", "seconds"))
+
+    def parts(self):
+        """[(count, unit index)]: the two largest units that are not zero."""
+        left, out = int(max(0, round(self))), []
+        for i, (size, _one, _many) in enumerate(self.UNITS):
+            if left >= size or (size == 1 and not out):
+                out.append((left // size, i))
+                left %= size
+            if len(out) == 2 or (out and left == 0):
+                break
+        return out
+
+    def __str__(self):
+        return " ".join("%d %s" % (n, self.UNITS[i][1] if n == 1 else self.UNITS[i][2]) for n, i in self.parts())
+
+    __repr__ = __str__
+
+    def __format__(self, spec):
+        return str(self) if not spec else float.__format__(self, spec)
+
+
 def parse_iso_time(text):
     """Seconds since the epoch from Asterisk's EventTV (2026-11-26T04:23:23.109+0000)."""
     m = re.match(r"(\d{4})-(\d\d)-(\d\d)[T ](\d\d):(\d\d):(\d\d)(\.\d+)?\s*(Z|[+-]\d\d:?\d\d)?$",
@@ -5440,14 +5494,14 @@ def cel_health(source, now=None, max_age=3600):
     try:
         newest_id, newest_time = source.newest()
     except CelError as exc:
-        return [("CRITICAL", "CEL unreachable: %s" % exc)]
+        return [("CRITICAL", say("CEL unreachable: %s", said_of(exc)))]
     if newest_id is None:
-        return [("WARNING", "CEL table is empty: is cel.conf enabled?")]
+        return [("WARNING", say("CEL table is empty: is cel.conf enabled?"))]
     age = now - newest_time
     if age > max_age:
-        return [("WARNING", "no CEL event written in the last %d minutes (newest is %d minutes old): "
-                            "calls made now could not be recovered" % (max_age // 60, age // 60))]
-    return [("OK", "CEL reachable (%s), newest event %d s old" % (source.describe(), max(0, age)))]
+        return [("WARNING", say("no CEL event written in the last %s (the newest is %s old): "
+                                "calls made now could not be recovered", Span(max_age), Span(age)))]
+    return [("OK", say("CEL reachable (%s), the newest event %s old", source.describe(), Span(max(0, age))))]
 
 
 class CelWatcher(Worker):
@@ -8038,38 +8092,38 @@ def check_daemon(state_dir, now=None, stale_after=60.0):
     now = time.time() if now is None else now
     beat = Heartbeat(state_dir).read()
     if beat is None:
-        return CheckResult("CRITICAL", "daemon", "never ran on %s (no heartbeat)" % state_dir,
-                           "start it: systemctl start bx24ast (or bx24ast.py run -f to see why it fails)"), None, True
+        return CheckResult("CRITICAL", "daemon", say("never ran on %s (no heartbeat)", state_dir),
+                           say("start it: systemctl start bx24ast (or bx24ast.py run -f to see why it fails)")), None, True
     if beat.get("stopped_at"):
-        return CheckResult("CRITICAL", "daemon", "stopped at %s" % time.strftime(
-            "%Y-%m-%d %H:%M:%S", time.localtime(beat["stopped_at"])), "systemctl start bx24ast"), beat, False
+        return CheckResult("CRITICAL", "daemon", say("stopped at %s", time.strftime(
+            "%Y-%m-%d %H:%M:%S", time.localtime(beat["stopped_at"]))), say("systemctl start bx24ast")), beat, False
     age = now - float(beat.get("time") or 0)
     if not _pid_alive(beat.get("pid")):
-        return CheckResult("CRITICAL", "daemon", "pid %s is gone (last heartbeat %d s ago): it died"
-                           % (beat.get("pid"), age), "see the log; systemctl restart bx24ast"), beat, True
+        return CheckResult("CRITICAL", "daemon", say("pid %s is gone (last heartbeat %s ago): it died",
+                                                  beat.get("pid"), Span(age)), say("see the log; systemctl restart bx24ast")), beat, True
     if age > stale_after:
-        return CheckResult("CRITICAL", "daemon", "pid %s is hung: last heartbeat %d s ago" % (beat.get("pid"), age),
-                           "systemctl restart bx24ast"), beat, True
+        return CheckResult("CRITICAL", "daemon", say("pid %s is hung: last heartbeat %s ago", beat.get("pid"), Span(age)),
+                           say("systemctl restart bx24ast")), beat, True
     up = now - float(beat.get("started_at") or now)
-    return CheckResult("OK", "daemon", "running (pid %s, up %s, heartbeat %d s ago)"
-                       % (beat.get("pid"), _duration(up), age)), beat, False
+    return CheckResult("OK", "daemon", say("running (pid %s, up %s, heartbeat %s ago)",
+                                            beat.get("pid"), Span(up), Span(age))), beat, False
 
 
 def check_ami(beat):
     if beat is None or beat.get("stopped_at"):
-        return CheckResult("UNKNOWN", "ami", "the daemon is not running")
+        return CheckResult("UNKNOWN", "ami", say("the daemon is not running"))
     ami = beat.get("ami") or {}
     where = "%s:%s" % (ami.get("host"), ami.get("port"))
     if ami.get("connected"):
-        return CheckResult("OK", "ami", "connected to %s" % where)
-    return CheckResult("CRITICAL", "ami", "not connected to %s: %s" % (where, ami.get("last_error") or "connecting"),
-                       "check [ami] host/port/username/secret and manager.conf (bx24ast.py run -f shows the login)")
+        return CheckResult("OK", "ami", say("connected to %s", where))
+    return CheckResult("CRITICAL", "ami", say("not connected to %s: %s", where, ami.get("last_error") or say("connecting")),
+                       say("check [ami] host/port/username/secret and manager.conf (bx24ast.py run -f shows the login)"))
 
 
 def check_bitrix24(config, beat, timeout=3.0):
     if not BitrixClient.configured(config):
-        return CheckResult("CRITICAL", "bitrix24", "not configured",
-                           "set [bitrix24] webhook_url, or portal_url + client_id + client_secret")
+        return CheckResult("CRITICAL", "bitrix24", say("not configured"),
+                           say("set [bitrix24] webhook_url, or portal_url + client_id + client_secret"))
     try:
         store = _read_only_store(config)
     except StorageError:
@@ -8080,26 +8134,26 @@ def check_bitrix24(config, beat, timeout=3.0):
         client.may_refresh = False   # the daemon owns the refresh token; two refreshers break it
         client.call("profile")
     except BitrixAuthExpired:
-        return CheckResult("OK", "bitrix24", "reachable (%s); the access token is due for a refresh"
-                           % client.describe())
+        return CheckResult("OK", "bitrix24", say("reachable (%s); the access token is due for a refresh",
+                                                  client.describe()))
     except BitrixError as exc:
-        advice = "check the portal address and the webhook/application rights (telephony crm user task)"
+        advice = say("check the portal address and the webhook/application rights (telephony crm user task)")
         if isinstance(exc, BitrixUnavailable):
-            advice = "is the portal reachable from this host? (DNS, firewall, proxy)"
-        return CheckResult("CRITICAL", "bitrix24", str(exc), advice)
+            advice = say("is the portal reachable from this host? (DNS, firewall, proxy)")
+        return CheckResult("CRITICAL", "bitrix24", said_of(exc), advice)
     finally:
         store.close()
     alert = ((beat or {}).get("bitrix24") or {}).get("alert")
     if alert:
-        return CheckResult("WARNING", "bitrix24", "reachable, but the service reports: %s" % alert,
-                           "too many requests or an overloaded portal; it resumes by itself")
-    return CheckResult("OK", "bitrix24", "reachable (%s)" % client.describe())
+        return CheckResult("WARNING", "bitrix24", say("reachable, but the service reports: %s", alert),
+                           say("too many requests or an overloaded portal; it resumes by itself"))
+    return CheckResult("OK", "bitrix24", say("reachable (%s)", client.describe()))
 
 
 def _read_only_store(config):
     path = os.path.join(config.get("storage", "state_dir"), "bx24ast.db")
     if not os.path.exists(path):
-        raise StorageError("no state database yet at %s" % path)
+        raise StorageError(say("no state database yet at %s", path))
     return StateStore(path)
 
 
@@ -8110,7 +8164,7 @@ def check_outbox(config, now=None, backlog_warning=100, age_warning=600.0, beat=
     try:
         store = _read_only_store(config)
     except StorageError as exc:
-        return CheckResult("UNKNOWN", "outbox", str(exc))
+        return CheckResult("UNKNOWN", "outbox", said_of(exc))
     longest_call = config.get("pbx", "call_max_hours") * 3600
     try:
         counts = Outbox(store).counts()
@@ -8121,7 +8175,7 @@ def check_outbox(config, now=None, backlog_warning=100, age_warning=600.0, beat=
         uncertain = store.query("SELECT linkedid, uncertain FROM calls WHERE uncertain IS NOT NULL "
                                 "AND updated_at >= ? ORDER BY updated_at", (now - 86400,))
     except sqlite3.Error as exc:
-        return CheckResult("UNKNOWN", "outbox", "cannot read the state database: %s" % exc)
+        return CheckResult("UNKNOWN", "outbox", say("cannot read the state database: %s", exc))
     finally:
         store.close()
     pending, parked = counts.get("pending", 0), counts.get("parked", 0)
@@ -8132,29 +8186,29 @@ def check_outbox(config, now=None, backlog_warning=100, age_warning=600.0, beat=
             and not outage.get("failing_since") and not bitrix.get("alert") \
             and now - (bitrix.get("last_sent_at") or beat.get("started_at") or now) > 120:
         level = "CRITICAL"
-        problems.append("%d request(s) due for %s and nothing sent: the sender is stuck" % (pending, _duration(now - due)))
-        advice.append("restart bx24ast (systemctl restart bx24ast) and report the log")
+        problems.append(say("%d request(s) due for %s and nothing sent: the sender is stuck", pending, Span(now - due)))
+        advice.append(say("restart bx24ast (systemctl restart bx24ast) and report the log"))
     if parked:
         level = "WARNING" if level == "OK" else level
-        problems.append("%d request(s) given up (parked)" % parked)
-        advice.append("bx24ast.py outbox list shows why; bx24ast.py outbox retry sends them again")
+        problems.append(say("%d request(s) given up (parked)", parked))
+        advice.append(say("bx24ast.py outbox list shows why; bx24ast.py outbox retry sends them again"))
     if pending and (pending >= backlog_warning or (oldest and now - oldest > age_warning)):
         level = "WARNING" if level == "OK" else level
-        problems.append("%d request(s) waiting, the oldest for %s" % (pending, _duration(now - oldest)))
-        advice.append("is Bitrix24 reachable? (see the bitrix24 check)")
+        problems.append(say("%d request(s) waiting, the oldest for %s", pending, Span(now - oldest)))
+        advice.append(say("is Bitrix24 reachable? (see the bitrix24 check)"))
     if stale:
         level = "WARNING" if level == "OK" else level
-        problems.append("%d call(s) registered over %s ago and never finished (%s)" % (
-            len(stale), _duration(longest_call), ", ".join(r["linkedid"] for r in stale[:5])))
-        advice.append("their end reached neither AMI nor CEL: is CEL enabled? (bx24ast.py detect)")
+        problems.append(say("%d call(s) registered over %s ago and never finished (%s)",
+                            len(stale), Span(longest_call), ", ".join(r["linkedid"] for r in stale[:5])))
+        advice.append(say("their end reached neither AMI nor CEL: is CEL enabled? (bx24ast.py detect)"))
     if uncertain:
         level = "WARNING" if level == "OK" else level
-        problems.append("%d call(s) in the last 24 h finished with uncertain values (%s: %s)" % (
-            len(uncertain), uncertain[-1]["linkedid"], uncertain[-1]["uncertain"]))
-        advice.append("enable CEL so that calls whose end bx24ast missed are finished as Asterisk recorded them")
+        problems.append(say("%d call(s) in the last 24 h finished with uncertain values (%s: %s)",
+                            len(uncertain), uncertain[-1]["linkedid"], uncertain[-1]["uncertain"]))
+        advice.append(say("enable CEL so that calls whose end bx24ast missed are finished as Asterisk recorded them"))
     if not problems:
-        return CheckResult("OK", "outbox", "%d waiting, nothing given up" % pending)
-    return CheckResult(level, "outbox", "; ".join(problems), "; ".join(advice))
+        return CheckResult("OK", "outbox", say("%d waiting, nothing given up", pending))
+    return CheckResult(level, "outbox", said_join("; ", problems), said_join("; ", advice))
 
 
 def check_storage(beat, now=None):
@@ -8164,31 +8218,31 @@ def check_storage(beat, now=None):
     if beat is None or beat.get("stopped_at") or "storage" not in beat:
         return None
     st = beat["storage"]
-    free = "" if st.get("free_mb") is None else ", %s MB free" % st["free_mb"]
+    free = "" if st.get("free_mb") is None else say(", %s MB free", st["free_mb"])
     if st.get("error") or st.get("unsaved_events"):
-        return CheckResult("CRITICAL", "storage", "writing the state database fails since %s: %s; %d call event(s) "
-                           "held in memory%s" % (_duration(now - (st.get("since") or now)) + " ago",
-                                                 st.get("error") or "?", st.get("unsaved_events") or 0, free),
-                           "free disk space under [storage] state_dir (df -h); nothing is lost while "
-                           "the daemon runs")
+        return CheckResult("CRITICAL", "storage", say("writing the state database fails since %s ago: %s; %d call "
+                                                      "event(s) held in memory%s", Span(now - (st.get("since") or now)),
+                                                      st.get("error") or "?", st.get("unsaved_events") or 0, free),
+                           say("free disk space under [storage] state_dir (df -h); nothing is lost while "
+                               "the daemon runs"))
     if st.get("low_since"):
-        return CheckResult("CRITICAL", "storage", "the disk of the state database is almost full%s (the %s MB "
-                           "reserve is used up)" % (free, st.get("reserve_mb")),
-                           "free disk space under [storage] state_dir (df -h) before writes fail")
-    return CheckResult("OK", "storage", "state database writable%s" % free)
+        return CheckResult("CRITICAL", "storage", say("the disk of the state database is almost full%s (the %s MB "
+                                                      "reserve is used up)", free, st.get("reserve_mb")),
+                           say("free disk space under [storage] state_dir (df -h) before writes fail"))
+    return CheckResult("OK", "storage", say("state database writable%s", free))
 
 
 def check_cel(config, now=None):
     try:
         source = open_cel_source(config)
     except CelError as exc:
-        return CheckResult("CRITICAL", "cel", str(exc), "fix [cel] (bx24ast.py detect shows what was found)")
+        return CheckResult("CRITICAL", "cel", said_of(exc), say("fix [cel] (bx24ast.py detect shows what was found)"))
     if source is None:
-        why = "off ([cel] backend = off)" if config.get("cel", "backend") == "off" else "no CEL store found"
-        return CheckResult("WARNING", "cel", "recovery %s: calls made while bx24ast is down are lost" % why,
-                           "enable CEL in cel.conf (cel_sqlite3_custom or FreePBX's MySQL), then bx24ast.py detect")
+        why = say("off ([cel] backend = off)") if config.get("cel", "backend") == "off" else say("no CEL store found")
+        return CheckResult("WARNING", "cel", say("recovery %s: calls made while bx24ast is down are lost", why),
+                           say("enable CEL in cel.conf (cel_sqlite3_custom or FreePBX's MySQL), then bx24ast.py detect"))
     level, message = cel_health(source, now)[0]
-    advice = "" if level == "OK" else "is cel.conf enabled with events=ALL? bx24ast.py detect"
+    advice = "" if level == "OK" else say("is cel.conf enabled with events=ALL? bx24ast.py detect")
     return CheckResult(level, "cel", message, advice)
 
 
@@ -8197,13 +8251,13 @@ def check_listeners(config, beat):
         return None
     errors = beat.get("listener_errors") or []
     if errors:
-        return CheckResult("CRITICAL", "listeners", "; ".join(errors), "another program holds the port: change it "
-                           "in [routing]/[click_to_call] or stop that program")
+        return CheckResult("CRITICAL", "listeners", "; ".join(errors), say("another program holds the port: change it "
+                                                                           "in [routing]/[click_to_call] or stop that program"))
     listening = beat.get("listeners") or []
     if not listening:
         return None
-    return CheckResult("OK", "listeners", ", ".join("%s on %s" % (l["name"].split(" (")[0], l["address"])
-                                                    for l in listening))
+    return CheckResult("OK", "listeners", said_join(", ", (say("%s on %s", l["name"].split(" (")[0], l["address"])
+                                                           for l in listening)))
 
 
 def run_checks(config, now=None, timeout=3.0):
@@ -8226,7 +8280,7 @@ def summarize(results):
     worst = max((r.level for r in results), key=lambda level: (CHECK_EXIT[level] if level != "UNKNOWN" else 1.5))
     bad = [r for r in results if r.level != "OK"]
     if not bad:
-        return worst, "BX24AST OK - %d checks passed" % len(results)
+        return worst, say("BX24AST OK - %d checks passed", len(results))
     return worst, "BX24AST %s - %s" % (worst, "; ".join("%s: %s" % (r.name, r.message) for r in bad))
 
 

@@ -218,7 +218,7 @@ def test_health_warns_when_no_event_in_the_last_hour(tmp_path):
     _, newest = source.newest()
     assert bx24ast.cel_health(source, now=newest + 60)[0][0] == "OK"
     level, message = bx24ast.cel_health(source, now=newest + 7200)[0]
-    assert level == "WARNING" and "last 60 minutes" in message
+    assert level == "WARNING" and "last 1 hour" in message
     assert bx24ast.cel_health(bx24ast.SqliteCel(str(tmp_path / "x.db")))[0][0] == "CRITICAL"
 
 
@@ -273,7 +273,7 @@ def test_detect_plain_asterisk_with_sqlite(tmp_path):
     assert any("enable is not 'yes'" in w for w in warnings)
     out = subprocess.run([sys.executable, SCRIPT, "detect", "--root", str(tmp_path)],
                          stdout=subprocess.PIPE, universal_newlines=True)
-    assert "WARNING: no CEL event written in the last 60 minutes" in out.stdout
+    assert "WARNING: no CEL event written in the last 1 hour" in out.stdout
 
 
 def test_detect_nothing(tmp_path):

@@ -181,7 +181,7 @@ def test_every_step_good_values_checks_and_save(wizard_env):
     status, text, _ = step(b, "database", {"cel.backend": "sqlite", "cel.sqlite_path": cel, "cel.table": "cel",
                                            "cel.mysql_port": "3306", "cel.mysql_host": "localhost",
                                            "cel.mysql_database": "asteriskcdrdb"}, action="check")
-    assert status == 200 and "no CEL event written in the last 60 minutes" in text and "WARNING" in text
+    assert status == 200 and "no CEL event written in the last 1 hour" in text and "WARNING" in text
     assert step(b, "database", {"cel.backend": "sqlite", "cel.sqlite_path": cel, "cel.table": "cel",
                                 "cel.mysql_port": "3306", "cel.mysql_host": "localhost",
                                 "cel.mysql_database": "asteriskcdrdb"})[0] == 303
