@@ -270,9 +270,9 @@ def _as_int(lo, hi):
                 raise ValueError(text)
             value = int(text)
         except ValueError:
-            raise ValueError("a whole number from %d to %d" % (lo, hi))
+            raise ValueError(say("a whole number from %d to %d", lo, hi))
         if not lo <= value <= hi:
-            raise ValueError("a whole number from %d to %d" % (lo, hi))
+            raise ValueError(say("a whole number from %d to %d", lo, hi))
         return value
     return convert
 
@@ -282,9 +282,9 @@ def _as_float(lo, hi):
         try:
             value = float(text.strip())
         except ValueError:
-            raise ValueError("a number from %g to %g" % (lo, hi))
+            raise ValueError(say("a number from %g to %g", lo, hi))
         if not lo <= value <= hi:
-            raise ValueError("a number from %g to %g" % (lo, hi))
+            raise ValueError(say("a number from %g to %g", lo, hi))
         return value
     return convert
 
@@ -315,7 +315,7 @@ def _as_bool(text):
         return True
     if low in _FALSE:
         return False
-    raise ValueError("yes or no")
+    raise ValueError(say("yes or no"))
 
 
 def _as_str(text):
@@ -330,7 +330,7 @@ def _as_regex(text):
     try:
         return re.compile(r"(?:%s)\Z" % text)
     except re.error as exc:
-        raise ValueError("a valid regular expression (%s)" % exc)
+        raise ValueError(say("a valid regular expression (%s)", exc))
 
 
 def _as_pattern_text(text):
@@ -339,7 +339,7 @@ def _as_pattern_text(text):
     try:
         re.compile(text)
     except re.error as exc:
-        raise ValueError("a valid regular expression (%s)" % exc)
+        raise ValueError(say("a valid regular expression (%s)", exc))
     return text
 
 
@@ -347,7 +347,7 @@ def _as_choice(*choices):
     def convert(text):
         low = text.strip().lower()
         if low not in choices:
-            raise ValueError("one of: %s" % ", ".join(choices))
+            raise ValueError(say("one of: %s", ", ".join(choices)))
         return low
     return convert
 
@@ -355,7 +355,7 @@ def _as_choice(*choices):
 def _as_host(text):
     text = text.strip()
     if not text or not re.match(r"^[A-Za-z0-9.:\-\[\]_]+$", text):
-        raise ValueError("a host name or IP address")
+        raise ValueError(say("a host name or IP address"))
     return text.strip("[]")
 
 
@@ -368,7 +368,7 @@ def _as_matching(pattern, expected, allow_empty=False, finish=None):
         if not text and allow_empty:
             return ""
         if not compiled.match(text):
-            raise ValueError(expected)
+            raise ValueError(expected if isinstance(expected, Said) else say(expected))
         return finish(text) if finish else text
     return convert
 
@@ -391,7 +391,7 @@ def _as_template(text):
     try:
         text.format(number="", did="", line="", time="", linkedid="")
     except (KeyError, IndexError, ValueError) as exc:
-        raise ValueError("text with only {number}, {did}, {line}, {time}, {linkedid} (%s)" % exc)
+        raise ValueError(say("text with only {number}, {did}, {line}, {time}, {linkedid} (%s)", exc))
     return text
 
 
@@ -403,25 +403,25 @@ def _as_listen(text):
     host, sep, port = text.rpartition(":")
     host = host.strip("[]")
     if not sep or not is_digits(port) or not 0 <= int(port) < 65536 or not re.match(r"^[A-Za-z0-9.:\-_]*$", host):
-        raise ValueError("empty, or address:port like 127.0.0.1:4573 or 0.0.0.0:8077")
+        raise ValueError(say("empty, or address:port like 127.0.0.1:4573 or 0.0.0.0:8077"))
     return host or "0.0.0.0", int(port)
 
 
 def _as_channel_template(text):
     text = text.strip()
     if "{extension}" not in text or not re.match(r"^[A-Za-z0-9/@_.\-{}]+$", text):
-        raise ValueError("a channel with {extension}, like Local/{extension}@from-internal or PJSIP/{extension}")
+        raise ValueError(say("a channel with {extension}, like Local/{extension}@from-internal or PJSIP/{extension}"))
     try:
         text.format(extension="101")
     except (KeyError, IndexError, ValueError):
-        raise ValueError("a channel with only {extension} in braces")
+        raise ValueError(say("a channel with only {extension} in braces"))
     return text
 
 
 def _as_dir(text):
     text = text.strip()
     if not text or "\0" in text:
-        raise ValueError("a directory path")
+        raise ValueError(say("a directory path"))
     return text
 
 
@@ -496,6 +496,7 @@ CONFIG_SCHEMA = [
     ("cel", "recover_hours_without_state", "24", _as_float(0, 24 * 90), "With no state database (a new install, or it was lost), CEL is read from this many hours back; 0 starts at the newest row."),
     ("cel", "asterisk_etc", "/etc/asterisk", _as_dir, "Asterisk configuration directory (for detection)."),
     ("routing", "agi_listen", "127.0.0.1:4573", _as_listen, "FastAGI server for AGI(agi://127.0.0.1:4573/responsible); empty turns it off."),
+    ("routing", "fallback", "", _as_matching(r"^[A-Za-z0-9_\-]+,[^,\s]{1,40},[A-Za-z0-9_]+$", "empty, or context,extension,priority like ext-group,600,1", allow_empty=True), "Where the wizard's routing dialplan sends a caller with no responsible: context,extension,priority of your usual route."),
     ("routing", "http_listen", "127.0.0.1:4574", _as_listen, "Local HTTP lookup GET /responsible?number=... (JSON) for CURL() dialplans; empty turns it off."),
     ("routing", "budget_ms", "500", _as_int(50, 10000), "Longest a caller waits for the lookup; a slower Bitrix24 answers empty (and fills the cache)."),
     ("routing", "cache_minutes", "10", _as_float(0, 24 * 60), "How long a found responsible is remembered (an unknown caller: at most 1 minute)."),
@@ -522,6 +523,7 @@ CONFIG_SCHEMA = [
     ("wizard", "user", "admin", _as_matching(r"^[A-Za-z0-9_.@\-]{1,64}$", "a login of letters, digits, _ . @ -"), "Wizard login."),
     ("wizard", "password_hash", "", _as_str, "Salted PBKDF2 hash of the wizard password (bx24ast.py set-password writes it; the password itself is never stored)."),
     ("wizard", "language", "en", _as_choice("en", "ru"), "Language of the wizard (en, ru)."),
+    ("wizard", "status_token", "", _as_str, "A token for GET /status (Authorization: Bearer <token>) from monitoring; empty: only the wizard login."),
     ("wizard", "pbx_root", "/", _as_str, "Where the PBX's files are for the wizard (/etc/asterisk, the CEL database, the AMI user it creates): / on a PBX; install.sh --root sets its tree."),
     ("storage", "state_dir", "/var/lib/bx24ast", _as_dir, "Directory for the state database (outbox, tokens, checkpoints)."),
     ("storage", "reserve_mb", "4", _as_float(0, 1024), "Space kept in a reserve file next to the state database: given back when the disk fills (check turns CRITICAL) so that no call is lost; 0 turns it off."),
@@ -1718,11 +1720,11 @@ class AmiConnection(object):
     def action(self, action, headers=(), timeout=10.0):
         """Send and wait for the response; AmiActionFailed on Response: Error."""
         if threading.get_ident() == self._reader_ident:
-            raise AmiError("AMI: %s would wait for itself in the reader thread" % action)
+            raise AmiError(say("AMI: %s would wait for itself in the reader thread", action))
         pending = self.send(action, headers)
         if not pending.done.wait(timeout):
             self.stream.forget(pending.action_id)
-            raise AmiError("AMI: no answer to %s within %.0f s" % (action, timeout))
+            raise AmiError(say("AMI: no answer to %s within %.0f s", action, timeout))
         if pending.error is not None:
             raise pending.error
         if not pending.response.success:
@@ -1850,7 +1852,7 @@ class AmiConnection(object):
             while True:
                 left = deadline - monotonic()
                 if left <= 0:
-                    raise AmiError("no answer from Asterisk within %.0f s" % self.connect_timeout)
+                    raise AmiError(say("no answer from Asterisk within %.0f s", self.connect_timeout))
                 sock.settimeout(left)
                 try:
                     data = self._recv(sock)
@@ -1861,8 +1863,8 @@ class AmiConnection(object):
                     if self.parser.banner is not None:
                         self.banner = self.parser.banner
                         if not self.banner.startswith(self.BANNER_PREFIX):
-                            raise AmiLoginFailed("AMI: %s:%s is not an Asterisk Manager Interface "
-                                                 "(banner %r)" % (self.host, self.port, self.banner[:60]))
+                            raise AmiLoginFailed(say("AMI: %s:%s is not an Asterisk Manager Interface "
+                                                 "(banner %r)", self.host, self.port, self.banner[:60]))
                 else:
                     msgs = self.parser.feed(data, STEADY.now())
                 answer = None
@@ -1884,8 +1886,8 @@ class AmiConnection(object):
         if self.auth == "md5":
             challenge = login_action("Challenge", [("AuthType", "MD5")])
             if not challenge.success or not challenge.get("Challenge"):
-                raise AmiLoginFailed("AMI: %s:%s refused the MD5 challenge: %s"
-                                     % (self.host, self.port, challenge.get("Message", "")))
+                raise AmiLoginFailed(say("AMI: %s:%s refused the MD5 challenge: %s", self.host, self.port,
+                                         challenge.get("Message", "")))
             key = hashlib.md5((challenge.get("Challenge") + self.secret).encode("utf-8")).hexdigest()
             answer = login_action("Login", [("AuthType", "MD5"), ("Username", self.username),
                                             ("Key", key), ("Events", events)])
@@ -1893,9 +1895,8 @@ class AmiConnection(object):
             answer = login_action("Login", [("Username", self.username), ("Secret", self.secret),
                                             ("Events", events)])
         if not answer.success:
-            raise AmiLoginFailed("AMI: login as '%s' to %s:%s refused: %s (check [ami] username "
-                                 "and secret against manager.conf)"
-                                 % (self.username, self.host, self.port,
+            raise AmiLoginFailed(say("AMI: login as '%s' to %s:%s refused: %s (check [ami] username "
+                                 "and secret against manager.conf)", self.username, self.host, self.port,
                                     answer.get("Message", "no reason given")))
         sock.settimeout(None)
         self.connects += 1
@@ -3028,17 +3029,17 @@ def classify_pjsip(endpoints, registrations, rules):
         outbound = comma_list(ep.get("OutboundAuths") or "")
         static = any("/" in c for c in comma_list(ep.get("Contacts") or ""))
         if name in registered_names or registered_auths & set(outbound):
-            kind, why = "trunk", "registers to a provider (outbound registration)"
+            kind, why = "trunk", say("registers to a provider (outbound registration)")
         elif outbound and not auths:
-            kind, why = "trunk", "authenticates to the far end (outbound_auth), not to us"
+            kind, why = "trunk", say("authenticates to the far end (outbound_auth), not to us")
         elif rules.is_extension(name) and (auths or not static):
-            kind, why = "phone", "extension-shaped name%s" % (", logs in to us (auth)" if auths else "")
+            kind, why = "phone", say("extension-shaped name, logs in to us (auth)") if auths else say("extension-shaped name")
         elif auths and not outbound:
-            kind, why = "phone", "logs in to us (auth) and has no outbound auth"
+            kind, why = "phone", say("logs in to us (auth) and has no outbound auth")
         elif static and not auths:
-            kind, why = "trunk", "a fixed remote contact and no login"
+            kind, why = "trunk", say("a fixed remote contact and no login")
         else:
-            kind, why = None, "no sign either way; the [pbx] rules decide"
+            kind, why = None, say("no sign either way; the [pbx] rules decide")
         out.append(Endpoint("PJSIP/" + name, kind, why))
     return out
 
@@ -3055,13 +3056,13 @@ def classify_peers(tech, peers, registry, rules):
         dynamic = (peer.get("Dynamic") or "").lower() == "yes"
         address = peer.get("IPaddress") or ""
         if name in users or (address and address in hosts):
-            kind, why = "trunk", "registers to a provider (register =>)"
+            kind, why = "trunk", say("registers to a provider (register =>)")
         elif rules.is_extension(name):
-            kind, why = "phone", "extension-shaped name" + (" (host=dynamic)" if dynamic else "")
+            kind, why = "phone", say("extension-shaped name (host=dynamic)") if dynamic else say("extension-shaped name")
         elif not dynamic:
-            kind, why = "trunk", "a fixed host (%s) and not an extension" % (address or "static")
+            kind, why = "trunk", say("a fixed host (%s) and not an extension", address or "static")
         else:
-            kind, why = None, "registers to us but is not extension-shaped; the [pbx] rules decide"
+            kind, why = None, say("registers to us but is not extension-shaped; the [pbx] rules decide")
         out.append(Endpoint("%s/%s" % (tech, name), kind, why))
     return out
 
@@ -3613,6 +3614,13 @@ class UserDirectory(object):
                 if uid == user_id and ext not in self.overrides:
                     return ext
         return None
+
+    def status(self):
+        """The extension -> user map as the status page shows it ([users] overrides included)."""
+        with self._lock:
+            mapping = dict(self._map)
+            mapping.update(self.overrides)
+        return {"map": dict(sorted(mapping.items())), "loaded_at": self.loaded_at}
 
     def stale(self, now=None):
         now = time.time() if now is None else now
@@ -4775,7 +4783,7 @@ def _cel_time(text):
         pass
     m = re.match(r"(\d{4})-(\d\d)-(\d\d)[ T](\d\d):(\d\d):(\d\d)(\.\d+)?", text)
     if not m:
-        raise CelError("CEL eventtime %r is not a date" % text)
+        raise CelError(say("CEL eventtime %r is not a date", text))
     parts = [int(x) for x in m.groups()[:6]]
     return time.mktime(tuple(parts) + (0, 0, -1)) + float(m.group(7) or 0)
 
@@ -4791,31 +4799,31 @@ class SqliteCel(object):
         self.table = table
         self.id_column = id_column
         if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", table) or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", id_column):
-            raise CelError("CEL table/column names must be plain identifiers: %r, %r" % (table, id_column))
+            raise CelError(say("CEL table/column names must be plain identifiers: %r, %r", table, id_column))
 
     def describe(self):
         return "sqlite %s (table %s)" % (self.path, self.table)
 
     def _connect(self):
         if not os.path.exists(self.path):
-            raise CelError("CEL database %s does not exist (cel_sqlite3_custom not loaded?)" % self.path)
+            raise CelError(say("CEL database %s does not exist (cel_sqlite3_custom not loaded?)", self.path))
         if not is_regular_file(self.path):
             # a FIFO or a device would block the reading thread for ever
-            raise CelError("[cel] sqlite_path %s is not a regular file" % self.path)
+            raise CelError(say("[cel] sqlite_path %s is not a regular file", self.path))
         try:
             db = sqlite3.connect("file:%s?mode=ro" % urllib.parse.quote(os.path.abspath(self.path)),
                                  uri=True, timeout=5)
             db.execute("PRAGMA query_only = 1")
             cols = [r[1] for r in db.execute("PRAGMA table_info(%s)" % self.table)]
         except sqlite3.Error as exc:
-            raise CelError("cannot read CEL database %s: %s" % (self.path, exc))
+            raise CelError(say("cannot read CEL database %s: %s", self.path, exc))
         if not cols:
             db.close()
-            raise CelError("CEL database %s has no table '%s'" % (self.path, self.table))
+            raise CelError(say("CEL database %s has no table '%s'", self.path, self.table))
         missing = [c for c in CEL_COLUMNS[1:] if c not in cols]
         if missing or self.id_column not in cols:
             db.close()
-            raise CelError("CEL table %s.%s lacks columns %s" % (self.path, self.table,
+            raise CelError(say("CEL table %s.%s lacks columns %s", self.path, self.table,
                                                                  ", ".join(missing or [self.id_column])))
         return db
 
@@ -4836,7 +4844,7 @@ class SqliteCel(object):
                 try:
                     chunk = db.execute(sql, args).fetchall()
                 except sqlite3.Error as exc:
-                    raise CelError("reading CEL from %s failed: %s" % (self.path, exc))
+                    raise CelError(say("reading CEL from %s failed: %s", self.path, exc))
                 for row in map(_make_cel_row, chunk):
                     yield row
                 if len(chunk) < batch:
@@ -4852,7 +4860,7 @@ class SqliteCel(object):
             row = db.execute("SELECT %s, eventtime FROM %s ORDER BY %s DESC LIMIT 1"
                              % (self.id_column, self.table, self.id_column)).fetchone()
         except sqlite3.Error as exc:
-            raise CelError("reading CEL from %s failed: %s" % (self.path, exc))
+            raise CelError(say("reading CEL from %s failed: %s", self.path, exc))
         finally:
             db.close()
         return (row[0], cel_time(row[1])) if row else (None, None)
@@ -4864,7 +4872,7 @@ class SqliteCel(object):
             row = db.execute("SELECT MIN(%s) FROM %s WHERE eventtime >= ?" % (self.id_column, self.table),
                              (time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since)),)).fetchone()
         except sqlite3.Error as exc:
-            raise CelError("reading CEL from %s failed: %s" % (self.path, exc))
+            raise CelError(say("reading CEL from %s failed: %s", self.path, exc))
         finally:
             db.close()
         return row[0] if row else None
@@ -5229,7 +5237,7 @@ class MysqlCel(object):
                  port=3306, socket_path="", id_column="id", client="mysql", timeout=60):
         for name in (database, table, id_column):
             if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", name):
-                raise CelError("CEL database/table/column names must be plain identifiers: %r" % name)
+                raise CelError(say("CEL database/table/column names must be plain identifiers: %r", name))
         self.database, self.table, self.id_column = database, table, id_column
         self.user, self.password = user, password
         self.host, self.port, self.socket_path = host, port, socket_path
@@ -5265,8 +5273,8 @@ class MysqlCel(object):
                 proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                         stderr=subprocess.PIPE)
             except OSError as exc:
-                raise CelError("the mysql client (%s) cannot be run: %s; install mariadb-client "
-                               "(apt) or mariadb (yum)" % (self.client, exc.strerror))
+                raise CelError(say("the mysql client (%s) cannot be run: %s; install mariadb-client "
+                               "(apt) or mariadb (yum)", self.client, exc.strerror))
             complete = False
             try:
                 # Read in large blocks and split here: line by line from the pipe
@@ -5293,11 +5301,11 @@ class MysqlCel(object):
                 code = proc.wait()
             if code != 0:
                 if "Access denied" in err:
-                    raise CelError("MySQL refused [cel] mysql_user/mysql_password: %s" % err.splitlines()[-1])
+                    raise CelError(say("MySQL refused [cel] mysql_user/mysql_password: %s", err.splitlines()[-1]))
                 if "doesn't exist" in err:
-                    raise CelError("MySQL has no table %s.%s ([cel] mysql_database, table): %s"
-                                   % (self.database, self.table, err.splitlines()[-1]))
-                raise CelError("mysql failed (exit %d): %s" % (code, (err.splitlines() or ["no message"])[-1]))
+                    raise CelError(say("MySQL has no table %s.%s ([cel] mysql_database, table): %s",
+                                       self.database, self.table, err.splitlines()[-1]))
+                raise CelError(say("mysql failed (exit %d): %s", code, (err.splitlines() or ["no message"])[-1]))
         finally:
             os.unlink(options)
 
@@ -5322,7 +5330,7 @@ class MysqlCel(object):
             for line in self._run(sql):
                 f = line.split(b"\t")
                 if len(f) != width:
-                    raise CelError("unexpected mysql output (%d fields, %d expected)" % (len(f), width))
+                    raise CelError(say("unexpected mysql output (%d fields, %d expected)", len(f), width))
                 # Spelled out column by column (CelRow's order): this runs for every row.
                 last = int(f[0])
                 count += 1
@@ -6510,107 +6518,351 @@ def verify_password(password, stored):
 
 WIZARD_STEPS = ("language", "database", "ami", "recordings", "bitrix24", "crm", "click_to_call", "save")
 
-# The wizard's words; every other text shown is a value (escaped) or a check's line.
+# One field of a step. kind: text, wide (paths and URLs), number, secret (never sent
+# back), secret_url (sent back masked), choice (a list), alternative (radio buttons
+# that show the fields of the chosen alternative), flag. when: (field, values): shown
+# and taken only while that alternative is chosen.
+WizardField = collections.namedtuple("WizardField", "section key kind when")
+
+
+def _field(section, key, kind, when=None):
+    return WizardField(section, key, kind, when)
+
+
+_SQLITE, _MYSQL = ("cel.backend", ("sqlite",)), ("cel.backend", ("mysql",))
+_WEBHOOK, _APP = ("bitrix24.connection", ("webhook",)), ("bitrix24.connection", ("application",))
+_PORT, _DIALS = ("click_to_call.mode", ("port",)), ("click_to_call.mode", ("port", "offline"))
+
+WIZARD_FIELDS = {
+    "language": [_field("wizard", "language", "alternative")],
+    "database": [_field("cel", "backend", "alternative"), _field("cel", "sqlite_path", "wide", _SQLITE),
+                 _field("cel", "mysql_host", "text", _MYSQL), _field("cel", "mysql_port", "number", _MYSQL),
+                 _field("cel", "mysql_user", "text", _MYSQL), _field("cel", "mysql_password", "secret", _MYSQL),
+                 _field("cel", "mysql_database", "text", _MYSQL),
+                 _field("cel", "table", "text", ("cel.backend", ("sqlite", "mysql")))],
+    "ami": [_field("ami", "host", "text"), _field("ami", "port", "number"), _field("ami", "username", "text"),
+            _field("ami", "secret", "secret")],
+    "recordings": [_field("recordings", "attach", "flag"), _field("recordings", "path", "wide"),
+                   _field("pbx", "recording_format", "choice")],
+    # bitrix24.connection is not a key of the file: a webhook, or a local application
+    "bitrix24": [_field("bitrix24", "connection", "alternative"), _field("bitrix24", "webhook_url", "secret_url", _WEBHOOK),
+                 _field("bitrix24", "portal_url", "wide", _APP), _field("bitrix24", "client_id", "wide", _APP),
+                 _field("bitrix24", "client_secret", "secret", _APP)],
+    "crm": [_field("crm", "mode", "alternative"), _field("crm", "create", "flag"), _field("crm", "missed_task", "flag"),
+            _field("crm", "default_user_id", "number"), _field("routing", "agi_listen", "text"),
+            _field("routing", "fallback", "text")],
+    "click_to_call": [_field("click_to_call", "mode", "alternative"), _field("click_to_call", "listen", "text", _PORT),
+                      _field("click_to_call", "tls_cert", "wide", _PORT), _field("click_to_call", "tls_key", "wide", _PORT),
+                      _field("click_to_call", "application_token", "secret", _PORT),
+                      _field("click_to_call", "public_url", "wide", _PORT),
+                      _field("click_to_call", "phone_channel", "wide", _DIALS),
+                      _field("click_to_call", "outbound_context", "text", _DIALS)],
+}
+_VIRTUAL_FIELDS = {("bitrix24", "connection"): "webhook"}
+
+_SCHEMA_BY_KEY = dict(((row[0], row[1]), row) for row in CONFIG_SCHEMA)
+_FIELD_KINDS = dict(((f.section, f.key), f.kind) for fields in WIZARD_FIELDS.values() for f in fields)
+_CHOICES = {("wizard", "language"): ("en", "ru"), ("cel", "backend"): ("auto", "sqlite", "mysql", "off"),
+            ("pbx", "recording_format"): ("wav", "mp3", "gsm", "wav49", "ogg"),
+            ("crm", "mode"): ("leads", "contacts"), ("click_to_call", "mode"): ("off", "port", "offline"),
+            ("bitrix24", "connection"): ("webhook", "application")}
+# The rights bx24ast needs, and no more (no 'command', 'config' or 'user' write).
+AMI_USER_READ = "system,call,agent,dialplan,reporting"
+AMI_USER_WRITE = "system,call,originate,reporting"
+
+# Every word the wizard shows, in each language. Keys: page texts; f.<section>.<key> a
+# field's label, h.<section>.<key> its help; c.<section>.<key>.<value> a choice;
+# "said": the messages of checks and errors (Said templates) in the other language.
 WIZARD_TEXT = {
     "en": {
         "title": "bx24ast setup", "login": "Log in", "user": "Login", "password": "Password",
+        "login_help": "The login and password given to the installer (bx24ast.py set-password changes them).",
         "bad_login": "Wrong login or password.", "wait": "Too many failed logins: wait %d s.",
         "logout": "Log out", "next": "Save and continue", "check": "Check", "save": "Write the configuration",
-        "results": "Results", "kept": "set; leave empty to keep",
+        "results": "Results", "status": "Status", "kept": "set; leave empty to keep", "back": "Back to the setup",
+        "done": "done", "todo": "to do", "steps": "Steps", "language_name": "English",
         "step_language": "Language", "step_database": "CEL database", "step_ami": "Asterisk (AMI)",
         "step_recordings": "Recordings", "step_bitrix24": "Bitrix24 portal", "step_crm": "CRM logic",
         "step_click_to_call": "Click-to-call", "step_save": "Save",
-        "help_language": "The language of these pages.",
-        "help_database": "Where Asterisk's CEL is: bx24ast reads it to report calls made while it was down.",
-        "help_ami": "The AMI user bx24ast logs in with: an existing one, or a new 'bx24' user with only the "
-                    "rights it needs.",
-        "create_ami": "Create the user bx24", "help_recordings": "Where MixMonitor writes the recordings.",
-        "help_bitrix24": "An inbound webhook (scopes telephony, crm, user, task), or a local application.",
-        "help_crm": "What unknown callers become, which lead source each line (DID) gives, missed-call tasks.",
-        "help_click_to_call": "port: Bitrix24 posts clicks to this host; offline: no open port, the portal's "
-                              "queue is polled (local application with an administrator's token).",
-        "help_save": "These settings are written to the configuration file and the service reloads it.",
-        "changes": "Changes to write", "no_changes": "Nothing changed.", "saved": "Saved; the service reloads.",
-        "lines": "Lead source by called line (DID)", "did": "Line (DID)", "source": "Lead source",
-        "dialplan": "Dialplan for routing callers to their responsible employee",
-        "handler_url": "Handler URL for Bitrix24", "users": "Bitrix24 users and their extensions",
-        "fix": "Fix the fields marked below; nothing was saved.", "what_to_do": "What to do",
+        "help_language": "The language of these pages and of the missed-call tasks' wording is chosen here.",
+        "help_database": "Asterisk's CEL table is the memory of every call: bx24ast reads it to report calls made "
+                         "while it was not running and to finish calls whose end it missed.",
+        "help_ami": "bx24ast follows calls through the Asterisk Manager Interface. Use an existing AMI user, or "
+                    "create a user 'bx24' with only the rights it needs.",
+        "help_recordings": "Where MixMonitor writes the call recordings; they are attached to the calls in "
+                           "Bitrix24.",
+        "help_bitrix24": "How bx24ast talks to your portal: an inbound webhook (quickest), or a local application "
+                         "(needed for click-to-call in the offline mode).",
+        "help_crm": "What an unknown caller becomes in the CRM, who gets calls nobody took, the lead source of "
+                    "each called line, and routing callers to their responsible employee.",
+        "help_click_to_call": "A click on a number in Bitrix24 rings the employee's phone, then dials the client.",
+        "help_save": "These settings are written to the configuration file, and the service reloads it.",
+        "ami_rights": "The user 'bx24' gets read = %s and write = %s, from 127.0.0.1 only.",
+        "create_ami": "Create the user bx24",
+        "changes": "Changes to write", "no_changes": "Nothing changed.",
+        "saved": "Saved. The service has read the new configuration.",
+        "saving": "Saved. The service is reading the new configuration; the results follow in a moment.",
+        "not_reloaded": "Saved, but the service has not read the new configuration yet; this page refreshes "
+                        "by itself.",
+        "fix": "Fix the fields marked below; nothing was kept.", "what_to_do": "What to do",
+        "check_result": "Check", "checked_kept": "Checked: the values are kept.",
+        "check_not_kept": "The check failed: these values were not kept. Fix them and check again, or save "
+                          "them anyway with the button below.",
         "found": "Found on this PBX", "none_found": "Nothing found.",
         "oauth_code": "Authorization code (local application)",
-        "back": "Back to the setup",
+        "help_oauth_code": "Only when the portal cannot reach this host's install handler: open "
+                           "https://<portal>/oauth/authorize/?client_id=<client_id> and paste the code= value.",
+        "lines": "Lead source by called line (DID)", "did": "Line (DID)", "source": "Lead source",
+        "lines_help": "A call to this number gets this lead source. Numbers may be typed as you like: "
+                      "8 (495) 123-45-67, +7 495 123-45-67.",
+        "dialplan": "Dialplan for routing callers to their responsible employee",
+        "dialplan_help": "Put this into /etc/asterisk/extensions_custom.conf, add a Custom Destination "
+                         "bx24-responsible,s,1 (FreePBX: Admin, Custom Destinations) and point the inbound route "
+                         "at it. Plain Asterisk: Goto(bx24-responsible,s,1) from the trunk's context.",
+        "dialplan_needs": "Fill in the fallback above to get the dialplan.",
+        "dialplan_off": "Routing is off (the FastAGI address is empty).",
+        "handler_url": "Handler URL for Bitrix24",
+        "handler_help": "Bitrix24 posts the clicks to this address: give it in the outbound webhook or the "
+                        "application, or run bx24ast.py bind-events once (a local application).",
+        "handler_plain": "Without a certificate the listener speaks plain HTTP: put a TLS proxy in front of it, "
+                         "or fill in the certificate and key.",
+        "users": "Bitrix24 employees and their extensions",
+        "level_OK": "OK", "level_WARNING": "Warning", "level_CRITICAL": "Failed", "level_UNKNOWN": "Unknown",
         "error_stale_login": "The login form has expired: reload the page and log in again.",
         "error_csrf": "The form is stale or was not sent by this page (CSRF token): reload the page.",
         "error_not_found": "There is no such page in the setup.",
         "error_failed": "bx24ast could not show this page; the log says why.",
-        "help_oauth_code": "Only when the portal cannot reach this host's install handler: open "
-                           "https://<portal>/oauth/authorize/?client_id=<client_id> and paste the code= value.",
+        "error_too_large": "The form is too large.",
+        "st_help": "What the service is doing now. The same as JSON: GET /status (with the wizard login or "
+                   "[wizard] status_token).",
+        "st_daemon": "Service", "st_calls_now": "Calls in progress", "st_today": "Calls today",
+        "st_reported": "reported", "st_missed": "missed", "st_waiting": "waiting for Bitrix24",
+        "st_outbox": "Requests to Bitrix24", "st_backlog": "waiting", "st_parked": "given up",
+        "st_oldest": "the oldest waits", "st_users": "Employees and extensions", "st_users_age": "list read %s ago",
+        "st_users_never": "not read yet", "st_ami": "Asterisk (AMI)", "st_portal": "Bitrix24",
+        "st_warnings": "Last warnings", "st_none": "none", "st_connected": "connected",
+        "st_disconnected": "not connected", "st_answers": "answers", "st_failing": "not answering since %s ago",
+        "st_down": "The service is not running: the numbers below are from the state database.",
+        "st_direction": "Direction", "st_number": "Number", "st_since": "For", "st_ext": "Extension",
+        "st_user": "Bitrix24 user", "st_time": "Time", "st_message": "Message",
+        "dir_inbound": "inbound", "dir_outbound": "outbound", "dir_internal": "internal", "dir_None": "ringing",
+        "f.wizard.language": "Language",
+        "h.wizard.language": "The wizard's language; the login page follows the browser until you log in.",
+        "c.wizard.language.en": "English", "c.wizard.language.ru": "Русский",
+        "f.cel.backend": "Where CEL is kept",
+        "h.cel.backend": "Found by itself looks where FreePBX and cel.conf say; off turns recovery off.",
+        "c.cel.backend.auto": "Find it by itself", "c.cel.backend.sqlite": "SQLite file",
+        "c.cel.backend.mysql": "MySQL / MariaDB", "c.cel.backend.off": "No CEL (no recovery)",
+        "f.cel.sqlite_path": "SQLite database file", "h.cel.sqlite_path": "What cel_sqlite3_custom writes, "
+                                                                        "usually /var/log/asterisk/master.db.",
+        "f.cel.mysql_host": "MySQL server", "h.cel.mysql_host": "FreePBX keeps CEL in asteriskcdrdb on localhost.",
+        "f.cel.mysql_port": "MySQL port", "h.cel.mysql_port": "3306 unless the server says otherwise.",
+        "f.cel.mysql_user": "MySQL user", "h.cel.mysql_user": "A user allowed to SELECT from the CEL table.",
+        "f.cel.mysql_password": "MySQL password",
+        "h.cel.mysql_password": "Given to the mysql client in a private file, never on its command line.",
+        "f.cel.mysql_database": "Database", "h.cel.mysql_database": "The database holding the CEL table.",
+        "f.cel.table": "CEL table", "h.cel.table": "Its name, cel unless you changed it.",
+        "f.ami.host": "Asterisk address", "h.ami.host": "127.0.0.1 when bx24ast runs on the PBX itself.",
+        "f.ami.port": "AMI port", "h.ami.port": "The port of manager.conf's [general] section, 5038 by default.",
+        "f.ami.username": "AMI user", "h.ami.username": "A user of manager.conf.",
+        "f.ami.secret": "AMI password", "h.ami.secret": "That user's secret.",
+        "f.recordings.attach": "Attach the recordings to the calls",
+        "h.recordings.attach": "Each recording is uploaded to Bitrix24 once, after the call.",
+        "f.recordings.path": "Recordings folder",
+        "h.recordings.path": "Searched with its subfolders (FreePBX: /var/spool/asterisk/monitor).",
+        "f.pbx.recording_format": "Recording format",
+        "h.pbx.recording_format": "Used when the dialplan names a recording without its extension.",
+        "c.pbx.recording_format.wav": "WAV", "c.pbx.recording_format.mp3": "MP3", "c.pbx.recording_format.gsm": "GSM",
+        "c.pbx.recording_format.wav49": "WAV49", "c.pbx.recording_format.ogg": "OGG",
+        "f.bitrix24.connection": "Connection", "h.bitrix24.connection": "",
+        "c.bitrix24.connection.webhook": "Inbound webhook", "c.bitrix24.connection.application": "Local application",
+        "f.bitrix24.webhook_url": "Webhook address",
+        "h.bitrix24.webhook_url": "Applications, Developer resources, Other, Inbound webhook, with the rights "
+                                  "telephony, crm, user and task: https://<portal>/rest/<user>/<code>/",
+        "f.bitrix24.portal_url": "Portal address", "h.bitrix24.portal_url": "https://<your portal>.bitrix24.ru/",
+        "f.bitrix24.client_id": "Application ID (client_id)",
+        "h.bitrix24.client_id": "From the local application's form.",
+        "f.bitrix24.client_secret": "Application key (client_secret)",
+        "h.bitrix24.client_secret": "From the same form.",
+        "f.crm.mode": "Unknown callers become",
+        "h.crm.mode": "Contacts and deals for a portal that works without leads.",
+        "c.crm.mode.leads": "Leads", "c.crm.mode.contacts": "Contacts and deals",
+        "f.crm.create": "Create them for unknown numbers", "h.crm.create": "Otherwise the call is only logged.",
+        "f.crm.missed_task": "A task for every missed inbound call",
+        "h.crm.missed_task": "For the employee responsible for the caller; none when the client got through since.",
+        "f.crm.default_user_id": "Employee for calls nobody took (Bitrix24 ID)",
+        "h.crm.default_user_id": "Gets the calls no mapped extension answered; 0 for nobody.",
+        "f.routing.agi_listen": "FastAGI address for routing",
+        "h.routing.agi_listen": "The dialplan asks here who is responsible for a caller; empty turns it off.",
+        "f.routing.fallback": "Where callers go otherwise",
+        "h.routing.fallback": "context,extension,priority of your usual route when no responsible is found, "
+                              "for example ext-group,600,1 (a ring group) or ivr-main,s,1.",
+        "f.click_to_call.mode": "Click-to-call",
+        "h.click_to_call.mode": "Open port: Bitrix24 posts each click to this host. Without a port: the portal's "
+                                "event queue is read (a local application with an administrator's token).",
+        "c.click_to_call.mode.off": "Off", "c.click_to_call.mode.port": "Open port",
+        "c.click_to_call.mode.offline": "Without an open port",
+        "f.click_to_call.listen": "Listen on", "h.click_to_call.listen": "address:port, for example 0.0.0.0:8077.",
+        "f.click_to_call.tls_cert": "Certificate (PEM)", "h.click_to_call.tls_cert": "Empty: plain HTTP.",
+        "f.click_to_call.tls_key": "Certificate key (PEM)", "h.click_to_call.tls_key": "The certificate's key.",
+        "f.click_to_call.application_token": "Application token",
+        "h.click_to_call.application_token": "auth[application_token] of the outbound webhook or application; "
+                                             "events without it are refused.",
+        "f.click_to_call.public_url": "Address Bitrix24 posts to",
+        "h.click_to_call.public_url": "How the portal reaches this host, for example "
+                                      "https://pbx.example.com:8077/bitrix24.",
+        "f.click_to_call.phone_channel": "The employee's phone",
+        "h.click_to_call.phone_channel": "Rung first; {extension} is the employee's extension.",
+        "f.click_to_call.outbound_context": "Outbound context",
+        "h.click_to_call.outbound_context": "Dials the client once the employee answers (your outbound routes).",
+        "said": {},
     },
     "ru": {
         "title": "Настройка bx24ast", "login": "Войти", "user": "Логин", "password": "Пароль",
+        "login_help": "Логин и пароль, заданные при установке (меняются командой bx24ast.py set-password).",
         "bad_login": "Неверный логин или пароль.", "wait": "Слишком много неудачных попыток: подождите %d с.",
         "logout": "Выйти", "next": "Сохранить и дальше", "check": "Проверить", "save": "Записать настройки",
-        "results": "Результаты", "kept": "задан; оставьте пустым, чтобы не менять",
+        "results": "Результаты", "status": "Состояние", "kept": "задан; оставьте пустым, чтобы не менять",
+        "back": "Вернуться к настройке", "done": "готово", "todo": "не настроено", "steps": "Шаги",
+        "language_name": "Русский",
         "step_language": "Язык", "step_database": "База CEL", "step_ami": "Asterisk (AMI)",
         "step_recordings": "Записи разговоров", "step_bitrix24": "Портал Битрикс24", "step_crm": "Логика CRM",
         "step_click_to_call": "Звонок из CRM", "step_save": "Сохранение",
-        "help_language": "Язык этих страниц.",
-        "help_database": "Где Asterisk хранит CEL: по нему bx24ast сообщает о звонках, сделанных, пока он "
-                         "не работал.",
-        "help_ami": "Пользователь AMI для bx24ast: существующий или новый пользователь bx24 только с нужными "
-                    "правами.",
-        "create_ami": "Создать пользователя bx24", "help_recordings": "Куда MixMonitor пишет записи.",
-        "help_bitrix24": "Входящий вебхук (права telephony, crm, user, task) или локальное приложение.",
-        "help_crm": "Что создаётся для неизвестных номеров, источник лида для каждой линии (DID), задачи по "
-                    "пропущенным.",
-        "help_click_to_call": "port: Битрикс24 присылает клики на этот сервер; offline: без открытого порта, "
-                              "опрос очереди портала (локальное приложение с токеном администратора).",
+        "help_language": "Здесь выбирается язык этих страниц и текстов задач по пропущенным звонкам.",
+        "help_database": "Таблица CEL в Asterisk помнит каждый звонок: по ней bx24ast сообщает о звонках, "
+                         "сделанных, пока он не работал, и завершает звонки, конец которых он пропустил.",
+        "help_ami": "bx24ast следит за звонками через интерфейс AMI. Укажите существующего пользователя AMI "
+                    "или создайте пользователя bx24 только с нужными правами.",
+        "help_recordings": "Куда MixMonitor пишет записи разговоров; они прикрепляются к звонкам в Битрикс24.",
+        "help_bitrix24": "Как bx24ast обращается к порталу: входящий вебхук (быстрее всего) или локальное "
+                         "приложение (нужно для звонков из CRM без открытого порта).",
+        "help_crm": "Что создаётся в CRM для неизвестного номера, кому достаются звонки, на которые никто не "
+                    "ответил, источник лида для каждой линии и направление звонка ответственному сотруднику.",
+        "help_click_to_call": "Щелчок по номеру в Битрикс24 звонит на телефон сотрудника, затем набирает клиента.",
         "help_save": "Настройки будут записаны в файл конфигурации, служба перечитает его.",
+        "ami_rights": "Пользователь bx24 получает read = %s и write = %s, только с адреса 127.0.0.1.",
+        "create_ami": "Создать пользователя bx24",
         "changes": "Что будет записано", "no_changes": "Ничего не изменено.",
-        "saved": "Сохранено; служба перечитывает настройки.",
-        "lines": "Источник лида по линии (DID)", "did": "Линия (DID)", "source": "Источник",
-        "dialplan": "Диалплан: звонок клиента ответственному сотруднику",
-        "handler_url": "Адрес обработчика для Битрикс24", "users": "Сотрудники Битрикс24 и их внутренние номера",
+        "saved": "Сохранено. Служба перечитала настройки.",
+        "saving": "Сохранено. Служба перечитывает настройки; результаты проверки появятся через мгновение.",
+        "not_reloaded": "Сохранено, но служба ещё не перечитала настройки; страница обновится сама.",
         "fix": "Исправьте отмеченные поля; ничего не сохранено.", "what_to_do": "Что сделать",
+        "check_result": "Проверка", "checked_kept": "Проверено: значения сохранены.",
+        "check_not_kept": "Проверка не прошла: эти значения не сохранены. Исправьте их и проверьте снова "
+                          "или сохраните как есть кнопкой ниже.",
         "found": "Найдено на этой АТС", "none_found": "Ничего не найдено.",
         "oauth_code": "Код авторизации (локальное приложение)",
-        "back": "Вернуться к настройке",
+        "help_oauth_code": "Только если портал не может достучаться до обработчика установки: откройте "
+                           "https://<портал>/oauth/authorize/?client_id=<client_id> и вставьте значение code=.",
+        "lines": "Источник лида по линии (DID)", "did": "Линия (DID)", "source": "Источник",
+        "lines_help": "Звонок на этот номер получает этот источник. Номер можно вводить как угодно: "
+                      "8 (495) 123-45-67, +7 495 123-45-67.",
+        "dialplan": "Диалплан: звонок клиента ответственному сотруднику",
+        "dialplan_help": "Вставьте это в /etc/asterisk/extensions_custom.conf, добавьте Custom Destination "
+                         "bx24-responsible,s,1 (во FreePBX: Admin, Custom Destinations) и направьте на него "
+                         "входящий маршрут. В чистом Asterisk: Goto(bx24-responsible,s,1) из контекста транка.",
+        "dialplan_needs": "Укажите выше, куда идут остальные звонки, и здесь появится диалплан.",
+        "dialplan_off": "Маршрутизация выключена (адрес FastAGI пуст).",
+        "handler_url": "Адрес обработчика для Битрикс24",
+        "handler_help": "Битрикс24 присылает щелчки на этот адрес: укажите его в исходящем вебхуке или "
+                        "приложении либо один раз выполните bx24ast.py bind-events (локальное приложение).",
+        "handler_plain": "Без сертификата порт работает по HTTP без шифрования: поставьте перед ним TLS-прокси "
+                         "или укажите сертификат и ключ.",
+        "users": "Сотрудники Битрикс24 и их внутренние номера",
+        "level_OK": "ОК", "level_WARNING": "Внимание", "level_CRITICAL": "Ошибка", "level_UNKNOWN": "Неизвестно",
         "error_stale_login": "Форма входа устарела: обновите страницу и войдите снова.",
         "error_csrf": "Форма устарела или отправлена не с этой страницы (CSRF-токен): обновите страницу.",
         "error_not_found": "Такой страницы в настройке нет.",
         "error_failed": "bx24ast не смог показать эту страницу; причина записана в журнале.",
-        "help_oauth_code": "Только если портал не может достучаться до обработчика установки: откройте "
-                           "https://<портал>/oauth/authorize/?client_id=<client_id> и вставьте значение code=.",
+        "error_too_large": "Слишком большая форма.",
+        "st_help": "Что служба делает сейчас. То же в JSON: GET /status (с логином мастера или "
+                   "[wizard] status_token).",
+        "st_daemon": "Служба", "st_calls_now": "Идут сейчас", "st_today": "Звонки сегодня",
+        "st_reported": "переданы", "st_missed": "пропущены", "st_waiting": "ждут отправки в Битрикс24",
+        "st_outbox": "Запросы к Битрикс24", "st_backlog": "ждут", "st_parked": "отложены после ошибки",
+        "st_oldest": "самый старый ждёт", "st_users": "Сотрудники и внутренние номера",
+        "st_users_age": "список прочитан %s назад", "st_users_never": "ещё не прочитан",
+        "st_ami": "Asterisk (AMI)", "st_portal": "Битрикс24", "st_warnings": "Последние предупреждения",
+        "st_none": "нет", "st_connected": "подключено", "st_disconnected": "нет подключения",
+        "st_answers": "отвечает", "st_failing": "не отвечает уже %s",
+        "st_down": "Служба не работает: цифры ниже взяты из базы состояния.",
+        "st_direction": "Направление", "st_number": "Номер", "st_since": "Длится", "st_ext": "Внутренний номер",
+        "st_user": "Пользователь Битрикс24", "st_time": "Время", "st_message": "Сообщение",
+        "dir_inbound": "входящий", "dir_outbound": "исходящий", "dir_internal": "внутренний", "dir_None": "звонит",
+        "f.wizard.language": "Язык",
+        "h.wizard.language": "Язык мастера; страница входа следует языку браузера, пока вы не вошли.",
+        "c.wizard.language.en": "English", "c.wizard.language.ru": "Русский",
+        "f.cel.backend": "Где хранится CEL",
+        "h.cel.backend": "«Найти самому» смотрит туда, куда указывают FreePBX и cel.conf; «Без CEL» выключает "
+                         "восстановление.",
+        "c.cel.backend.auto": "Найти самому", "c.cel.backend.sqlite": "Файл SQLite",
+        "c.cel.backend.mysql": "MySQL / MariaDB", "c.cel.backend.off": "Без CEL (без восстановления)",
+        "f.cel.sqlite_path": "Файл базы SQLite",
+        "h.cel.sqlite_path": "Его пишет cel_sqlite3_custom, обычно /var/log/asterisk/master.db.",
+        "f.cel.mysql_host": "Сервер MySQL", "h.cel.mysql_host": "FreePBX хранит CEL в базе asteriskcdrdb на localhost.",
+        "f.cel.mysql_port": "Порт MySQL", "h.cel.mysql_port": "3306, если сервер не настроен иначе.",
+        "f.cel.mysql_user": "Пользователь MySQL", "h.cel.mysql_user": "Пользователь с правом SELECT на таблицу CEL.",
+        "f.cel.mysql_password": "Пароль MySQL",
+        "h.cel.mysql_password": "Передаётся клиенту mysql в закрытом файле, никогда в командной строке.",
+        "f.cel.mysql_database": "База данных", "h.cel.mysql_database": "База, в которой лежит таблица CEL.",
+        "f.cel.table": "Таблица CEL", "h.cel.table": "Её имя, cel, если вы его не меняли.",
+        "f.ami.host": "Адрес Asterisk", "h.ami.host": "127.0.0.1, если bx24ast работает на самой АТС.",
+        "f.ami.port": "Порт AMI", "h.ami.port": "Порт из секции [general] файла manager.conf, обычно 5038.",
+        "f.ami.username": "Пользователь AMI", "h.ami.username": "Пользователь из manager.conf.",
+        "f.ami.secret": "Пароль AMI", "h.ami.secret": "Пароль (secret) этого пользователя.",
+        "f.recordings.attach": "Прикреплять записи к звонкам",
+        "h.recordings.attach": "Каждая запись загружается в Битрикс24 один раз, после звонка.",
+        "f.recordings.path": "Папка с записями",
+        "h.recordings.path": "Поиск идёт и по вложенным папкам (во FreePBX: /var/spool/asterisk/monitor).",
+        "f.pbx.recording_format": "Формат записей",
+        "h.pbx.recording_format": "Нужен, когда диалплан называет запись без расширения файла.",
+        "c.pbx.recording_format.wav": "WAV", "c.pbx.recording_format.mp3": "MP3", "c.pbx.recording_format.gsm": "GSM",
+        "c.pbx.recording_format.wav49": "WAV49", "c.pbx.recording_format.ogg": "OGG",
+        "f.bitrix24.connection": "Подключение", "h.bitrix24.connection": "",
+        "c.bitrix24.connection.webhook": "Входящий вебхук", "c.bitrix24.connection.application": "Локальное приложение",
+        "f.bitrix24.webhook_url": "Адрес вебхука",
+        "h.bitrix24.webhook_url": "Приложения, Разработчикам, Другое, Входящий вебхук, с правами telephony, crm, "
+                                  "user и task: https://<портал>/rest/<пользователь>/<код>/",
+        "f.bitrix24.portal_url": "Адрес портала", "h.bitrix24.portal_url": "https://<ваш портал>.bitrix24.ru/",
+        "f.bitrix24.client_id": "Код приложения (client_id)",
+        "h.bitrix24.client_id": "Из формы локального приложения.",
+        "f.bitrix24.client_secret": "Ключ приложения (client_secret)", "h.bitrix24.client_secret": "Из той же формы.",
+        "f.crm.mode": "Неизвестный номер становится",
+        "h.crm.mode": "Контакт и сделка — для портала, который работает без лидов.",
+        "c.crm.mode.leads": "Лидом", "c.crm.mode.contacts": "Контактом и сделкой",
+        "f.crm.create": "Создавать их для неизвестных номеров", "h.crm.create": "Иначе звонок только записывается.",
+        "f.crm.missed_task": "Задача по каждому пропущенному входящему",
+        "h.crm.missed_task": "Ответственному за клиента; не создаётся, если клиент потом дозвонился.",
+        "f.crm.default_user_id": "Сотрудник для звонков без ответа (ID в Битрикс24)",
+        "h.crm.default_user_id": "Ему достаются звонки, на которые не ответил ни один известный номер; 0 — никому.",
+        "f.routing.agi_listen": "Адрес FastAGI для маршрутизации",
+        "h.routing.agi_listen": "Здесь диалплан спрашивает, кто ответственный за клиента; пусто — выключено.",
+        "f.routing.fallback": "Куда идут остальные звонки",
+        "h.routing.fallback": "контекст,номер,приоритет вашего обычного маршрута, когда ответственный не найден, "
+                              "например ext-group,600,1 (группа вызова) или ivr-main,s,1.",
+        "f.click_to_call.mode": "Звонок из CRM",
+        "h.click_to_call.mode": "Открытый порт: Битрикс24 присылает каждый щелчок на этот сервер. Без порта: "
+                                "читается очередь событий портала (локальное приложение с токеном администратора).",
+        "c.click_to_call.mode.off": "Выключен", "c.click_to_call.mode.port": "Через открытый порт",
+        "c.click_to_call.mode.offline": "Без открытого порта",
+        "f.click_to_call.listen": "Слушать на", "h.click_to_call.listen": "адрес:порт, например 0.0.0.0:8077.",
+        "f.click_to_call.tls_cert": "Сертификат (PEM)", "h.click_to_call.tls_cert": "Пусто — HTTP без шифрования.",
+        "f.click_to_call.tls_key": "Ключ сертификата (PEM)", "h.click_to_call.tls_key": "Закрытый ключ сертификата.",
+        "f.click_to_call.application_token": "Токен приложения",
+        "h.click_to_call.application_token": "auth[application_token] исходящего вебхука или приложения; "
+                                             "события без него отклоняются.",
+        "f.click_to_call.public_url": "Адрес, на который пишет Битрикс24",
+        "h.click_to_call.public_url": "Как портал достаёт до этого сервера, например "
+                                      "https://pbx.example.com:8077/bitrix24.",
+        "f.click_to_call.phone_channel": "Телефон сотрудника",
+        "h.click_to_call.phone_channel": "Звонит первым; {extension} — внутренний номер сотрудника.",
+        "f.click_to_call.outbound_context": "Контекст исходящих",
+        "h.click_to_call.outbound_context": "Набирает клиента, когда сотрудник ответил (ваши исходящие маршруты).",
+        "units": (("день", "дня", "дней"), ("час", "часа", "часов"), ("минута", "минуты", "минут"),
+                  ("секунда", "секунды", "секунд")),
+        "said": {},   # filled in below, next to the English they translate
     },
 }
-
-# Fields of each step: (section, key, kind). kind: text, secret (never shown back), secret_url
-# (shown with its secret part masked, never sent back whole), choice, flag.
-WIZARD_FIELDS = {
-    "language": [("wizard", "language", "choice")],
-    "database": [("cel", "backend", "choice"), ("cel", "sqlite_path", "text"), ("cel", "mysql_host", "text"),
-                 ("cel", "mysql_port", "text"), ("cel", "mysql_user", "text"), ("cel", "mysql_password", "secret"),
-                 ("cel", "mysql_database", "text"), ("cel", "table", "text")],
-    "ami": [("ami", "host", "text"), ("ami", "port", "text"), ("ami", "username", "text"),
-            ("ami", "secret", "secret")],
-    "recordings": [("recordings", "path", "text"), ("pbx", "recording_format", "choice"),
-                   ("recordings", "attach", "flag")],
-    "bitrix24": [("bitrix24", "webhook_url", "secret_url"), ("bitrix24", "portal_url", "text"),
-                 ("bitrix24", "client_id", "text"), ("bitrix24", "client_secret", "secret")],
-    "crm": [("crm", "mode", "choice"), ("crm", "create", "flag"), ("crm", "missed_task", "flag"),
-            ("crm", "default_user_id", "text"), ("routing", "agi_listen", "text")],
-    "click_to_call": [("click_to_call", "mode", "choice"), ("click_to_call", "listen", "text"),
-                      ("click_to_call", "application_token", "secret"), ("click_to_call", "public_url", "text"),
-                      ("click_to_call", "phone_channel", "text"), ("click_to_call", "outbound_context", "text")],
-}
-
-_SCHEMA_BY_KEY = dict(((row[0], row[1]), row) for row in CONFIG_SCHEMA)
-_FIELD_KINDS = dict(((f[0], f[1]), f[2]) for fields in WIZARD_FIELDS.values() for f in fields)
-_CHOICES = {("wizard", "language"): ("en", "ru"), ("cel", "backend"): ("auto", "sqlite", "mysql", "off"),
-            ("pbx", "recording_format"): ("wav", "mp3", "gsm", "wav49", "ogg"),
-            ("crm", "mode"): ("leads", "contacts"), ("click_to_call", "mode"): ("off", "port", "offline")}
-# The rights bx24ast needs, and no more (no 'command', 'config' or 'user' write).
-AMI_USER_READ = "system,call,agent,dialplan,reporting"
-AMI_USER_WRITE = "system,call,originate,reporting"
 
 
 def raw_config_values(path):
@@ -6632,6 +6884,22 @@ def raw_config_values(path):
     return values, maps
 
 
+def _bitrix24_connection(values):
+    """Which way to the portal the values describe: a webhook, or a local application."""
+    if not values.get(("bitrix24", "webhook_url")) and values.get(("bitrix24", "portal_url")) \
+            and values.get(("bitrix24", "client_id")):
+        return "application"
+    return "webhook"
+
+
+def _field_shown(field, values):
+    """A field of an alternative is shown (and taken) only while that alternative is chosen."""
+    if field.when is None:
+        return True
+    section, _, key = field.when[0].partition(".")
+    return values.get((section, key)) in field.when[1]
+
+
 class SetupWizard(object):
     """What each step of the wizard shows, checks and saves, apart from HTTP.
 
@@ -6651,6 +6919,7 @@ class SetupWizard(object):
     def current(self, draft):
         values, maps = raw_config_values(self.config_path)
         values.update((k, v) for k, v in draft.items() if isinstance(k, tuple))
+        values[("bitrix24", "connection")] = draft.get(("bitrix24", "connection")) or _bitrix24_connection(values)
         if "__lines" in draft:
             maps["lines"] = draft["__lines"]
         return values, maps
@@ -6658,28 +6927,50 @@ class SetupWizard(object):
     def draft_config(self, draft):
         """The configuration the draft would give (for the Check buttons)."""
         values, maps = self.current(draft)
+        values = dict((k, v) for k, v in values.items() if k not in _VIRTUAL_FIELDS)
         return Config.from_text(_config_text(values, maps), self.config_path)
 
-    def suggestions(self, step):
-        """Values found on the PBX, offered before the admin types anything."""
+    def configured(self, step, draft):
+        """Whether a step has what it needs, in the file or the draft (the step list's ticks)."""
+        values, maps = self.current(draft)
+        if step == "database":
+            return values[("cel", "backend")] != "auto" or bool(detect_cel(self.root)[0])
+        if step == "ami":
+            return bool(values[("ami", "username")] and values[("ami", "secret")])
+        if step == "recordings":
+            return values[("recordings", "attach")].lower() not in _TRUE or os.path.isdir(values[("recordings", "path")])
+        if step == "bitrix24":
+            return bool(values[("bitrix24", "webhook_url")] or
+                        (values[("bitrix24", "portal_url")] and values[("bitrix24", "client_id")]))
+        if step == "click_to_call":
+            return values[("click_to_call", "mode")] == "off" or bool(values[("click_to_call", "application_token")]
+                                                                   or values[("click_to_call", "mode")] == "offline")
+        if step == "save":
+            return os.path.exists(self.config_path) and not self.changes(draft)
+        return True
+
+    def suggestions(self, step, draft):
+        """(what was found on the PBX, {key: suggested value}), for the values being edited."""
         if step == "database":
             found, warnings = detect_cel(self.root)
-            return [("%s (%s): %s" % (c["source"], c["confidence"], ", ".join(
-                "%s=%s" % (k, "***" if "password" in k else v) for k, v in c["settings"].items())))
+            return [say("%s (%s): %s", c["source"], c["confidence"], ", ".join(
+                "%s=%s" % (k, "***" if "password" in k else v) for k, v in c["settings"].items()))
                 for c in found] + warnings, (found[0]["settings"] if found else {})
         if step == "recordings":
-            values, _ = self.current({})
+            values, _ = self.current(draft)
             found, suggested = [], {}
             dialplan = recording_settings_in_dialplan(os.path.join(self.root, "etc", "asterisk"))
-            if dialplan.get("MIXMON_DIR"):
+            if dialplan.get("MIXMON_DIR") and ("recordings", "path") not in draft:
                 suggested["path"] = dialplan["MIXMON_DIR"].rstrip("/")
             path = suggested.get("path") or values[("recordings", "path")]
             fmt = detect_recording_format(path)
             if fmt:
-                found.append("%s: %d recordings, mostly .%s" % (path, fmt[1], fmt[0]))
+                found.append(say("%s: %d recordings, mostly .%s", path, fmt[1], fmt[0]))
                 suggested["recording_format"] = fmt[0]
+            else:
+                found.append(say("%s: no recordings found there", path))
             for name, value in sorted(dialplan.items()):
-                found.append("dialplan: %s = %s" % (name, value))
+                found.append(say("dialplan: %s = %s", name, value))
             if dialplan.get("MIXMON_FORMAT") and not fmt:
                 suggested["recording_format"] = dialplan["MIXMON_FORMAT"].lower()
             return found, suggested
@@ -6688,58 +6979,53 @@ class SetupWizard(object):
     def submit(self, step, form, draft):
         """Validate one step's form into the draft; {field: error} (empty when accepted)."""
         errors, accepted = {}, {}
-        for section, key, kind in WIZARD_FIELDS.get(step, []):
+        chosen = dict(self.current(draft)[0])
+        for field in WIZARD_FIELDS.get(step, []):
+            if field.kind == "alternative" and isinstance(form.get("%s.%s" % field[:2]), str):
+                chosen[field[:2]] = form["%s.%s" % field[:2]].strip()
+        for field in WIZARD_FIELDS.get(step, []):
+            section, key, kind = field.section, field.key, field.kind
             name = "%s.%s" % (section, key)
-            if kind == "flag":
-                value = "yes" if form.get(name) else "no"
-            else:
-                value = (form.get(name) or "").strip()
+            if not _field_shown(field, chosen):
+                continue   # a field of an alternative not chosen: what the file has stays
+            raw = form.get(name)
+            if raw is None and kind == "alternative":
+                raw = chosen.get((section, key))   # not posted: the alternative stays as it was
+            if raw is not None and not isinstance(raw, str):
+                errors[name] = say("a single value")
+                continue
+            value = ("yes" if raw else "no") if kind == "flag" else (raw or "").strip()
             if kind in ("secret", "secret_url") and value == "":
                 continue  # blank keeps what is set
             if has_line_break(value):
                 # every separator str.splitlines knows (U+2028, \x1c, \x85...): configparser
                 # and editors may split there, and the next save would find a second key
-                errors[name] = "a single line"
+                errors[name] = say("a single line")
                 continue
             if (section, key) in _CHOICES and value not in _CHOICES[(section, key)]:
-                errors[name] = "one of: %s" % ", ".join(_CHOICES[(section, key)])
+                errors[name] = say("one of: %s", ", ".join(_CHOICES[(section, key)]))
                 continue
-            try:
-                _SCHEMA_BY_KEY[(section, key)][3](value)
-            except ValueError as exc:
-                errors[name] = "expected %s" % exc
-                continue
+            if (section, key) not in _VIRTUAL_FIELDS:
+                try:
+                    _SCHEMA_BY_KEY[(section, key)][3](value)
+                except ValueError as exc:
+                    errors[name] = say("expected %s", said_of(exc))
+                    continue
             accepted[(section, key)] = value
         if step == "bitrix24" and not errors:
-            webhook = accepted.get(("bitrix24", "webhook_url")) or self.current(draft)[0][("bitrix24", "webhook_url")]
-            portal = accepted.get(("bitrix24", "portal_url"))
-            if not webhook and not (portal and accepted.get(("bitrix24", "client_id"))):
-                errors["bitrix24.webhook_url"] = "a webhook URL, or the portal address with the application's client_id"
+            if accepted.get(("bitrix24", "connection")) == "application":
+                accepted[("bitrix24", "webhook_url")] = ""   # the application is used only without a webhook
+                if not (accepted.get(("bitrix24", "portal_url")) and accepted.get(("bitrix24", "client_id"))):
+                    errors["bitrix24.portal_url"] = say("the portal address with the application's client_id")
+            elif not (accepted.get(("bitrix24", "webhook_url")) or self.current(draft)[0][("bitrix24", "webhook_url")]):
+                errors["bitrix24.webhook_url"] = say("the webhook's address, https://<portal>/rest/<user>/<code>/")
         if step == "click_to_call" and not errors and accepted.get(("click_to_call", "mode")) == "port":
             token = accepted.get(("click_to_call", "application_token")) or \
                 self.current(draft)[0][("click_to_call", "application_token")]
             if not token:
-                errors["click_to_call.application_token"] = "needed in port mode (from the webhook or application)"
+                errors["click_to_call.application_token"] = say("needed in port mode (from the webhook or application)")
         if step == "crm":
-            lines, line_errors = collections.OrderedDict(), {}
-            count = form.get("line_count") or "0"
-            if not is_digits(count) or int(count) > self.MAX_LINES + 3:
-                errors["line_count"] = "a whole number up to %d" % (self.MAX_LINES + 3)
-                count = "0"
-            for i in range(int(count)):
-                did = (form.get("line_did_%d" % i) or "").strip()
-                source = (form.get("line_source_%d" % i) or "").strip()
-                if not did and not source:
-                    continue
-                try:
-                    _lines_entry(did, source)
-                except ValueError as exc:
-                    line_errors["line_%d" % i] = "expected %s" % exc
-                    continue
-                if did in lines:
-                    line_errors["line_%d" % i] = "this line is already in the table"
-                    continue
-                lines[did] = source
+            lines, line_errors = self._lines(form, draft)
             errors.update(line_errors)
             if not errors:
                 draft["__lines"] = lines
@@ -6747,21 +7033,54 @@ class SetupWizard(object):
             draft.update(accepted)
         return errors
 
+    def _lines(self, form, draft):
+        """The lead-source table of the CRM step: (lines, {field: error}). A line typed the
+        way people write numbers (8 (495) 123-45-67) is kept as the PBX's number plan writes it."""
+        lines, errors = collections.OrderedDict(), {}
+        count = form.get("line_count") or "0"
+        if not is_digits(count) or int(count) > self.MAX_LINES + 3:
+            return lines, {"line_count": say("a whole number up to %d", self.MAX_LINES + 3)}
+        try:
+            plan = PbxRules.from_config(self.draft_config(draft)).number_plan
+        except ConfigError:
+            plan = None
+        for i in range(int(count)):
+            did, source = form.get("line_did_%d" % i) or "", form.get("line_source_%d" % i) or ""
+            if not isinstance(did, str) or not isinstance(source, str):
+                errors["line_%d" % i] = say("a single value")
+                continue
+            did, source = did.strip(), source.strip()
+            if not did and not source:
+                continue
+            number = clean_phone_number(did)
+            if number is not None and plan is not None:
+                did = plan.normalize(number) or number
+            try:
+                _lines_entry(did, source)
+            except ValueError as exc:
+                errors["line_%d" % i] = say("expected %s", said_of(exc))
+                continue
+            if did in lines:
+                errors["line_%d" % i] = say("this line is already in the table")
+                continue
+            lines[did] = source
+        return lines, errors
+
     def changes(self, draft):
-        """[(name, shown value)] of what the save step will write; secrets masked."""
+        """[((section, key), shown value)] of what the save step will write; secrets masked."""
         before, before_maps = raw_config_values(self.config_path)
         out = []
-        for key in sorted(k for k in draft if isinstance(k, tuple)):
+        for key in sorted(k for k in draft if isinstance(k, tuple) and k not in _VIRTUAL_FIELDS):
             if before.get(key) != draft[key]:
                 kind = _FIELD_KINDS.get(key)
                 shown = "***" if kind == "secret" else mask_webhook(draft[key]) if kind == "secret_url" else draft[key]
-                out.append(("[%s] %s" % key, shown))
+                out.append((key, shown))
         if "__lines" in draft and draft["__lines"] != before_maps["lines"]:
-            out.append(("[lines]", ", ".join("%s = %s" % kv for kv in draft["__lines"].items()) or "(none)"))
+            out.append((("lines", ""), ", ".join("%s = %s" % kv for kv in draft["__lines"].items()) or "-"))
         return out
 
     def save(self, draft):
-        updates = dict((k, v) for k, v in draft.items() if isinstance(k, tuple))
+        updates = dict((k, v) for k, v in draft.items() if isinstance(k, tuple) and k not in _VIRTUAL_FIELDS)
         maps = {"lines": draft["__lines"]} if "__lines" in draft else None
         update_config_file(self.config_path, updates, maps)
         draft.clear()
@@ -6774,7 +7093,7 @@ class SetupWizard(object):
         try:
             config = self.draft_config(draft)
         except ConfigError as exc:
-            return [CheckResult("CRITICAL", step, str(exc))]
+            return [CheckResult("CRITICAL", step, said_of(exc))]
         if step == "database":
             return [check_cel(config)]
         if step == "ami":
@@ -6789,38 +7108,43 @@ class SetupWizard(object):
     def _check_ami(self, config):
         ami = config.section("ami")
         if not ami["username"]:
-            return CheckResult("CRITICAL", "ami", "no AMI user set", "fill in the user, or create one")
+            return CheckResult("CRITICAL", "ami", say("no AMI user set"), say("fill in the user, or create one"))
         conn = AmiConnection(ami["host"], ami["port"], ami["username"], ami["secret"], lambda m: None,
                              auth=ami["auth"], connect_timeout=min(self.timeout, ami["connect_timeout"]))
         try:
             conn.try_login()
         except AmiError as exc:
-            return CheckResult("CRITICAL", "ami", str(exc), "check manager.conf: the user, its secret, permit=")
+            return CheckResult("CRITICAL", "ami", said_of(exc), say("check manager.conf: the user, its secret, permit="))
         except (OSError, socket.error) as exc:
-            return CheckResult("CRITICAL", "ami", "cannot connect to %s:%s: %s" % (ami["host"], ami["port"], exc),
-                               "is Asterisk running, and AMI enabled in manager.conf ([general] enabled = yes)?")
-        return CheckResult("OK", "ami", "logged in to %s:%s as %s (%s)" % (ami["host"], ami["port"], ami["username"],
-                                                                          conn.banner or "Asterisk"))
+            return CheckResult("CRITICAL", "ami", say("cannot connect to %s:%s: %s", ami["host"], ami["port"],
+                                                      exc.strerror or exc),
+                               say("is Asterisk running, and AMI enabled in manager.conf ([general] enabled = yes)?"))
+        return CheckResult("OK", "ami", say("logged in to %s:%s as %s (%s)", ami["host"], ami["port"],
+                                            ami["username"], conn.banner or "Asterisk"))
 
     def _check_endpoints(self, config):
         """What bx24ast will take for trunks and phones, as Asterisk lists them."""
         learned, error = learn_endpoints(config)
         if learned is None:
-            return [CheckResult("WARNING", "endpoints", error, "trunks and phones are told apart by the [pbx] rules")]
+            return [CheckResult("WARNING", "endpoints", error,
+                                say("trunks and phones are told apart by the [pbx] rules"))]
         if not learned:
-            return [CheckResult("WARNING", "endpoints", "Asterisk lists no PJSIP/SIP/IAX2 endpoints to this user",
-                                "give the AMI user read = system, reporting, or set [pbx] trunk_channels")]
+            return [CheckResult("WARNING", "endpoints", say("Asterisk lists no PJSIP/SIP/IAX2 endpoints to this user"),
+                                say("give the AMI user read = system, reporting, or set [pbx] trunk_channels"))]
         out = []
-        for kind, label in (("trunk", "trunks"), ("phone", "phones"), (None, "not classified")):
-            items = ["%s (%s)" % (e.device, e.why) for e in learned if e.kind == kind]
+        for kind, label in (("trunk", "trunks: %s"), ("phone", "phones: %s"), (None, "not classified: %s")):
+            items = [say("%s (%s)", e.device, e.why) for e in learned if e.kind == kind]
             if items:
-                out.append(CheckResult("OK" if kind else "WARNING", "endpoints", "%s: %s" % (label, "; ".join(items)),
-                                       "" if kind else "set [pbx] trunk_channels to name these trunks"))
+                out.append(CheckResult("OK" if kind else "WARNING", "endpoints", say(label, said_join("; ", items)),
+                                       "" if kind else say("set [pbx] trunk_channels to name these trunks")))
         return out
 
     def _check_portal(self, config):
+        """One line per thing asked of the portal: the rights, the employees' extensions, the
+        telephony methods; one failing does not hide the others."""
         if not BitrixClient.configured(config):
-            return [CheckResult("CRITICAL", "bitrix24", "not configured")]
+            return [CheckResult("CRITICAL", "bitrix24", say("not configured"),
+                                say("a webhook address, or the portal address with the application's client_id"))]
         client = BitrixClient.from_config(config, StateStore(":memory:"))
         client.timeout = self.timeout
         if client.uses_oauth:
@@ -6837,17 +7161,25 @@ class SetupWizard(object):
             scopes = client.call("scope")
             missing = [s for s in ("telephony", "crm", "user", "task") if s not in (scopes or [])]
             if missing:
-                out.append(CheckResult("CRITICAL", "bitrix24", "the webhook/application lacks the scopes %s"
-                                       % ", ".join(missing), "edit it in Bitrix24: Developer resources"))
+                out.append(CheckResult("CRITICAL", "bitrix24", say("the webhook/application lacks the scopes %s",
+                                                                   ", ".join(missing)),
+                                       say("edit it in Bitrix24: Developer resources")))
             else:
-                out.append(CheckResult("OK", "bitrix24", "reachable, scopes telephony crm user task granted"))
-            users = UserDirectory(client)
-            mapping = users.refresh()
-            out.append(CheckResult("OK" if mapping else "WARNING", "users", ", ".join(
-                "%s -> user %s" % kv for kv in sorted(mapping.items())) or "no user has an internal phone "
-                "number (UF_PHONE_INNER)", "" if mapping else "fill 'Internal phone' in the employees' profiles"))
+                out.append(CheckResult("OK", "bitrix24", say("reachable, scopes telephony crm user task granted")))
         except BitrixError as exc:
-            out.append(CheckResult("CRITICAL", "bitrix24", str(exc), "check the address and the rights"))
+            out.append(CheckResult("CRITICAL", "bitrix24", say("scope: %s", said_of(exc)),
+                                   say("check the address and the rights")))
+            if isinstance(exc, (BitrixUnavailable, BitrixAuthFailed)):
+                return out   # nothing else can answer either
+        try:
+            mapping = UserDirectory(client).refresh()
+            out.append(CheckResult("OK" if mapping else "WARNING", "users", said_join(", ", (
+                say("%s -> user %s", ext, uid) for ext, uid in sorted(mapping.items()))) if mapping else
+                say("no user has an internal phone number (UF_PHONE_INNER)"),
+                "" if mapping else say("fill 'Internal phone' in the employees' profiles")))
+        except BitrixError as exc:
+            out.append(CheckResult("CRITICAL", "users", say("user.get: %s", said_of(exc)),
+                                   say("the webhook/application needs the user scope")))
         return out
 
     def exchange_code(self, draft, code):
@@ -6856,24 +7188,24 @@ class SetupWizard(object):
         try:
             config = self.draft_config(draft)
         except ConfigError as exc:
-            return str(exc), False
+            return said_of(exc), False
         b24 = config.section("bitrix24")
         if not (b24["portal_url"] and b24["client_id"] and b24["client_secret"]):
-            return "an authorization code is for a local application: fill portal_url, client_id, client_secret", \
-                False
+            return say("an authorization code is for a local application: fill portal_url, client_id, "
+                       "client_secret"), False
         try:
             store = StateStore.open_dir(config.get("storage", "state_dir"))
         except StorageError as exc:
-            return str(exc), False
+            return said_of(exc), False
         try:
             client = BitrixClient.from_config(config, store)
             client.timeout = self.timeout
             tokens = client.exchange_code(code)
         except BitrixError as exc:
-            return "the code was refused: %s (codes are valid for 30 seconds)" % exc, False
+            return say("the code was refused: %s (codes are valid for 30 seconds)", said_of(exc)), False
         finally:
             store.close()
-        return "tokens saved for %s" % (tokens.get("domain") or b24["portal_url"]), True
+        return say("tokens saved for %s", tokens.get("domain") or b24["portal_url"]), True
 
     def lead_sources(self, draft):
         """[(STATUS_ID, NAME)] from crm.status.list, or [] when the portal is not reachable."""
@@ -6888,6 +7220,19 @@ class SetupWizard(object):
         except (BitrixError, ConfigError):
             return []
         return [(str(r.get("STATUS_ID")), str(r.get("NAME"))) for r in rows or [] if isinstance(r, dict)]
+
+    def dialplan(self, draft):
+        """The routing snippet for this configuration, or None when routing is off or
+        the fallback is not chosen yet."""
+        values, _ = self.current(draft)
+        try:
+            agi = _as_listen(values[("routing", "agi_listen")])
+        except ValueError:
+            return None
+        fallback = values.get(("routing", "fallback")) or ""
+        if agi is None or not fallback:
+            return None
+        return routing_dialplan(agi, fallback, values.get(("routing", "hint_context")) or "from-internal")
 
     # -- AMI user -----------------------------------------------------------------------------------------
     def create_ami_user(self, draft):
@@ -6905,7 +7250,7 @@ class SetupWizard(object):
         except FileNotFoundError:
             text = ""
         except OSError as exc:
-            return "cannot read %s: %s" % (path, exc.strerror), False
+            return say("cannot read %s: %s", path, exc.strerror), False
         # Replace an earlier [bx24] section of ours, keep everything else.
         text = re.sub(r"(?ms)^\[bx24\][^\n]*\n.*?(?=^\[|\Z)", "", text).rstrip("\n")
         block = ("\n\n[bx24]\n; written by the bx24ast wizard\nsecret = %s\ndeny = 0.0.0.0/0.0.0.0\n"
@@ -6914,7 +7259,7 @@ class SetupWizard(object):
         try:
             replace_keeping_mode(path, text + block)
         except OSError as exc:
-            return "cannot write %s: %s" % (path, exc.strerror), False
+            return say("cannot write %s: %s", path, exc.strerror), False
         draft[("ami", "username")] = "bx24"
         draft[("ami", "secret")] = secret
         if ("ami", "host") not in draft:
@@ -6924,11 +7269,24 @@ class SetupWizard(object):
                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
             output = proc.communicate(timeout=15)[0].decode("utf-8", "replace").strip()
             if proc.returncode != 0:
-                return "user bx24 written to %s, but 'manager reload' failed: %s" % (path, output), False
+                return say("user bx24 written to %s, but 'manager reload' failed: %s", path, output), False
         except (OSError, subprocess.TimeoutExpired) as exc:
-            return "user bx24 written to %s, but 'asterisk -rx \"manager reload\"' could not run: %s" % (path, exc), \
-                False
-        return "user bx24 written to %s and AMI reloaded" % path, True
+            return say("user bx24 written to %s, but 'asterisk -rx \"manager reload\"' could not run: %s",
+                       path, exc), False
+        return say("user bx24 written to %s and AMI reloaded", path), True
+
+
+def routing_dialplan(agi, fallback, dial_context="from-internal"):
+    """The dialplan that sends a caller to their responsible employee (README: Routing).
+    agi: the (host, port) FastAGI listens on; fallback: context,exten,priority."""
+    host, port = agi
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    return ("[bx24-responsible]\n"
+            "exten => s,1,AGI(agi://%s:%d/responsible)\n"
+            " same => n,GotoIf($[\"${BX24_RESPONSIBLE_EXT}\" = \"\"]?normal)\n"
+            " same => n,Dial(Local/${BX24_RESPONSIBLE_EXT}@%s,20)\n"
+            " same => n(normal),Goto(%s)" % (host, port, dial_context, fallback))
 
 
 def replace_keeping_mode(path, text, new_mode=0o640):
@@ -7012,33 +7370,171 @@ def detect_recording_format(path, limit=2000):
 
 
 def check_recordings(path, now=None):
-    now = time.time() if now is None else now
     if not os.path.isdir(path):
-        return CheckResult("CRITICAL", "recordings", "%s does not exist" % path,
-                           "where does MixMonitor write? (FreePBX: /var/spool/asterisk/monitor)")
+        return CheckResult("CRITICAL", "recordings", say("%s does not exist", path),
+                           say("where does MixMonitor write? (FreePBX: /var/spool/asterisk/monitor)"))
     if not os.access(path, os.R_OK | os.X_OK):
-        return CheckResult("CRITICAL", "recordings", "%s is not readable by bx24ast" % path, "check its permissions")
+        return CheckResult("CRITICAL", "recordings", say("%s is not readable by bx24ast", path),
+                           say("check its permissions"))
     found = detect_recording_format(path)
     if not found:
-        return CheckResult("WARNING", "recordings", "%s has no recordings yet" % path,
-                           "are calls recorded (MixMonitor)? check again after a call")
-    return CheckResult("OK", "recordings", "%s: %d recordings, mostly .%s" % (path, found[1], found[0]))
+        return CheckResult("WARNING", "recordings", say("%s has no recordings yet", path),
+                           say("are calls recorded (MixMonitor)? check again after a call"))
+    return CheckResult("OK", "recordings", say("%s: %d recordings, mostly .%s", path, found[1], found[0]))
+
+
+class WizardLanguage(object):
+    """The wizard's words in one language, and messages (Said) said in it. The values
+    inside a message (paths, numbers, what Asterisk or the portal answered) are set
+    apart (class v): they are the admin's data, not words to translate."""
+
+    _PLACEHOLDER = re.compile(r"%(?:[-+ #0]*\d*(?:\.\d+)?[sdrfgx]|%)")
+
+    def __init__(self, lang):
+        self.lang = lang if lang in WIZARD_TEXT else "en"
+        self.words = WIZARD_TEXT[self.lang]
+
+    def __getitem__(self, key):
+        return self.words[key] if key in self.words else WIZARD_TEXT["en"][key]
+
+    def get(self, key, default=""):
+        return self.words.get(key, WIZARD_TEXT["en"].get(key, default))
+
+    def label(self, section, key):
+        return self.get("f.%s.%s" % (section, key)) or key
+
+    def choice(self, section, key, value):
+        return self.get("c.%s.%s.%s" % (section, key, value)) or value
+
+    def span(self, seconds):
+        units = self.words.get("units")
+        if units is None:
+            return str(Span(seconds))
+        words = []
+        for n, i in Span(seconds).parts():
+            forms = units[i]
+            form = 0 if n % 10 == 1 and n % 100 != 11 else 1 if 2 <= n % 10 <= 4 and not 12 <= n % 100 <= 14 else 2
+            words.append("%d %s" % (n, forms[form]))
+        return " ".join(words)
+
+    def text(self, message):
+        """A message as plain text in this language (for JSON and titles)."""
+        return html.unescape(re.sub(r"<[^>]+>", "", self.html(message)))
+
+    def html(self, message):
+        if message is None or message == "":
+            return ""
+        if isinstance(message, Span):
+            return _h(self.span(message))
+        if not isinstance(message, Said):
+            return _h(message)
+        template = self.words.get("said", {}).get(message.template, message.template)
+        args, out, pos = list(message.args), [], 0
+        for m in self._PLACEHOLDER.finditer(template):
+            out.append(_h(template[pos:m.start()]))
+            pos = m.end()
+            if m.group(0) == "%%":
+                out.append("%")
+                continue
+            value = args.pop(0) if args else ""
+            if isinstance(value, (Said, Span)):
+                out.append(self.html(value))
+            else:
+                out.append("<span class=v>%s</span>" % _h(m.group(0) % (value,)))
+        out.append(_h(template[pos:]))
+        return "".join(out)
+
+
+def browser_language(header, default="en"):
+    """The first of our languages the browser asks for (Accept-Language, by q)."""
+    best, best_q = None, -1.0
+    for i, part in enumerate((header or "").split(",")[:20]):
+        tag, _, params = part.strip().partition(";")
+        q = 1.0
+        m = re.search(r"q=([0-9.]+)", params)
+        if m:
+            try:
+                q = float(m.group(1))
+            except ValueError:
+                q = 0.0
+        lang = tag.strip().lower()[:2]
+        if lang in WIZARD_TEXT and q > best_q:
+            best, best_q = lang, q
+    return best or default
+
+
+class StatusReport(object):
+    """What the status page and GET /status show: the service as it runs (or its last
+    heartbeat), today's calls and the outbox from the state database."""
+
+    def __init__(self, config, live=None):
+        self.config = config
+        self.live = live
+
+    def collect(self, now=None):
+        now = time.time() if now is None else now
+        state_dir = self.config.get("storage", "state_dir")
+        daemon, beat, _dead = check_daemon(state_dir, now)
+        if self.live is not None:
+            beat = self.live()
+        running = daemon.level == "OK" or self.live is not None
+        out = collections.OrderedDict([("time", now), ("running", running), ("daemon", daemon.message)])
+        beat = beat or {}
+        out["pid"] = beat.get("pid")
+        out["up_seconds"] = now - beat["started_at"] if beat.get("started_at") and running else None
+        out["ami"] = beat.get("ami") or {}
+        out["bitrix24"] = beat.get("bitrix24") or {}
+        out["calls_in_progress"] = beat.get("calls") or [] if running else []
+        users = beat.get("users") or {}
+        mapping = dict(users.get("map") or {})
+        mapping.update(dict((k, int(v)) for k, v in self.config.maps.get("users", {}).items()))
+        out["users"] = {"map": collections.OrderedDict(sorted(mapping.items())), "loaded_at": users.get("loaded_at")}
+        out["warnings"] = beat.get("warnings") or []
+        out["today"], out["outbox"] = self._from_the_state(now)
+        return out
+
+    def _from_the_state(self, now):
+        midnight = time.mktime(time.localtime(now)[:3] + (0, 0, 0, 0, 0, -1))
+        today = {"calls": 0, "reported": 0, "missed": 0, "waiting": 0}
+        outbox = {"pending": 0, "parked": 0, "oldest_seconds": None}
+        try:
+            store = _read_only_store(self.config)
+        except StorageError:
+            return today, outbox
+        try:
+            row = store.query(
+                "SELECT COUNT(*) AS calls, SUM(finished_at IS NOT NULL) AS reported, "
+                "SUM(direction = 'inbound' AND ended_at IS NOT NULL AND NOT COALESCE(answered, 0)) AS missed, "
+                "SUM(finished_at IS NULL) AS waiting FROM calls WHERE source IS NOT NULL AND started_at >= ?",
+                (midnight,))[0]
+            today = dict((k, int(row[k] or 0)) for k in today)
+            counts = Outbox(store).counts()
+            oldest = store.query("SELECT MIN(created_at) AS t FROM outbox WHERE state = 'pending'")[0]["t"]
+            outbox = {"pending": counts.get("pending", 0), "parked": counts.get("parked", 0),
+                      "oldest_seconds": now - oldest if oldest else None}
+        except sqlite3.Error as exc:
+            log.warning("status: cannot read the state database: %s", exc)
+        finally:
+            store.close()
+        return today, outbox
 
 
 class WizardServer(Listener):
-    """The wizard over HTTP(S): login, sessions, CSRF, brute-force delay, pages."""
+    """The wizard over HTTP(S): login, sessions, CSRF, brute-force delay, pages, and
+    the status page (also GET /status as JSON for monitoring)."""
 
     thread_name = "wizard"
     SESSION_SECONDS = 8 * 3600
     IDLE_SECONDS = 30 * 60       # a session left alone that long has to log in again
     FAILS_PER_MINUTE = 5
+    RELOAD_WAIT = 12.0           # how long Results waits for the service to read a saved file
     PREFIX = "/config/master"
     sessions = {}
     failures = {}
     _lock = threading.Lock()
 
     def __init__(self, wizard, user, password_hash, host="0.0.0.0", port=8078, cert="", key="", language="en",
-                 check_config=None):
+                 check_config=None, live_status=None, status_token="", state_dir=None):
         if not password_hash:
             raise ConfigError("[wizard] password_hash is empty: set a login with bx24ast.py set-password "
                               "(the installer does)", section="wizard", key="password_hash", value="")
@@ -7047,6 +7543,9 @@ class WizardServer(Listener):
         self.password_hash = password_hash
         self.language = language
         self.check_config = check_config   # () -> Config for the results page
+        self.live_status = live_status     # () -> the running daemon's status, when it serves the wizard
+        self.status_token = status_token
+        self.state_dir = state_dir
         self.secure = bool(cert)
         # Kept by the class: a save reloads the service, which makes a new server,
         # and the admin must stay logged in to see the results.
@@ -7086,10 +7585,10 @@ class WizardServer(Listener):
             attrs.append("Max-Age=%d" % max_age)
         return "; ".join(attrs)
 
-    def _send(self, req, status, body="", headers=()):
+    def _send(self, req, status, body="", headers=(), content_type="text/html; charset=utf-8"):
         data = body.encode("utf-8")
         req.send_response(status)
-        req.send_header("Content-Type", "text/html; charset=utf-8")
+        req.send_header("Content-Type", content_type)
         req.send_header("Content-Length", str(len(data)))
         req.send_header("Cache-Control", "no-store")
         req.send_header("X-Frame-Options", "DENY")
@@ -7124,9 +7623,15 @@ class WizardServer(Listener):
                 session["seen"] = now
         return session
 
-    def _text(self, session_or_lang):
-        lang = session_or_lang if isinstance(session_or_lang, str) else (session_or_lang or {}).get("lang")
-        return WIZARD_TEXT.get(lang or self.language, WIZARD_TEXT["en"])
+    def _language(self, req, session=None):
+        """The session's language; before login the one picked on the login page, else
+        the browser's (Accept-Language), else the configured one."""
+        if session is not None:
+            return WizardLanguage(session["lang"])
+        picked = self._cookies(req).get("bx24ast_lang")
+        if picked in WIZARD_TEXT:
+            return WizardLanguage(picked)
+        return WizardLanguage(browser_language(req.headers.get("Accept-Language"), self.language))
 
     # -- requests --------------------------------------------------------------------------------------
     def serve(self, req, verb):
@@ -7137,34 +7642,44 @@ class WizardServer(Listener):
         except Exception:
             log.exception("wizard: %s %s failed", verb, req.path[:80])
             try:
-                self._error(req, 500, self._text(self._cookies(req).get("bx24ast_lang")), "failed")
+                self._error(req, 500, self._language(req), "failed")
             except _CLIENT_GONE:
                 pass
 
-    def _error(self, req, status, text, what):
-        """A styled page in the admin's language for 403, 404, 429 and 500."""
-        body = "<p>%s</p><p><a href='%s/language'>%s</a></p>" % (_h(text["error_" + what]), self.PREFIX,
-                                                                 _h(text["back"]))
-        return self._send(req, status, self._page(text, "%d" % status, body, None, None))
+    def _error(self, req, status, t, what):
+        """A styled page in the admin's language for 403, 404, 413, 429 and 500."""
+        body = "<p class=lead>%s</p><p><a class=button href='%s/language'>%s</a></p>" % (
+            _h(t["error_" + what]), self.PREFIX, _h(t["back"]))
+        return self._send(req, status, self._page(t, "%d" % status, body, None, None))
 
     def handle(self, req, verb):
         url = urllib.parse.urlsplit(req.path)
         path = url.path.rstrip("/")
+        query = dict(urllib.parse.parse_qsl(url.query))
         peer = req.client_address[0]
+        if path == "/status" and verb == "GET":
+            return self._status_json(req, peer)
         if not path.startswith(self.PREFIX):
             return self._redirect(req, self.PREFIX)
         if path == self.PREFIX + "/login":
-            return self._login(req, verb, peer)
+            return self._login(req, verb, peer, query)
         session = self._session(req)
         if session is None:
             return self._redirect(req, self.PREFIX + "/login")
+        if query.get("lang") in WIZARD_TEXT and verb == "GET":
+            session["lang"] = query["lang"]
+            return self._redirect(req, path, [("Set-Cookie", self._cookie("bx24ast_lang", session["lang"],
+                                                                          365 * 86400))])
+        t = WizardLanguage(session["lang"])
         form = {}
         if verb == "POST":
             form = self._form(req)
-            if form is None or not hmac.compare_digest((form.get("csrf") or "").encode(), session["csrf"].encode()):
+            if form is None:
+                return self._error(req, 413, t, "too_large")
+            if not hmac.compare_digest((form.get("csrf") or "").encode(), session["csrf"].encode()):
                 REFUSALS.log(logging.WARNING, "wizard: forms refused",
                              "wizard: a form from %s without the right CSRF token was refused", peer)
-                return self._error(req, 403, self._text(session), "csrf")
+                return self._error(req, 403, t, "csrf")
         if path == self.PREFIX + "/logout" and verb == "POST":
             with self._lock:
                 self.sessions.pop(self._cookies(req).get("bx24ast_session"), None)
@@ -7173,68 +7688,94 @@ class WizardServer(Listener):
         if path == self.PREFIX:
             return self._redirect(req, self.PREFIX + "/language")
         if path == self.PREFIX + "/results":
-            return self._results(req, session)
+            return self._results(req, session, query.get("saved"))
+        if path == self.PREFIX + "/status":
+            return self._status_page(req, session)
+        if path == self.PREFIX + "/status.json":
+            return self._send(req, 200, json.dumps(self._status(t), ensure_ascii=False, indent=1),
+                              content_type="application/json; charset=utf-8")
         step = path[len(self.PREFIX) + 1:]
         if step not in WIZARD_STEPS:
-            return self._error(req, 404, self._text(session), "not_found")
+            return self._error(req, 404, t, "not_found")
         return self._step(req, verb, session, step, form)
 
-    def _login(self, req, verb, peer):
-        text = self._text(self._cookies(req).get("bx24ast_lang"))
+    def _login(self, req, verb, peer, query):
+        if query.get("lang") in WIZARD_TEXT:
+            return self._redirect(req, self.PREFIX + "/login",
+                                  [("Set-Cookie", self._cookie("bx24ast_lang", query["lang"], 365 * 86400))])
+        t = self._language(req)
         login_csrf = self._cookies(req).get("bx24ast_login")
         error = ""
         if verb == "POST":
             form = self._form(req) or {}
             now = time.time()
             if not login_csrf or not hmac.compare_digest((form.get("csrf") or "").encode(), login_csrf.encode()):
-                return self._error(req, 403, text, "stale_login")
-            # The attempt is counted before the password is looked at, in one step with
-            # the look at the count: parallel guesses cannot slip in under the limit.
-            with self._lock:
-                if len(self.failures) > 1000:   # many addresses: forget the ones past their minute
-                    for address in [a for a, times in self.failures.items() if now - times[-1] >= 60]:
-                        del self.failures[address]
-                recent = [t for t in self.failures.get(peer, []) if now - t < 60]
-                allowed = len(recent) < self.FAILS_PER_MINUTE
-                if allowed:
-                    recent.append(now)
-                self.failures[peer] = recent
-            if not allowed:
-                wait = int(60 - (now - recent[0])) + 1
-                REFUSALS.log(logging.WARNING, "wizard: logins refused", "wizard: too many failed logins from %s; "
-                             "refused for %d s", peer, wait)
-                return self._send(req, 429, self._page(text, text["login"], "<p class=err>%s</p>"
-                                                       % _h(text["wait"] % wait), None, None),
-                                  [("Retry-After", str(wait))])
+                return self._error(req, 403, t, "stale_login")
+            wait = self._count_attempt(peer, now)
+            if wait:
+                return self._login_page(req, 429, t, "<p class=error>%s</p>" % _h(t["wait"] % wait),
+                                        [("Retry-After", str(wait))])
             user_ok = hmac.compare_digest((form.get("user") or "").encode(), self.user.encode())
             password_ok = verify_password(form.get("password") or "", self.password_hash)
             if user_ok and password_ok:
+                self._forgive(peer, now)
                 token = base64.urlsafe_b64encode(os.urandom(24)).decode().rstrip("=")
                 with self._lock:
                     self.sessions[token] = {"csrf": base64.urlsafe_b64encode(os.urandom(18)).decode().rstrip("="),
                                             "expires": now + self.SESSION_SECONDS, "seen": now, "draft": {},
-                                            "lang": self._cookies(req).get("bx24ast_lang") or self.language,
-                                            "messages": {}}
-                    if self.failures.get(peer):
-                        self.failures[peer].remove(now)
+                                            "lang": t.lang, "visited": set()}
                 log.info("wizard: %s logged in from %s", self.user, peer)
                 return self._redirect(req, self.PREFIX + "/language",
                                       [("Set-Cookie", self._cookie("bx24ast_session", token))])
             REFUSALS.log(logging.WARNING, "wizard: failed logins", "wizard: failed login as %r from %s",
                          (form.get("user") or "")[:40], peer)
-            error = "<p class=err>%s</p>" % _h(text["bad_login"])
-        login_csrf = base64.urlsafe_b64encode(os.urandom(18)).decode().rstrip("=")
-        body = ("%s<form method=post action='%s/login'><input type=hidden name=csrf value='%s'>"
-                "<label>%s <input name=user autocomplete=username></label>"
-                "<label>%s <input type=password name=password autocomplete=current-password></label>"
-                "<button>%s</button></form>" % (error, self.PREFIX, login_csrf, _h(text["user"]),
-                                                _h(text["password"]), _h(text["login"])))
-        return self._send(req, 200, self._page(text, text["login"], body, None, None),
-                          [("Set-Cookie", self._cookie("bx24ast_login", login_csrf))])
+            error = "<p class=error>%s</p>" % _h(t["bad_login"])
+        return self._login_page(req, 200, t, error)
 
+    def _login_page(self, req, status, t, error, headers=()):
+        # the form's token travels in a cookie of its own: a login needs both
+        csrf = base64.urlsafe_b64encode(os.urandom(18)).decode().rstrip("=")
+        body = ("<p class=lead>%s</p>%s<form method=post action='%s/login' class=login>"
+                "<input type=hidden name=csrf value='%s'>"
+                "<div class=field><label for=f-user>%s</label><input id=f-user name=user autocomplete=username "
+                "required autofocus></div>"
+                "<div class=field><label for=f-password>%s</label><input id=f-password type=password name=password "
+                "autocomplete=current-password required></div>"
+                "<div class=actions><button class=primary>%s</button></div></form>"
+                % (_h(t["login_help"]), error, self.PREFIX, csrf, _h(t["user"]), _h(t["password"]), _h(t["login"])))
+        return self._send(req, status, self._page(t, t["login"], body, None, None),
+                          [("Set-Cookie", self._cookie("bx24ast_login", csrf))] + list(headers))
+
+    def _count_attempt(self, peer, now):
+        """Count a login attempt before its password is looked at, in one step with the
+        look at the count, so that parallel guesses cannot slip in under the limit.
+        Seconds to wait, or 0 when this attempt may go on."""
+        with self._lock:
+            if len(self.failures) > 1000:   # many addresses: forget the ones past their minute
+                for address in [a for a, times in self.failures.items() if now - times[-1] >= 60]:
+                    del self.failures[address]
+            recent = [t for t in self.failures.get(peer, []) if now - t < 60]
+            allowed = len(recent) < self.FAILS_PER_MINUTE
+            if allowed:
+                recent.append(now)
+            self.failures[peer] = recent
+        if allowed:
+            return 0
+        wait = int(60 - (now - recent[0])) + 1
+        REFUSALS.log(logging.WARNING, "wizard: logins refused", "wizard: too many failed logins from %s; "
+                     "refused for %d s", peer, wait)
+        return wait
+
+    def _forgive(self, peer, now):
+        with self._lock:
+            if now in self.failures.get(peer, []):
+                self.failures[peer].remove(now)
+
+    # -- the steps -------------------------------------------------------------------------------------
     def _step(self, req, verb, session, step, form):
         draft = session["draft"]
-        messages, errors, checks = [], {}, []
+        t = WizardLanguage(session["lang"])
+        messages, errors, checks, posted = [], {}, [], None
         if verb == "POST":
             action = form.get("action") or "next"
             if step == "save":
@@ -7242,108 +7783,173 @@ class WizardServer(Listener):
                     try:
                         self.wizard.save(draft)
                     except ConfigError as exc:
-                        messages.append(("err", str(exc)))
+                        messages.append(("error", said_of(exc)))
                     else:
                         log.info("wizard: configuration written by %s", self.user)
-                        return self._redirect(req, self.PREFIX + "/results")
+                        return self._redirect(req, "%s/results?saved=%d" % (self.PREFIX, int(time.time())))
             elif action == "create_ami_user":
                 message, ok = self.wizard.create_ami_user(draft)
-                messages.append(("ok" if ok else "err", message))
+                messages.append(("ok" if ok else "error", message))
+            elif action == "check":
+                trial = dict(draft)
+                errors = self.wizard.submit(step, form, trial)
+                posted = form
+                if errors:
+                    messages.append(("error", t["fix"]))
+                else:
+                    checks = self.wizard.check(step, trial)
+                    if all(c.level != "CRITICAL" for c in checks):
+                        draft.clear()
+                        draft.update(trial)
+                        messages.append(("ok", t["checked_kept"]))
+                        posted = None
+                    else:
+                        messages.append(("error", t["check_not_kept"]))
             else:
                 errors = self.wizard.submit(step, form, draft)
                 code = (form.get("oauth_code") or "").strip() if step == "bitrix24" else ""
                 if errors:
-                    messages.append(("err", self._text(session)["fix"]))
+                    posted = form
+                    messages.append(("error", t["fix"]))
                 elif code:
                     message, ok = self.wizard.exchange_code(draft, code)
-                    messages.append(("ok" if ok else "err", message))
+                    messages.append(("ok" if ok else "error", message))
                     if not ok:
                         errors = {"oauth_code": message}
-                elif action == "check":
-                    checks = self.wizard.check(step, draft)
                 else:
+                    session["visited"].add(step)
                     if step == "language":
                         session["lang"] = draft.get(("wizard", "language"), session["lang"])
                     following = WIZARD_STEPS[WIZARD_STEPS.index(step) + 1]
                     return self._redirect(req, "%s/%s" % (self.PREFIX, following),
                                           [("Set-Cookie", self._cookie("bx24ast_lang", session["lang"],
                                                                        365 * 86400))])
-        text = self._text(session)
-        body = self._step_body(text, session, step, form if errors else None, errors, checks, messages)
-        return self._send(req, 200 if not errors else 400, self._page(text, text["step_" + step], body, session,
-                                                                      step))
+        body = self._step_body(t, session, step, posted, errors, checks, messages)
+        return self._send(req, 400 if errors else 200, self._page(t, t["step_" + step], body, session, step))
 
-    def _step_body(self, text, session, step, posted, errors, checks, messages):
+    def _step_body(self, t, session, step, posted, errors, checks, messages):
         draft = session["draft"]
         values, maps = self.wizard.current(draft)
-        parts = ["<p>%s</p>" % _h(text["help_" + step])]
-        for kind, message in messages:
-            parts.append("<p class=%s>%s</p>" % (kind, _h(message)))
-        if checks:
-            parts.append(_checks_table(text, checks))
+        if posted is not None:
+            for field in WIZARD_FIELDS.get(step, []):
+                name = "%s.%s" % field[:2]
+                if field.kind == "flag":
+                    values[field[:2]] = "yes" if posted.get(name) else "no"
+                elif field.kind not in ("secret", "secret_url") and isinstance(posted.get(name), str):
+                    values[field[:2]] = posted[name]
+        parts = ["<p class=lead>%s</p>" % _h(t["help_" + step])]
+        parts.extend("<p class='message %s'>%s</p>" % (kind, t.html(message)) for kind, message in messages)
         if step == "save":
-            changes = self.wizard.changes(draft)
-            parts.append("<h2>%s</h2>" % _h(text["changes"]))
-            parts.append("<table>%s</table>" % "".join("<tr><td>%s</td><td>%s</td></tr>" % (_h(k), _h(v))
-                                                       for k, v in changes) if changes else
-                         "<p>%s</p>" % _h(text["no_changes"]))
-            parts.append("<form method=post><input type=hidden name=csrf value='%s'>"
-                         "<button name=action value=save>%s</button></form>" % (session["csrf"], _h(text["save"])))
-            return "".join(parts)
-        found, suggested = self.wizard.suggestions(step)
+            return "".join(parts) + self._save_body(t, session)
+        typed = dict(draft)
+        if posted is not None:   # what the admin typed, also where nothing was kept
+            typed.update((k, v) for k, v in values.items() if k in _FIELD_KINDS and k not in _VIRTUAL_FIELDS)
+        found, suggested = self.wizard.suggestions(step, typed)
         if step in ("database", "recordings"):
-            parts.append("<h2>%s</h2>%s" % (_h(text["found"]), "<ul>%s</ul>" % "".join(
-                "<li>%s</li>" % _h(f) for f in found) if found else "<p>%s</p>" % _h(text["none_found"])))
+            parts.append("<section class=found><h2>%s</h2>%s</section>" % (_h(t["found"]), "<ul>%s</ul>" % "".join(
+                "<li>%s</li>" % t.html(f) for f in found) if found else "<p>%s</p>" % _h(t["none_found"])))
         parts.append("<form method=post><input type=hidden name=csrf value='%s'>" % session["csrf"])
-        for section, key, kind in WIZARD_FIELDS.get(step, []):
-            name = "%s.%s" % (section, key)
-            value = posted.get(name, "") if posted is not None else values.get((section, key), "")
-            if (section, key) not in draft and key in suggested and posted is None and \
-                    values.get((section, key)) == _SCHEMA_BY_KEY[(section, key)][2]:
-                value = suggested[key]
-            parts.append(self._field(text, section, key, kind, value, errors.get(name)))
-        if step == "crm":
-            parts.append(self._lines_table(text, session, maps["lines"], posted, errors))
-            parts.append("<h2>%s</h2><pre>%s</pre>" % (_h(text["dialplan"]), _h(ROUTING_DIALPLAN)))
-        if step == "click_to_call":
-            parts.append("<p>%s: <code>%s</code></p>" % (_h(text["handler_url"]), _h(
-                values.get(("click_to_call", "public_url")) or "https://<this host>:8077/bitrix24")))
         if step == "ami":
-            parts.append("<button name=action value=create_ami_user>%s</button>" % _h(text["create_ami"]))
+            parts.append("<div class=aside><p>%s</p><button class=secondary name=action value=create_ami_user>%s"
+                         "</button></div>" % (_h(t["ami_rights"] % (AMI_USER_READ, AMI_USER_WRITE)), _h(t["create_ami"])))
+        extra = ""
         if step == "bitrix24":
-            parts.append("<div class=field><label>%s <input name=oauth_code value='' autocomplete=off></label>"
-                         "%s<small>%s</small></div>" % (_h(text["oauth_code"]), "<span class=err>%s</span>" % _h(
-                             errors["oauth_code"]) if errors.get("oauth_code") else "", _h(text["help_oauth_code"])))
+            extra = "<div class='field alt bitrix24-connection-application'><label for=f-oauth_code>%s</label>" \
+                    "<input id=f-oauth_code name=oauth_code value='' autocomplete=off class=wide>%s" \
+                    "<p class=help>%s</p></div>" % (
+                        _h(t["oauth_code"]), "<p class=error>%s</p>" % t.html(errors["oauth_code"])
+                        if errors.get("oauth_code") else "", _h(t["help_oauth_code"]))
+        parts.append(self._fields(t, step, values, draft, suggested, posted, errors, extra))
+        if step == "crm":
+            parts.append(self._lines_table(t, session, maps["lines"], posted, errors))
+            snippet = self.wizard.dialplan(typed)
+            note = t["dialplan_help"] if snippet else t["dialplan_off"] if not values.get(("routing", "agi_listen")) \
+                else t["dialplan_needs"]
+            parts.append("<section class=snippet><h2>%s</h2><p class=help>%s</p>%s</section>" % (
+                _h(t["dialplan"]), _h(note), "<pre>%s</pre>" % _h(snippet) if snippet else ""))
+        if step == "click_to_call" and values.get(("click_to_call", "mode")) == "port":
+            parts.append(self._handler_url(t, values))
+        if checks:
+            parts.append(_checks_table(t, checks, t["check_result"]))
+        buttons = ["<button class=primary name=action value=next>%s</button>" % _h(t["next"])]
         if step in ("database", "ami", "recordings", "bitrix24", "crm"):
-            parts.append("<button name=action value=check>%s</button>" % _h(text["check"]))
-        parts.append("<button name=action value=next>%s</button></form>" % _h(text["next"]))
+            buttons.append("<button class=secondary name=action value=check>%s</button>" % _h(t["check"]))
+        parts.append("<div class=actions>%s</div></form>" % "".join(buttons))
         return "".join(parts)
 
-    def _field(self, text, section, key, kind, value, error):
+    def _fields(self, t, step, values, draft, suggested, posted, errors, extra=""):
+        """The step's fields; those of an alternative sit in a block that CSS shows only
+        while its radio button is checked (no script needed). extra: more of the group."""
+        out, group = [], None
+        for field in WIZARD_FIELDS.get(step, []):
+            section, key, kind = field.section, field.key, field.kind
+            value = values.get((section, key), "")
+            if posted is None and (section, key) not in draft and key in suggested and \
+                    value == _SCHEMA_BY_KEY.get((section, key), (0, 0, None))[2]:
+                value = suggested[key]
+            error = errors.get("%s.%s" % (section, key))
+            in_group = group is not None and field.when is not None and field.when[0] == "%s.%s" % group[:2]
+            if group is not None and (kind == "alternative" or not in_group):
+                out.append("%s</fieldset>" % extra)
+                group = extra = None
+            if kind == "alternative":
+                out.append("<fieldset class=choice>")
+                group = field
+                out.append(self._radios(t, section, key, value, error))
+                continue
+            classes = "field" + (" has-error" if error else "")
+            if in_group:
+                classes += " alt " + " ".join("%s-%s" % (field.when[0].replace(".", "-"), v) for v in field.when[1])
+            out.append("<div class='%s'>%s</div>" % (classes, self._control(t, section, key, kind, value, error)))
+        if group is not None:
+            out.append("%s</fieldset>" % (extra or ""))
+        return "".join(out)
+
+    def _radios(self, t, section, key, value, error):
         name = "%s.%s" % (section, key)
-        doc = _SCHEMA_BY_KEY[(section, key)][4]
+        items = []
+        for choice in _CHOICES[(section, key)]:
+            ident = "%s-%s-%s" % (section, key, choice)
+            items.append("<input type=radio name='%s' value='%s' id='%s'%s><label for='%s' class=option>%s</label>"
+                         % (_h(name), _h(choice), _h(ident), " checked" if choice == value else "", _h(ident),
+                            _h(t.choice(section, key, choice))))
+        help_text = t.get("h.%s.%s" % (section, key))
+        return "<legend>%s</legend>%s%s%s" % (
+            _h(t.label(section, key)), "".join(items), "<p class=error>%s</p>" % t.html(error) if error else "",
+            "<p class=help>%s</p>" % _h(help_text) if help_text else "")
+
+    def _control(self, t, section, key, kind, value, error):
+        name = "%s.%s" % (section, key)
+        ident = "f-%s-%s" % (section, key)
         if kind == "choice":
-            control = "<select name='%s'>%s</select>" % (_h(name), "".join(
-                "<option%s>%s</option>" % (" selected" if c == value else "", _h(c))
+            control = "<select id='%s' name='%s'>%s</select>" % (_h(ident), _h(name), "".join(
+                "<option value='%s'%s>%s</option>" % (_h(c), " selected" if c == value else "",
+                                                      _h(t.choice(section, key, c)))
                 for c in _CHOICES[(section, key)]))
         elif kind == "flag":
-            control = "<input type=checkbox name='%s' value=yes%s>" % (
-                _h(name), " checked" if str(value).lower() in _TRUE else "")
+            control = "<input type=checkbox id='%s' name='%s' value=yes%s>" % (
+                _h(ident), _h(name), " checked" if str(value).lower() in _TRUE else "")
         elif kind == "secret":
             # A secret already set is never sent back to the browser.
-            control = "<input type=password name='%s' value='' placeholder='%s' autocomplete=new-password>" % (
-                _h(name), _h(text["kept"]) if value else "")
+            control = "<input type=password id='%s' name='%s' value='' placeholder='%s' autocomplete=new-password " \
+                      "class=wide>" % (_h(ident), _h(name), _h(t["kept"]) if value else "")
         elif kind == "secret_url":
             # The webhook's code is its password: shown masked, blank keeps it.
-            control = "<input name='%s' value='' placeholder='%s' autocomplete=off>" % (
-                _h(name), _h("%s (%s)" % (mask_webhook(value), text["kept"])) if value else "")
+            control = "<input id='%s' name='%s' value='' placeholder='%s' autocomplete=off class=wide>" % (
+                _h(ident), _h(name), _h("%s (%s)" % (mask_webhook(value), t["kept"])) if value else "")
         else:
-            control = "<input name='%s' value='%s'>" % (_h(name), _h(value))
-        err = "<span class=err>%s</span>" % _h(error) if error else ""
-        return "<div class=field><label>[%s] %s %s</label>%s<small>%s</small></div>" % (
-            _h(section), _h(key), control, err, _h(doc))
+            width = {"wide": " class=wide", "number": " class=narrow inputmode=numeric"}.get(kind, "")
+            control = "<input id='%s' name='%s' value='%s'%s>" % (_h(ident), _h(name), _h(value), width)
+        label = "<label for='%s'>%s</label>" % (_h(ident), _h(t.label(section, key)))
+        if kind == "flag":
+            label, control = "<label class=check for='%s'>%s %s</label>" % (
+                _h(ident), control, _h(t.label(section, key))), ""
+        help_text = t.get("h.%s.%s" % (section, key))
+        return "%s%s%s%s<p class=key><code>[%s] %s</code></p>" % (
+            label, control, "<p class=error>%s</p>" % t.html(error) if error else "",
+            "<p class=help>%s</p>" % _h(help_text) if help_text else "", _h(section), _h(key))
 
-    def _lines_table(self, text, session, lines, posted, errors):
+    def _lines_table(self, t, session, lines, posted, errors):
         sources = self.wizard.lead_sources(session["draft"])
         count = posted.get("line_count") if posted is not None else None
         count = min(int(count), SetupWizard.MAX_LINES) if is_digits(count) else 0
@@ -7352,8 +7958,10 @@ class WizardServer(Listener):
         while rows and rows[-1] == ("", ""):
             rows.pop()   # the blank rows of the last render: three are added again
         rows += [("", "")] * 3
-        out = ["<h2>%s</h2><input type=hidden name=line_count value=%d><table><tr><th>%s</th><th>%s</th></tr>"
-               % (_h(text["lines"]), len(rows), _h(text["did"]), _h(text["source"]))]
+        out = ["<section class=lines><h2>%s</h2><p class=help>%s</p>%s<input type=hidden name=line_count value=%d>"
+               "<table><tr><th>%s</th><th>%s</th></tr>" % (
+                   _h(t["lines"]), _h(t["lines_help"]), "<p class=error>%s</p>" % t.html(errors["line_count"])
+                   if errors.get("line_count") else "", len(rows), _h(t["did"]), _h(t["source"]))]
         for i, (did, source) in enumerate(rows):
             if sources:
                 options = [("", "")] + sources
@@ -7365,60 +7973,312 @@ class WizardServer(Listener):
             else:
                 control = "<input name=line_source_%d value='%s'>" % (i, _h(source))
             err = errors.get("line_%d" % i)
-            out.append("<tr><td><input name=line_did_%d value='%s'></td><td>%s%s</td></tr>" % (
-                i, _h(did), control, "<span class=err>%s</span>" % _h(err) if err else ""))
-        out.append("</table>")
+            out.append("<tr%s><td><input name=line_did_%d value='%s'></td><td>%s%s</td></tr>" % (
+                " class=has-error" if err else "", i, _h(did), control,
+                "<p class=error>%s</p>" % t.html(err) if err else ""))
+        out.append("</table></section>")
         return "".join(out)
 
-    def _results(self, req, session):
-        text = self._text(session)
+    def _handler_url(self, t, values):
+        try:
+            port = (_as_listen(values.get(("click_to_call", "listen")) or "") or ("", 8077))[1]
+        except ValueError:
+            port = 8077
+        tls = bool(values.get(("click_to_call", "tls_cert")))
+        url = values.get(("click_to_call", "public_url")) or "%s://<%s>:%d/bitrix24" % (
+            "https" if tls else "http", "this host" if t.lang == "en" else "адрес АТС", port)
+        return "<section class=snippet><h2>%s</h2><pre>%s</pre><p class=help>%s</p>%s</section>" % (
+            _h(t["handler_url"]), _h(url), _h(t["handler_help"]),
+            "" if tls else "<p class=help>%s</p>" % _h(t["handler_plain"]))
+
+    def _save_body(self, t, session):
+        changes = self.wizard.changes(session["draft"])
+        parts = ["<h2>%s</h2>" % _h(t["changes"])]
+        if changes:
+            parts.append("<table class=changes>%s</table>" % "".join(
+                "<tr><td>%s <code>[%s]%s</code></td><td><span class=v>%s</span></td></tr>" % (
+                    _h(t.label(*key) if key[1] else t["lines"]), _h(key[0]), " " + _h(key[1]) if key[1] else "",
+                    _h(shown)) for key, shown in changes))
+        else:
+            parts.append("<p>%s</p>" % _h(t["no_changes"]))
+        parts.append("<form method=post><input type=hidden name=csrf value='%s'><div class=actions>"
+                     "<button class=primary name=action value=save>%s</button></div></form>"
+                     % (session["csrf"], _h(t["save"])))
+        return "".join(parts)
+
+    # -- results and status -------------------------------------------------------------------------
+    def _reloaded(self, saved_at):
+        """Wait (a little) for the service to have read the file saved at saved_at: the
+        results are those of the new configuration, not of the one it replaced."""
+        if self.state_dir is None:
+            return True
+        heartbeat = Heartbeat(self.state_dir)
+        deadline = monotonic() + self.RELOAD_WAIT
+        while True:
+            beat = heartbeat.read() or {}
+            started = beat.get("started_at") or 0
+            if started >= saved_at - 1 and (beat.get("ami") or {}).get("connected") or \
+                    started >= saved_at - 1 and time.time() - started > 5:
+                return True
+            if monotonic() >= deadline:
+                return False
+            time.sleep(0.3)
+
+    def _results(self, req, session, saved):
+        t = WizardLanguage(session["lang"])
+        refresh, note = None, ""
+        if is_digits(saved):
+            if self._reloaded(int(saved)):
+                note = "<p class='message ok'>%s</p>" % _h(t["saved"])
+            else:
+                note, refresh = "<p class='message warn'>%s</p>" % _h(t["not_reloaded"]), 3
         try:
             config = self.check_config() if self.check_config else Config.load(self.wizard.config_path)
             results = run_checks(config)
         except ConfigError as exc:
-            results = [CheckResult("UNKNOWN", "configuration", str(exc))]
+            results = [CheckResult("UNKNOWN", "configuration", said_of(exc))]
         worst, summary = summarize(results)
-        body = "<p class=%s>%s</p>%s" % ("ok" if worst == "OK" else "err", _h(summary), _checks_table(text, results))
-        return self._send(req, 200, self._page(text, text["results"], body, session, "results"))
+        body = "%s<p class='summary %s'>%s</p>%s" % (note, worst, t.html(summary), _checks_table(t, results))
+        return self._send(req, 200, self._page(t, t["results"], body, session, "results", refresh=refresh))
 
-    def _page(self, text, title, body, session, current):
-        nav = ""
+    def _status(self, t):
+        try:
+            config = self.check_config() if self.check_config else Config.load(self.wizard.config_path)
+        except ConfigError as exc:
+            return {"error": t.text(said_of(exc))}
+        return StatusReport(config, self.live_status).collect()
+
+    def _status_json(self, req, peer):
+        """GET /status for monitoring: with [wizard] status_token (Authorization: Bearer)
+        or the wizard's login (Basic, counted like a login)."""
+        auth = req.headers.get("Authorization") or ""
+        scheme, _, credentials = auth.partition(" ")
+        allowed = False
+        if scheme.lower() == "bearer" and self.status_token:
+            allowed = hmac.compare_digest(credentials.strip().encode(), self.status_token.encode())
+        elif scheme.lower() == "basic":
+            wait = self._count_attempt(peer, time.time())
+            if wait:
+                return _json_reply(req, 429, {"error": "too many failed logins: wait %d s" % wait})
+            try:
+                user, _, password = base64.b64decode(credentials.strip()).decode("utf-8").partition(":")
+            except (ValueError, UnicodeDecodeError):
+                user, password = "", ""
+            allowed = hmac.compare_digest(user.encode(), self.user.encode()) and \
+                verify_password(password, self.password_hash)
+        if not allowed:
+            REFUSALS.log(logging.WARNING, "status: refused", "status: refused a request from %s", peer)
+            req.send_response(401)
+            req.send_header("WWW-Authenticate", 'Basic realm="bx24ast", charset="UTF-8"')
+            req.send_header("Content-Type", "application/json; charset=utf-8")
+            body = b'{"error": "log in with the wizard login, or Authorization: Bearer <[wizard] status_token>"}'
+            req.send_header("Content-Length", str(len(body)))
+            req.end_headers()
+            req.wfile.write(body)
+            return None
+        return _json_reply(req, 200, self._status(WizardLanguage("en")))
+
+    def _status_page(self, req, session):
+        t = WizardLanguage(session["lang"])
+        st = self._status(t)
+        if "error" in st:
+            return self._send(req, 200, self._page(t, t["status"], "<p class=error>%s</p>" % _h(st["error"]),
+                                                   session, "status"))
+        now = st["time"]
+        ami, b24 = st["ami"], st["bitrix24"]
+        outage = b24.get("outage") or {}
+
+        def line(label, value):
+            return "<tr><th>%s</th><td>%s</td></tr>" % (_h(label), value)
+
+        rows = [line(t["st_daemon"], t.html(st["daemon"]))]
+        rows.append(line(t["st_ami"], "%s <span class=v>%s:%s</span>%s" % (
+            _h(t["st_connected"] if ami.get("connected") else t["st_disconnected"]), _h(ami.get("host")),
+            _h(ami.get("port")), "" if ami.get("connected") or not ami.get("last_error") else
+            " &mdash; <span class=v>%s</span>" % _h(ami.get("last_error")))))
+        portal = _h(t["st_answers"]) if not outage.get("failing_since") else _h(
+            t["st_failing"] % t.span(now - outage["failing_since"]))
+        if b24.get("alert"):
+            portal += " &mdash; <span class=v>%s</span>" % _h(b24["alert"])
+        rows.append(line(t["st_portal"], portal))
+        today = st["today"]
+        rows.append(line(t["st_today"], "%d: %s %d, %s %d, %s %d" % (
+            today["calls"], _h(t["st_reported"]), today["reported"], _h(t["st_missed"]), today["missed"],
+            _h(t["st_waiting"]), today["waiting"])))
+        ob = st["outbox"]
+        rows.append(line(t["st_outbox"], "%s %d, %s %d%s" % (
+            _h(t["st_backlog"]), ob["pending"], _h(t["st_parked"]), ob["parked"],
+            ", %s %s" % (_h(t["st_oldest"]), _h(t.span(ob["oldest_seconds"]))) if ob["oldest_seconds"] else "")))
+        parts = ["<p class=lead>%s</p>" % _h(t["st_help"])]
+        if not st["running"]:
+            parts.append("<p class='message warn'>%s</p>" % _h(t["st_down"]))
+        parts.append("<table class=status>%s</table>" % "".join(rows))
+        calls = st["calls_in_progress"]
+        parts.append("<h2>%s: %d</h2>" % (_h(t["st_calls_now"]), len(calls)))
+        if calls:
+            parts.append("<table><tr><th>%s</th><th>%s</th><th>%s</th><th>%s</th></tr>%s</table>" % (
+                _h(t["st_direction"]), _h(t["st_number"]), _h(t["st_ext"]), _h(t["st_since"]), "".join(
+                    "<tr><td>%s</td><td class=v>%s</td><td class=v>%s</td><td>%s</td></tr>" % (
+                        _h(t.get("dir_%s" % c.get("direction"), c.get("direction"))), _h(c.get("number") or ""),
+                        _h(c.get("extension") or ""), _h(t.span(now - (c.get("since") or now)))) for c in calls)))
+        users = st["users"]
+        age = _h(t["st_users_age"] % t.span(now - users["loaded_at"])) if users.get("loaded_at") else \
+            _h(t["st_users_never"])
+        parts.append("<h2>%s</h2><p class=help>%s</p>" % (_h(t["st_users"]), age))
+        if users["map"]:
+            parts.append("<table><tr><th>%s</th><th>%s</th></tr>%s</table>" % (
+                _h(t["st_ext"]), _h(t["st_user"]), "".join("<tr><td class=v>%s</td><td class=v>%s</td></tr>" % (
+                    _h(ext), _h(uid)) for ext, uid in users["map"].items())))
+        warnings = st["warnings"][-20:]
+        parts.append("<h2>%s</h2>" % _h(t["st_warnings"]))
+        parts.append("<table>%s</table>" % "".join(
+            "<tr><td class=v>%s</td><td class=v>%s</td></tr>" % (
+                _h(time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(w.get("time") or 0))), _h(w.get("message")))
+            for w in reversed(warnings)) if warnings else "<p>%s</p>" % _h(t["st_none"]))
+        return self._send(req, 200, self._page(t, t["status"], "".join(parts), session, "status", refresh=15))
+
+    # -- the frame --------------------------------------------------------------------------------------
+    def _page(self, t, title, body, session, current, refresh=None):
+        langs = " ".join("<a href='?lang=%s'%s lang=%s>%s</a>" % (code, " class=here" if code == t.lang else "",
+                                                                  code, _h(WIZARD_TEXT[code]["language_name"]))
+                         for code in WIZARD_TEXT)
+        logout, aside = "", ""
         if session is not None:
-            nav = "<nav>%s<a href='%s/results'%s>%s</a><form method=post action='%s/logout'>" \
-                  "<input type=hidden name=csrf value='%s'><button>%s</button></form></nav>" % (
-                      "".join("<a href='%s/%s'%s>%s</a>" % (self.PREFIX, s, " class=here" if s == current else "",
-                                                            _h(text["step_" + s])) for s in WIZARD_STEPS),
-                      self.PREFIX, " class=here" if current == "results" else "", _h(text["results"]),
-                      self.PREFIX, session["csrf"], _h(text["logout"]))
-        return ("<!doctype html><html><head><meta charset=utf-8><title>%s - %s</title><style>%s</style></head>"
-                "<body><header>%s</header>%s<main><h1>%s</h1>%s</main></body></html>"
-                % (_h(title), _h(text["title"]), _WIZARD_CSS, _h(text["title"]), nav, _h(title), body))
-
-
-_WIZARD_CSS = ("body{font-family:sans-serif;margin:0;background:#f4f6f8}header{background:#2fc6f6;color:#fff;"
-               "padding:.6em 1em;font-weight:bold}nav{padding:.5em 1em;background:#fff}nav a{margin-right:1em}"
-               "nav form{display:inline}a.here{font-weight:bold}main{padding:1em 2em;max-width:60em}"
-               ".field{margin:.6em 0}.field small{display:block;color:#666}.err{color:#b00020}.ok{color:#1b7f3b}"
-               "label{display:block}input,select{margin-left:.5em}td,th{padding:.2em .6em;text-align:left}"
-               "td.OK{color:#1b7f3b}td.WARNING{color:#a66b00}td.CRITICAL,td.FAIL,td.UNKNOWN{color:#b00020}")
-
-ROUTING_DIALPLAN = """[bx24-responsible]
-exten => s,1,AGI(agi://127.0.0.1:4573/responsible)
- same => n,GotoIf($["${BX24_RESPONSIBLE_EXT}" = ""]?normal)
- same => n,Dial(Local/${BX24_RESPONSIBLE_EXT}@from-internal,20)
- same => n(normal),Goto(from-did-direct,${EXTEN},1)  ; your usual route"""
+            logout = "<form method=post action='%s/logout' class=logout><input type=hidden name=csrf value='%s'>" \
+                     "<button class=link>%s</button></form>" % (self.PREFIX, session["csrf"], _h(t["logout"]))
+            items = []
+            for n, step in enumerate(WIZARD_STEPS, 1):
+                done = step in session["visited"] or self.wizard.configured(step, session["draft"])
+                items.append("<li class='%s%s'><a href='%s/%s'><span class=num>%d</span> %s <span class=state>%s"
+                             "</span></a></li>" % ("done" if done else "todo", " here" if step == current else "",
+                                                   self.PREFIX, step, n, _h(t["step_" + step]),
+                                                   _h(t["done"] if done else t["todo"])))
+            aside = "<aside><h2>%s</h2><ol class=steps>%s</ol><ul class=more><li%s><a href='%s/results'>%s</a></li>" \
+                    "<li%s><a href='%s/status'>%s</a></li></ul></aside>" % (
+                        _h(t["steps"]), "".join(items), " class=here" if current == "results" else "", self.PREFIX,
+                        _h(t["results"]), " class=here" if current == "status" else "", self.PREFIX, _h(t["status"]))
+        headers = "<meta http-equiv=refresh content=%d>" % refresh if refresh else ""
+        page = ("<!doctype html><html lang=%s><head><meta charset=utf-8>"
+                "<meta name=viewport content='width=device-width, initial-scale=1'>%s<title>%s - %s</title>"
+                "<style>%s</style></head><body><header class=top><span class=brand>bx24ast</span>"
+                "<span class=product>%s</span><nav class=langs>%s</nav>%s</header>"
+                "<div class='layout%s'>%s<main><h1>%s</h1>%s</main></div></body></html>"
+                % (t.lang, headers, _h(title), _h(t["title"]), _WIZARD_CSS, _h(t["title"]), langs, logout,
+                   "" if aside else " narrow", aside, _h(title), body))
+        return page
 
 
 def _h(value):
     return html.escape(str(value), quote=True)
 
 
-def _checks_table(text, results):
-    shown = {"OK": "OK", "WARNING": "WARNING", "CRITICAL": "FAIL", "UNKNOWN": "FAIL"}
-    return "<table>%s</table>" % "".join(
-        "<tr><td class=%s>%s</td><td>%s</td><td>%s</td><td>%s</td></tr>" % (
-            r.level, shown[r.level], _h(r.name), _h(r.message),
-            _h("%s: %s" % (text["what_to_do"], r.advice)) if r.advice else "") for r in results)
+def _checks_table(t, results, heading=None):
+    """Check results as the admin reads them: a badge, the message, what to do."""
+    items = "".join(
+        "<li class=%s><span class='badge %s'>%s</span> <span class=name>%s</span> %s%s</li>" % (
+            r.level, r.level, _h(t["level_" + r.level]), _h(r.name), t.html(r.message),
+            "<p class=advice>%s: %s</p>" % (_h(t["what_to_do"]), t.html(r.advice)) if r.advice else "")
+        for r in results)
+    return "<section class=checks>%s<ul>%s</ul></section>" % ("<h2>%s</h2>" % _h(heading) if heading else "", items)
+
+
+_WIZARD_BASE_CSS = """
+*{box-sizing:border-box}
+body{margin:0;font:15px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif;
+color:#1f2933;background:#f3f5f8}
+header.top{display:flex;align-items:center;gap:1em;padding:.7em 1.5em;background:#1f2d3d;color:#fff}
+header .brand{font-weight:700;font-size:1.1em;letter-spacing:.02em}
+header .product{color:#b8c4d0}
+header nav.langs{margin-left:auto}
+header nav.langs a{color:#b8c4d0;margin-left:.8em;text-decoration:none}
+header nav.langs a.here{color:#fff;font-weight:600}
+header form.logout{margin:0}
+button.link{background:none;border:0;color:#b8c4d0;cursor:pointer;font:inherit;padding:0}
+.layout{display:flex;gap:2em;max-width:72em;margin:2em auto;padding:0 1.5em}
+.layout.narrow{max-width:34em}
+aside{flex:0 0 15em}
+aside h2{font-size:.8em;text-transform:uppercase;color:#6b7785;letter-spacing:.06em;margin:0 0 .6em}
+ol.steps,ul.more{list-style:none;margin:0;padding:0}
+ol.steps li a,ul.more li a{display:flex;align-items:center;gap:.6em;padding:.45em .6em;border-radius:6px;
+color:#1f2933;text-decoration:none}
+ol.steps li a:hover,ul.more li a:hover{background:#e4e9ef}
+ol.steps li.here a,ul.more li.here a{background:#fff;box-shadow:0 1px 3px rgba(0,0,0,.08);font-weight:600}
+.num{display:inline-flex;width:1.6em;height:1.6em;border-radius:50%;align-items:center;justify-content:center;
+background:#d7dee6;font-size:.85em}
+li.done .num{background:#2e9d5b;color:#fff}
+.state{margin-left:auto;font-size:.75em;color:#6b7785}
+li.done .state{color:#2e9d5b}
+ul.more{margin-top:1em;border-top:1px solid #dde3ea;padding-top:.6em}
+main{flex:1;min-width:0;background:#fff;border-radius:10px;box-shadow:0 1px 4px rgba(0,0,0,.08);padding:1.6em 2em}
+h1{margin:0 0 .4em;font-size:1.5em}
+h2{font-size:1.1em;margin:1.4em 0 .5em}
+p.lead{color:#52606d;margin-top:0}
+.field{margin:1em 0}
+.field label{display:block;font-weight:600;margin-bottom:.25em}
+.field label.check{font-weight:600;display:flex;align-items:center;gap:.5em}
+input,select{font:inherit;padding:.45em .6em;border:1px solid #c3ccd6;border-radius:6px;background:#fff;
+width:24em;max-width:100%}
+input.wide{width:100%}
+input.narrow{width:8em}
+input[type=checkbox],input[type=radio]{width:auto}
+input:focus,select:focus{outline:2px solid #2684ff;outline-offset:1px}
+.has-error input,.has-error select{border-color:#c62828}
+p.help{margin:.25em 0 0;color:#6b7785;font-size:.9em}
+p.key{margin:.15em 0 0;font-size:.8em;color:#9aa5b1}
+p.error{margin:.25em 0 0;color:#c62828;font-weight:600}
+fieldset.choice{border:1px solid #dde3ea;border-radius:8px;padding:.8em 1.2em 1em;margin:1em 0}
+fieldset.choice legend{font-weight:600;padding:0 .4em}
+label.option{display:inline-block;margin:0 1.2em .4em .3em;font-weight:500}
+.alt{display:none}
+.actions{display:flex;gap:.8em;margin-top:1.6em;flex-wrap:wrap}
+button,a.button{font:inherit;padding:.55em 1.2em;border-radius:6px;border:1px solid transparent;cursor:pointer;
+text-decoration:none;display:inline-block}
+button.primary,a.button{background:#2367d1;color:#fff}
+button.primary:hover{background:#1b54ad}
+button.secondary{background:#fff;color:#2367d1;border-color:#2367d1}
+.aside{background:#f6f8fb;border-radius:8px;padding:.8em 1.2em;margin:1em 0}
+.message{padding:.7em 1em;border-radius:6px}
+.message.ok{background:#e6f4ea;color:#1e6b3a}
+.message.error{background:#fdecea;color:#a12622}
+.message.warn{background:#fff4e0;color:#8a5300}
+section.checks ul{list-style:none;padding:0}
+section.checks li{padding:.6em .8em;border-left:4px solid #c3ccd6;background:#f9fafb;margin:.4em 0;border-radius:4px}
+section.checks li.OK{border-color:#2e9d5b}
+section.checks li.WARNING{border-color:#e0a100}
+section.checks li.CRITICAL,section.checks li.UNKNOWN{border-color:#c62828}
+.badge{display:inline-block;min-width:5.5em;text-align:center;font-size:.75em;font-weight:700;padding:.1em .5em;
+border-radius:4px;background:#d7dee6;text-transform:uppercase}
+.badge.OK{background:#2e9d5b;color:#fff}
+.badge.WARNING{background:#e0a100;color:#fff}
+.badge.CRITICAL,.badge.UNKNOWN{background:#c62828;color:#fff}
+.name{color:#6b7785;font-size:.85em}
+p.advice{margin:.3em 0 0;color:#52606d;font-size:.9em}
+p.summary{font-weight:600}
+table{border-collapse:collapse;width:100%}
+td,th{padding:.4em .6em;text-align:left;border-bottom:1px solid #edf0f3;vertical-align:top}
+th{color:#52606d;font-weight:600}
+table.status th{width:14em}
+pre{background:#1f2d3d;color:#e4e9ef;padding:1em;border-radius:6px;overflow-x:auto;font-size:.9em}
+code{font-size:.9em}
+.v{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:.92em}
+form.login .field input{width:100%}
+@media (max-width:800px){.layout{flex-direction:column}aside{flex:none}}
+"""
+
+
+def _alternative_css():
+    """The rules that show an alternative's fields while its radio button is checked."""
+    rules = []
+    for fields in WIZARD_FIELDS.values():
+        for field in fields:
+            if field.kind == "alternative":
+                for choice in _CHOICES[(field.section, field.key)]:
+                    ident = "%s-%s-%s" % (field.section, field.key, choice)
+                    rules.append("#%s:checked~.alt.%s{display:block}" % (ident, ident))
+    return "\n".join(rules)
+
+
+_WIZARD_CSS = re.sub(r"\n", "", _WIZARD_BASE_CSS) + _alternative_css()
 
 
 ###############################################################################
@@ -7738,6 +8598,8 @@ class Daemon(object):
     def __init__(self, config, on_call_event=None, bridge=None):
         self.config = config
         self.rules = PbxRules.from_config(config)
+        if RECENT_WARNINGS not in log.handlers:
+            log.addHandler(RECENT_WARNINGS)   # the status page's last warnings
         self._lock = threading.Lock()
         self._handlers = [self._log_call_event]
         self.bridge = bridge
@@ -7812,8 +8674,9 @@ class Daemon(object):
         if wizard["listen"]:
             wanted.append(("wizard ([wizard] listen)", wizard["listen"], lambda host, port: WizardServer(
                 SetupWizard(self.config.path, root=wizard["pbx_root"] or "/", on_saved=self.request_reload),
-                wizard["user"], wizard["password_hash"],
-                host, port, wizard["tls_cert"], wizard["tls_key"], wizard["language"])))
+                wizard["user"], wizard["password_hash"], host, port, wizard["tls_cert"], wizard["tls_key"],
+                wizard["language"], live_status=self.status, status_token=wizard["status_token"],
+                state_dir=self.config.get("storage", "state_dir"))))
         for label, (host, port), build in wanted:
             try:
                 server = build(host, port)
@@ -7975,6 +8838,11 @@ class Daemon(object):
                            for label, server in self.listeners]),
             ("listener_errors", self.listener_errors),
             ("calls_in_progress", len(self.tracker.calls)),
+            ("calls", [{"linkedid": c.linkedid, "direction": c.direction, "number": c.external_number,
+                        "extension": c.talking_with or c.placer or (c.rang[-1] if c.rang else None),
+                        "since": c.started_at, "answered": c.answered_at is not None}
+                       for c in list(self.tracker.calls.values())[:200]]),
+            ("warnings", RECENT_WARNINGS.as_list()),
             ("endpoints", [e.as_dict() for e in self.discovery.learned] if self.discovery else []),
         ])
         if self.bridge is not None:
@@ -7984,12 +8852,34 @@ class Daemon(object):
                                "last_sent_at": self.bridge.sender.last_sent_at,
                                "outage": self.bridge.sender.outage.status()}
             out["storage"] = self.bridge.storage_status()
+            out["users"] = self.bridge.users.status()
         if self.poller is not None:
             out["offline_events"] = {"bound": self.poller.bound, "polls": self.poller.polls}
         return out
 
     def stop(self, *_args):
         self.stop_event.set()
+
+
+class RecentWarnings(logging.Handler):
+    """The last warnings and errors of the log, for the status page."""
+
+    def __init__(self, size=20):
+        logging.Handler.__init__(self, logging.WARNING)
+        self.records = collections.deque(maxlen=size)
+
+    def emit(self, record):
+        try:
+            self.records.append({"time": record.created, "level": record.levelname,
+                                 "message": record.getMessage()[:500]})
+        except Exception:   # a bad log call must not break the one who logs
+            pass
+
+    def as_list(self):
+        return list(self.records)
+
+
+RECENT_WARNINGS = RecentWarnings()   # one for the process: it outlives a reload
 
 
 class Heartbeat(object):
@@ -8602,10 +9492,11 @@ def learn_endpoints(config):
     conn.start()
     try:
         if not conn.connected.wait(ami["connect_timeout"] + 2):
-            return None, "AMI %s:%s not reachable (%s)" % (ami["host"], ami["port"], conn.last_error or "no answer")
+            return None, say("AMI %s:%s not reachable (%s)", ami["host"], ami["port"],
+                             conn.last_error or say("no answer"))
         return PbxDiscovery(conn, PbxRules.from_config(config), 0).discover(), None
     except AmiError as exc:
-        return None, str(exc)
+        return None, said_of(exc)
     finally:
         conn.stop()
 

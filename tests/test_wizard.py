@@ -93,6 +93,17 @@ def wizard_env(tmp_path):
         server.stop()
 
 
+def plain(page):
+    """The text a person reads on a page: tags dropped, entities decoded."""
+    return html.unescape(re.sub(r"\s+", " ", re.sub(r"<[^>]+>", "", page)))
+
+
+def field_block(page, name):
+    """The block of one field (label, input, error, help) on a step page."""
+    m = re.search(r"<div class='field[^']*'>(?:(?!<div class='field).)*?name='%s'.*?</div>" % re.escape(name), page)
+    return m.group(0) if m else ""
+
+
 def step(browser, name, fields, action="next"):
     browser.get("/config/master/%s" % name)
     fields = dict(fields, action=action)
@@ -144,25 +155,25 @@ def test_bad_values_get_an_error_by_their_field_and_nothing_is_saved(wizard_env)
     b.login()
     before = open(wizard_env["conf"]).read()
     status, text, _ = step(b, "language", {"wizard.language": "xx"})
-    assert status == 400 and "one of: en, ru" in text
+    assert status == 400 and "one of: en, ru" in plain(text)
     status, text, _ = step(b, "database", {"cel.backend": "mysql", "cel.mysql_port": "abc"})
     assert status == 400
-    field = re.search(r"<div class=field><label>\[cel\] mysql_port.*?</div>", text).group(0)
-    assert "expected a whole number" in field and "value='abc'" in field
+    field = field_block(text, "cel.mysql_port")
+    assert "expected a whole number" in plain(field) and "value='abc'" in field
     status, text, _ = step(b, "ami", {"ami.host": "127.0.0.1", "ami.port": "70000", "ami.username": "x"})
-    assert status == 400 and "a whole number from 1 to 65535" in text
-    status, text, _ = step(b, "bitrix24", {"bitrix24.webhook_url": "http://portal/no-rest"})
-    assert status == 400 and "/rest/&lt;user&gt;/&lt;token&gt;/" in text
+    assert status == 400 and "a whole number from 1 to 65535" in plain(field_block(text, "ami.port"))
+    status, text, _ = step(b, "bitrix24", {"bitrix24.connection": "webhook", "bitrix24.webhook_url": "http://portal/no-rest"})
+    assert status == 400 and "/rest/<user>/<token>/" in plain(field_block(text, "bitrix24.webhook_url"))
     status, text, _ = step(b, "click_to_call", {"click_to_call.mode": "port", "click_to_call.listen": "0.0.0.0:8077",
                                                 "click_to_call.phone_channel": "Local/{extension}@from-internal",
                                                 "click_to_call.outbound_context": "from-internal"})
-    assert status == 400 and "needed in port mode" in text
+    assert status == 400 and "needed in port mode" in plain(field_block(text, "click_to_call.application_token"))
     status, text, _ = step(b, "crm", {"crm.mode": "leads", "crm.default_user_id": "1", "routing.agi_listen": "",
                                       "line_count": "1", "line_did_0": "<script>alert(1)</script>",
                                       "line_source_0": "WEB"})
     assert status == 400 and "<script>" not in text and "&lt;script&gt;alert(1)&lt;/script&gt;" in text
     b.get("/config/master/save")
-    assert "Nothing changed." in b.last
+    assert "Nothing changed." in plain(b.last)
     assert open(wizard_env["conf"]).read() == before
 
 
@@ -176,12 +187,13 @@ def test_every_step_good_values_checks_and_save(wizard_env):
     assert "bx24ast_lang=ru" in "".join(b.set_cookie_headers)
     status, text, _ = b.get("/config/master/database")
     assert "База CEL" in text
+    b.get("/config/master/database?lang=en")   # the rest of this test reads the English texts
     # database: a real CEL database, checked
     cel = os.path.join(PJSIP, "inbound_answered", "cel.sqlite3")
     status, text, _ = step(b, "database", {"cel.backend": "sqlite", "cel.sqlite_path": cel, "cel.table": "cel",
                                            "cel.mysql_port": "3306", "cel.mysql_host": "localhost",
                                            "cel.mysql_database": "asteriskcdrdb"}, action="check")
-    assert status == 200 and "no CEL event written in the last 1 hour" in text and "WARNING" in text
+    assert status == 200 and "no CEL event written in the last 1 hour" in plain(text) and "badge WARNING" in text
     assert step(b, "database", {"cel.backend": "sqlite", "cel.sqlite_path": cel, "cel.table": "cel",
                                 "cel.mysql_port": "3306", "cel.mysql_host": "localhost",
                                 "cel.mysql_database": "asteriskcdrdb"})[0] == 303
@@ -197,42 +209,48 @@ def test_every_step_good_values_checks_and_save(wizard_env):
         assert "read = %s" % bx24ast.AMI_USER_READ in section and "write = %s" % bx24ast.AMI_USER_WRITE in section
         assert "permit = 127.0.0.1" in section and len(secret) >= 20
         assert "manager reload" in (wizard_env["tmp"] / "asterisk.log").read_text()
-        assert "AMI reloaded" in text and secret not in text   # the secret is never shown
+        assert "AMI reloaded" in plain(text) and secret not in text   # the secret is never shown
         ami.username, ami.secret = "bx24", secret
         status, text, _ = step(b, "ami", {"ami.host": "127.0.0.1", "ami.port": str(ami.port),
                                           "ami.username": "bx24"}, action="check")
-        assert "logged in to 127.0.0.1:%d as bx24" % ami.port in text, text
+        assert "logged in to 127.0.0.1:%d as bx24" % ami.port in plain(text), text
         assert secret not in text
         # and what Asterisk says its trunks and phones are
-        assert "trunks: PJSIP/trunk-operator" in text and "PJSIP/7001 (registers to a provider" in text
-        assert "phones: PJSIP/101" in text and "PJSIP/gateway" in text
+        assert "trunks: PJSIP/trunk-operator" in plain(text) and "PJSIP/7001 (registers to a provider" in plain(text)
+        assert "phones: PJSIP/101" in plain(text) and "PJSIP/gateway" in plain(text)
         assert step(b, "ami", {"ami.host": "127.0.0.1", "ami.port": str(ami.port), "ami.username": "bx24"})[0] == 303
         # a wrong secret fails the check, saying so
         ami.secret = "something else"
         status, text, _ = step(b, "ami", {"ami.host": "127.0.0.1", "ami.port": str(ami.port),
                                           "ami.username": "bx24"}, action="check")
-        assert "FAIL" in text and "Authentication failed" in text
+        assert "badge CRITICAL" in text and "Authentication failed" in plain(text)
+        # ...and a secret that failed its check is not kept
+        assert wizard_env["server"].sessions and all(
+            s["draft"].get(("ami", "secret")) == secret for s in wizard_env["server"].sessions.values())
     # recordings
     recordings = os.path.join(PJSIP, "inbound_answered", "recordings")
     status, text, _ = step(b, "recordings", {"recordings.path": recordings, "pbx.recording_format": "wav",
                                              "recordings.attach": "yes"}, action="check")
-    assert "recordings, mostly .wav" in text
+    assert "recordings, mostly .wav" in plain(text)
     assert step(b, "recordings", {"recordings.path": recordings, "pbx.recording_format": "wav",
                                   "recordings.attach": "yes"})[0] == 303
     with Bitrix24Emulator() as emu:
         # portal: scopes and the extension map
         fields = {"bitrix24.webhook_url": emu.webhook_url}
         status, text, _ = step(b, "bitrix24", fields, action="check")
-        assert "scopes telephony crm user task granted" in text
-        assert "101 -&gt; user 5, 102 -&gt; user 7, 103 -&gt; user 9" in text
+        assert "scopes telephony crm user task granted" in plain(text)
+        assert "101 -> user 5, 102 -> user 7, 103 -> user 9" in plain(text)
         assert step(b, "bitrix24", fields)[0] == 303
         # CRM: lead sources from the portal, a line table, the dialplan to paste
         status, text, _ = b.get("/config/master/crm")
-        assert "<option value='ADVERTISING'>Advertising</option>" in text and "AGI(agi://127.0.0.1:4573" in text
+        assert "<option value='ADVERTISING'>Advertising</option>" in text
+        assert "AGI(agi://" not in text   # no dialplan before the fallback is chosen
         assert step(b, "crm", {"crm.mode": "contacts", "crm.create": "yes", "crm.default_user_id": "7",
-                               "routing.agi_listen": "127.0.0.1:4573", "line_count": "2",
-                               "line_did_0": "74951234567", "line_source_0": "ADVERTISING",
+                               "routing.agi_listen": "127.0.0.1:4573", "routing.fallback": "ext-group,600,1",
+                               "line_count": "2", "line_did_0": "8 (495) 123-45-67", "line_source_0": "ADVERTISING",
                                "line_did_1": "", "line_source_1": ""})[0] == 303
+        status, text, _ = b.get("/config/master/crm")
+        assert bx24ast.routing_dialplan(("127.0.0.1", 4573), "ext-group,600,1") in html.unescape(text)
         assert step(b, "click_to_call", {"click_to_call.mode": "port", "click_to_call.listen": "0.0.0.0:8077",
                                          "click_to_call.application_token": "tok3n-from-b24",
                                          "click_to_call.public_url": "https://pbx.example.com:8077/b24",
@@ -241,28 +259,29 @@ def test_every_step_good_values_checks_and_save(wizard_env):
         assert not wizard_env["saved"]
         # save: the summary masks secrets, then the file is written and the service told
         status, text, _ = b.get("/config/master/save")
-        assert "[crm] mode" in text and "[lines]" in text and "74951234567 = ADVERTISING" in text
+        assert "[crm] mode" in text and "[lines]" in text and "+74951234567 = ADVERTISING" in text
         assert "tok3n-from-b24" not in text and secret not in text and "***" in text
         status, _, where = b.post("/config/master/save", {"action": "save"})
-        assert status == 303 and where == "/config/master/results" and wizard_env["saved"] == [True]
+        assert status == 303 and where.startswith("/config/master/results?saved=") and wizard_env["saved"] == [True]
         config = bx24ast.Config.load(conf)
         assert config.get("ami", "username") == "bx24" and config.get("ami", "secret") == secret
         assert config.get("crm", "mode") == "contacts" and config.get("crm", "default_user_id") == 7
-        assert config.maps["lines"] == {"74951234567": "ADVERTISING"}
+        assert config.maps["lines"] == {"+74951234567": "ADVERTISING"}
         assert config.get("click_to_call", "application_token") == "tok3n-from-b24"
         assert config.get("wizard", "language") == "ru" and config.get("cel", "sqlite_path") == cel
         assert oct(os.stat(conf).st_mode & 0o777) == "0o600"
         assert bx24ast.verify_password(PASSWORD, config.get("wizard", "password_hash"))
         # secrets already set are not sent back into the forms
         status, text, _ = b.get("/config/master/click_to_call")
-        assert "tok3n-from-b24" not in text and "placeholder='задан" in text
+        assert "tok3n-from-b24" not in text and "placeholder='set; leave empty to keep" in text
         # the results page says what `check` says
         status, text, _ = b.get("/config/master/results")
         assert status == 200
-        rows = re.findall(r"<tr><td class=(\w+)>\w+</td><td>([^<]+)</td><td>([^<]*)</td>", text)
+        rows = re.findall(r"<li class=(\w+)><span class='badge \w+'>[^<]*</span> <span class=name>([^<]+)</span> "
+                          r"(.*?)(?:<p class=advice>.*?)?</li>", text)
         expected = bx24ast.run_checks(config)
         assert [(r[0], r[1]) for r in rows] == [(c.level, c.name) for c in expected]
-        assert [html.unescape(r[2]) for r in rows][1:] == [c.message for c in expected][1:]
+        assert [plain(r[2]).strip() for r in rows][1:] == [c.message for c in expected][1:]
 
 
 def test_the_daemon_serves_the_wizard_and_reloads_after_a_save(tmp_path):
@@ -303,13 +322,13 @@ def test_local_application_authorization_code(wizard_env):
     with Bitrix24Emulator() as emu:
         # the OAuth server is the emulator's (an advanced key, not on the form)
         bx24ast.update_config_file(wizard_env["conf"], {("bitrix24", "oauth_url"): emu.oauth_url})
-        fields = {"bitrix24.webhook_url": "", "bitrix24.portal_url": emu.url + "/",
+        fields = {"bitrix24.connection": "application", "bitrix24.portal_url": emu.url + "/",
                   "bitrix24.client_id": emu.client_id, "bitrix24.client_secret": emu.client_secret}
         status, text, _ = step(b, "bitrix24", dict(fields, oauth_code="not-a-code"))
-        assert status == 400 and "the code was refused" in text
+        assert status == 400 and "the code was refused" in plain(text)
         emu.auth_codes.add("code77")
         status, text, _ = step(b, "bitrix24", dict(fields, oauth_code="code77"))
-        assert status == 200 and "tokens saved" in text and emu.client_secret not in text
+        assert status == 200 and "tokens saved" in plain(text) and emu.client_secret not in text
         store = bx24ast.StateStore.open_dir(str(wizard_env["tmp"] / "state"))
         try:
             assert store.get_setting(bx24ast.BitrixClient.TOKENS_KEY)["access_token"] in emu.tokens
@@ -327,13 +346,16 @@ def test_recordings_step_offers_what_the_pbx_uses(wizard_env):
     (wizard_env["root"] / "etc" / "asterisk" / "globals_custom.conf").write_text(
         "MIXMON_FORMAT = mp3\nMIXMON_DIR = %s/\n" % (wizard_env["tmp"] / "spool" / "monitor"))
     status, text, _ = b.get("/config/master/recordings")
-    assert "dialplan: MIXMON_FORMAT = mp3" in text and "3 recordings, mostly .mp3" in text
+    assert "dialplan: MIXMON_FORMAT = mp3" in plain(text) and "3 recordings, mostly .mp3" in plain(text)
     assert "name='recordings.path' value='%s'" % (wizard_env["tmp"] / "spool" / "monitor") in text
-    assert "<option selected>mp3</option>" in text
+    assert "<option value='mp3' selected>MP3</option>" in text
     status, text, _ = step(b, "recordings", {"recordings.path": str(wizard_env["tmp"] / "nowhere"),
                                              "pbx.recording_format": "mp3", "recordings.attach": "yes"},
                            action="check")
-    assert "FAIL" in text and "does not exist" in text
+    assert "badge CRITICAL" in text and "does not exist" in plain(text)
+    # "found on this PBX" speaks of the path typed, not of the one saved
+    found = re.search(r"<section class=found>.*?</section>", text).group(0)
+    assert "nowhere: no recordings found there" in plain(found) and "mostly .mp3" not in plain(found)
 
 
 def test_the_wizard_over_https_sets_secure_cookies(tmp_path):
