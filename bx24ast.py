@@ -3215,10 +3215,10 @@ def classify_error(status, body, method=None):
         code = str(body.get("error") or "")
         description = str(body.get("error_description") or "")
     text = "%s %s" % (code, description)
-    message = "Bitrix24 %s: %s%s" % (method or "request", code or "HTTP %s" % status,
-                                     (": " + description) if description else "")
+    message = say("Bitrix24 %s: %s", method or "request", "%s%s" % (
+        code or "HTTP %s" % status, (": " + description) if description else ""))
     if code in _ADVICE:
-        message += " (%s)" % _ADVICE[code]
+        message = say("%s (%s)", message, say(_ADVICE[code]))
     kw = dict(code=code, description=description, status=status, method=method)
     if code == "QUERY_LIMIT_EXCEEDED":
         return BitrixRateLimited(message, **kw)
@@ -3486,27 +3486,27 @@ class BitrixClient(object):
                 reason = getattr(exc, "reason", exc)
                 # Refused or unresolvable: nothing reached the portal, so nothing was done.
                 never_sent = isinstance(reason, (ConnectionRefusedError, socket.gaierror))
-                raise BitrixUnavailable("Bitrix24 %s: cannot reach the portal: %s" % (method, reason),
+                raise BitrixUnavailable(say("Bitrix24 %s: cannot reach the portal: %s", method, reason),
                                         maybe_done=not never_sent, method=method)
             except Exception as exc:  # http.client.IncompleteRead, RemoteDisconnected...
-                raise BitrixUnavailable("Bitrix24 %s: connection failed: %s" % (method, exc), method=method)
+                raise BitrixUnavailable(say("Bitrix24 %s: connection failed: %s", method, exc), method=method)
             try:
                 body = json.loads(raw.decode("utf-8")) if raw else None
             except (ValueError, UnicodeDecodeError):
                 body = None
                 if status == 200:
-                    raise BitrixUnavailable("Bitrix24 %s: the answer is not JSON" % method,
+                    raise BitrixUnavailable(say("Bitrix24 %s: the answer is not JSON", method),
                                             status=status, method=method)
             return status, body
-        raise BitrixUnavailable("Bitrix24 %s: too many redirects" % method, method=method)
+        raise BitrixUnavailable(say("Bitrix24 %s: too many redirects", method), method=method)
 
     def _endpoint(self, method):
         if self.webhook_url:
             return self.webhook_url + method, None
         tokens = self.tokens()
         if not tokens.get("access_token"):
-            raise BitrixAuthFailed("Bitrix24: no OAuth tokens yet: install the local application on "
-                                   "the portal or run bx24ast.py oauth-code CODE", method=method)
+            raise BitrixAuthFailed(say("Bitrix24: no OAuth tokens yet: install the local application on "
+                                       "the portal or run bx24ast.py oauth-code CODE"), method=method)
         base = tokens.get("client_endpoint") or (self.portal_url + "rest/")
         return base + method, tokens["access_token"]
 
@@ -5394,17 +5394,17 @@ def detect_cel(root="/", asterisk_etc=None):
     found, warnings = [], []
     cel_conf = _read_ini(os.path.join(etc, "cel.conf"))
     if cel_conf is None:
-        warnings.append("no %s: CEL is not configured" % os.path.join(etc, "cel.conf"))
+        warnings.append(say("no %s: CEL is not configured", os.path.join(etc, "cel.conf")))
     else:
         general = cel_conf.get("general", {})
         if general.get("enable", "no").lower() not in ("yes", "true", "1", "on"):
-            warnings.append("cel.conf: enable is not 'yes': Asterisk writes no CEL")
+            warnings.append(say("cel.conf: enable is not 'yes': Asterisk writes no CEL"))
         events = set(e.strip().upper() for e in general.get("events", "").split(",") if e.strip())
         if "ALL" not in events:
             missing = [e for e in NEEDED_CEL_EVENTS if e not in events]
             if missing:
-                warnings.append("cel.conf: events %s are off; recovery needs them (events=ALL)"
-                                % ", ".join(missing))
+                warnings.append(say("cel.conf: events %s are off; recovery needs them (events=ALL)",
+                                    ", ".join(missing)))
     amp = {}
     amportal = os.path.join(root, "etc", "amportal.conf")
     try:
@@ -6627,6 +6627,8 @@ WIZARD_TEXT = {
         "handler_plain": "Without a certificate the listener speaks plain HTTP: put a TLS proxy in front of it, "
                          "or fill in the certificate and key.",
         "users": "Bitrix24 employees and their extensions",
+        "summary_OK": "Everything works.", "summary_WARNING": "It works, with the warnings below.",
+        "summary_CRITICAL": "Something does not work: see below.", "summary_UNKNOWN": "Something does not work: see below.",
         "level_OK": "OK", "level_WARNING": "Warning", "level_CRITICAL": "Failed", "level_UNKNOWN": "Unknown",
         "error_stale_login": "The login form has expired: reload the page and log in again.",
         "error_csrf": "The form is stale or was not sent by this page (CSRF token): reload the page.",
@@ -6769,6 +6771,9 @@ WIZARD_TEXT = {
         "handler_plain": "Без сертификата порт работает по HTTP без шифрования: поставьте перед ним TLS-прокси "
                          "или укажите сертификат и ключ.",
         "users": "Сотрудники Битрикс24 и их внутренние номера",
+        "summary_OK": "Всё работает.", "summary_WARNING": "Работает, но есть предупреждения ниже.",
+        "summary_CRITICAL": "Что-то не работает: подробности ниже.",
+        "summary_UNKNOWN": "Что-то не работает: подробности ниже.",
         "level_OK": "ОК", "level_WARNING": "Внимание", "level_CRITICAL": "Ошибка", "level_UNKNOWN": "Неизвестно",
         "error_stale_login": "Форма входа устарела: обновите страницу и войдите снова.",
         "error_csrf": "Форма устарела или отправлена не с этой страницы (CSRF-токен): обновите страницу.",
@@ -6858,9 +6863,241 @@ WIZARD_TEXT = {
         "h.click_to_call.phone_channel": "Звонит первым; {extension} — внутренний номер сотрудника.",
         "f.click_to_call.outbound_context": "Контекст исходящих",
         "h.click_to_call.outbound_context": "Набирает клиента, когда сотрудник ответил (ваши исходящие маршруты).",
+        # the names of the checks, as `check` prints them in English
+        "check_daemon": "служба", "check_ami": "AMI", "check_bitrix24": "Битрикс24", "check_outbox": "запросы",
+        "check_cel": "CEL", "check_storage": "хранилище", "check_listeners": "порты", "check_endpoints": "подключения",
+        "check_recordings": "записи", "check_users": "сотрудники", "check_configuration": "настройки",
+        "check_database": "база CEL", "check_crm": "CRM", "check_click_to_call": "звонок из CRM",
         "units": (("день", "дня", "дней"), ("час", "часа", "часов"), ("минута", "минуты", "минут"),
                   ("секунда", "секунды", "секунд")),
-        "said": {},   # filled in below, next to the English they translate
+        "said": {
+            # configuration values
+            "a whole number from %d to %d": "целое число от %d до %d",
+            "a number from %g to %g": "число от %g до %g",
+            "yes or no": "yes или no",
+            "a valid regular expression (%s)": "правильное регулярное выражение (%s)",
+            "one of: %s": "одно из: %s",
+            "a host name or IP address": "имя сервера или IP-адрес",
+            "text with only {number}, {did}, {line}, {time}, {linkedid} (%s)":
+                "текст только с {number}, {did}, {line}, {time}, {linkedid} (%s)",
+            "empty, or address:port like 127.0.0.1:4573 or 0.0.0.0:8077":
+                "пусто или адрес:порт, например 127.0.0.1:4573 или 0.0.0.0:8077",
+            "a channel with {extension}, like Local/{extension}@from-internal or PJSIP/{extension}":
+                "канал с {extension}, например Local/{extension}@from-internal или PJSIP/{extension}",
+            "a channel with only {extension} in braces": "канал, где в фигурных скобках только {extension}",
+            "a directory path": "путь к папке",
+            "an http(s) URL": "адрес http(s)",
+            "empty, or an http(s) URL": "пусто или адрес http(s)",
+            "empty, or an inbound webhook URL like https://<portal>/rest/<user>/<token>/":
+                "пусто или адрес входящего вебхука вида https://<портал>/rest/<пользователь>/<код>/",
+            "empty, or the portal address like https://<portal>.bitrix24.ru/":
+                "пусто или адрес портала вида https://<портал>.bitrix24.ru/",
+            "a dialplan context name (letters, digits, _ and -)": "имя контекста диалплана (буквы, цифры, _ и -)",
+            "a plain SQL name (letters, digits, _)": "простое имя SQL (буквы, цифры, _)",
+            "digits (Bitrix24 keeps only 0-9 # * +)": "цифры (Битрикс24 хранит только 0-9 # * +)",
+            "empty, or context,extension,priority like ext-group,600,1":
+                "пусто или контекст,номер,приоритет, например ext-group,600,1",
+            "digits, like 00 or 810": "цифры, например 00 или 810",
+            "empty, or the extension or ring group number to ring": "пусто или номер сотрудника либо группы вызова",
+            "a login of letters, digits, _ . @ -": "логин из букв, цифр и знаков _ . @ -",
+            # the wizard's forms
+            "a single value": "одно значение", "a single line": "одна строка", "expected %s": "нужно: %s",
+            "the portal address with the application's client_id": "адрес портала и client_id приложения",
+            "the webhook's address, https://<portal>/rest/<user>/<code>/":
+                "адрес вебхука, https://<портал>/rest/<пользователь>/<код>/",
+            "needed in port mode (from the webhook or application)":
+                "нужен для режима с открытым портом (из вебхука или приложения)",
+            "a whole number up to %d": "целое число не больше %d",
+            "this line is already in the table": "эта линия уже есть в таблице",
+            "%s: %d recordings, mostly .%s": "%s: записей: %d, в основном .%s",
+            "%s: no recordings found there": "%s: записей там не найдено",
+            "dialplan: %s = %s": "диалплан: %s = %s",
+            "high": "надёжно", "medium": "вероятно", "low": "сомнительно",
+            # AMI
+            "AMI: %s would wait for itself in the reader thread": "AMI: %s ждало бы само себя в потоке чтения",
+            "AMI: no answer to %s within %.0f s": "AMI: нет ответа на %s за %.0f с",
+            "no answer from Asterisk within %.0f s": "Asterisk не ответил за %.0f с",
+            "AMI: %s:%s is not an Asterisk Manager Interface (banner %r)":
+                "AMI: %s:%s — это не Asterisk Manager Interface (приветствие %r)",
+            "AMI: %s:%s refused the MD5 challenge: %s": "AMI: %s:%s отказал в MD5-авторизации: %s",
+            "AMI: login as '%s' to %s:%s refused: %s (check [ami] username and secret against manager.conf)":
+                "AMI: вход пользователя «%s» на %s:%s отклонён: %s (сверьте [ami] username и secret с manager.conf)",
+            "AMI %s:%s not reachable (%s)": "AMI %s:%s недоступен (%s)", "no answer": "нет ответа",
+            "no AMI user set": "пользователь AMI не задан",
+            "fill in the user, or create one": "укажите пользователя или создайте его",
+            "check manager.conf: the user, its secret, permit=": "проверьте manager.conf: пользователя, secret, permit=",
+            "cannot connect to %s:%s: %s": "не удалось подключиться к %s:%s: %s",
+            "is Asterisk running, and AMI enabled in manager.conf ([general] enabled = yes)?":
+                "запущен ли Asterisk и включён ли AMI в manager.conf ([general] enabled = yes)?",
+            "logged in to %s:%s as %s (%s)": "вход на %s:%s под пользователем %s выполнен (%s)",
+            "trunks and phones are told apart by the [pbx] rules": "транки и телефоны различаются по правилам [pbx]",
+            "Asterisk lists no PJSIP/SIP/IAX2 endpoints to this user":
+                "Asterisk не показывает этому пользователю ни одного PJSIP/SIP/IAX2-подключения",
+            "give the AMI user read = system, reporting, or set [pbx] trunk_channels":
+                "дайте пользователю AMI read = system, reporting или задайте [pbx] trunk_channels",
+            "trunks: %s": "транки: %s", "phones: %s": "телефоны: %s", "not classified: %s": "не определены: %s",
+            "set [pbx] trunk_channels to name these trunks": "назовите транки в [pbx] trunk_channels",
+            "registers to a provider (outbound registration)": "регистрируется у оператора (исходящая регистрация)",
+            "authenticates to the far end (outbound_auth), not to us":
+                "авторизуется на той стороне (outbound_auth), а не у нас",
+            "extension-shaped name, logs in to us (auth)": "имя как у внутреннего номера, входит к нам (auth)",
+            "extension-shaped name": "имя как у внутреннего номера",
+            "extension-shaped name (host=dynamic)": "имя как у внутреннего номера (host=dynamic)",
+            "logs in to us (auth) and has no outbound auth": "входит к нам (auth), исходящей авторизации нет",
+            "a fixed remote contact and no login": "постоянный адрес и без входа",
+            "no sign either way; the [pbx] rules decide": "признаков нет; решают правила [pbx]",
+            "registers to a provider (register =>)": "регистрируется у оператора (register =>)",
+            "a fixed host (%s) and not an extension": "постоянный адрес (%s), не внутренний номер",
+            "registers to us but is not extension-shaped; the [pbx] rules decide":
+                "регистрируется у нас, но имя не как у внутреннего номера; решают правила [pbx]",
+            # CEL
+            "CEL eventtime %r is not a date": "eventtime в CEL %r — не дата",
+            "CEL table/column names must be plain identifiers: %r, %r":
+                "имена таблицы и столбца CEL должны быть простыми: %r, %r",
+            "CEL database/table/column names must be plain identifiers: %r":
+                "имена базы, таблицы и столбца CEL должны быть простыми: %r",
+            "CEL database %s does not exist (cel_sqlite3_custom not loaded?)":
+                "базы CEL %s нет (cel_sqlite3_custom не загружен?)",
+            "[cel] sqlite_path %s is not a regular file": "[cel] sqlite_path %s — не обычный файл",
+            "cannot read CEL database %s: %s": "не удалось прочитать базу CEL %s: %s",
+            "CEL database %s has no table '%s'": "в базе CEL %s нет таблицы «%s»",
+            "CEL table %s.%s lacks columns %s": "в таблице CEL %s.%s нет столбцов %s",
+            "reading CEL from %s failed: %s": "чтение CEL из %s не удалось: %s",
+            "the mysql client (%s) cannot be run: %s; install mariadb-client (apt) or mariadb (yum)":
+                "клиент mysql (%s) не запускается: %s; установите mariadb-client (apt) или mariadb (yum)",
+            "MySQL refused [cel] mysql_user/mysql_password: %s": "MySQL не принял [cel] mysql_user/mysql_password: %s",
+            "MySQL has no table %s.%s ([cel] mysql_database, table): %s":
+                "в MySQL нет таблицы %s.%s ([cel] mysql_database, table): %s",
+            "mysql failed (exit %d): %s": "mysql завершился с ошибкой (код %d): %s",
+            "unexpected mysql output (%d fields, %d expected)": "неожиданный ответ mysql (полей: %d, нужно %d)",
+            "CEL unreachable: %s": "CEL недоступен: %s",
+            "CEL table is empty: is cel.conf enabled?": "таблица CEL пуста: включён ли cel.conf?",
+            "no CEL event written in the last %s (the newest is %s old): calls made now could not be recovered":
+                "за последние %s в CEL нет ни одного события (последнему уже %s): сегодняшние звонки нельзя "
+                "будет восстановить",
+            "CEL reachable (%s), the newest event %s old": "CEL доступен (%s), последнему событию %s",
+            "no %s: CEL is not configured": "нет %s: CEL не настроен",
+            "cel.conf: enable is not 'yes': Asterisk writes no CEL": "cel.conf: enable не «yes», Asterisk не пишет CEL",
+            "cel.conf: events %s are off; recovery needs them (events=ALL)":
+                "cel.conf: события %s выключены, а они нужны для восстановления (events=ALL)",
+            "fix [cel] (bx24ast.py detect shows what was found)": "исправьте [cel] (bx24ast.py detect покажет, что найдено)",
+            "off ([cel] backend = off)": "выключено ([cel] backend = off)", "no CEL store found": "CEL не найден",
+            "recovery %s: calls made while bx24ast is down are lost":
+                "восстановление: %s; звонки, сделанные пока bx24ast не работает, теряются",
+            "enable CEL in cel.conf (cel_sqlite3_custom or FreePBX's MySQL), then bx24ast.py detect":
+                "включите CEL в cel.conf (cel_sqlite3_custom или MySQL FreePBX), затем bx24ast.py detect",
+            "is cel.conf enabled with events=ALL? bx24ast.py detect": "включён ли cel.conf с events=ALL? bx24ast.py detect",
+            # recordings
+            "%s does not exist": "%s не существует",
+            "where does MixMonitor write? (FreePBX: /var/spool/asterisk/monitor)":
+                "куда пишет MixMonitor? (во FreePBX: /var/spool/asterisk/monitor)",
+            "%s is not readable by bx24ast": "bx24ast не может читать %s",
+            "check its permissions": "проверьте права доступа",
+            "%s has no recordings yet": "в %s пока нет записей",
+            "are calls recorded (MixMonitor)? check again after a call":
+                "записываются ли звонки (MixMonitor)? проверьте снова после звонка",
+            # Bitrix24
+            "not configured": "не настроено",
+            "a webhook address, or the portal address with the application's client_id":
+                "адрес вебхука или адрес портала с client_id приложения",
+            "the webhook/application lacks the scopes %s": "вебхуку или приложению не хватает прав %s",
+            "edit it in Bitrix24: Developer resources": "измените его в Битрикс24: Разработчикам",
+            "reachable, scopes telephony crm user task granted": "доступен, права telephony crm user task есть",
+            "scope: %s": "scope: %s", "user.get: %s": "user.get: %s",
+            "check the address and the rights": "проверьте адрес и права",
+            "%s -> user %s": "%s -> пользователь %s",
+            "no user has an internal phone number (UF_PHONE_INNER)":
+                "ни у одного сотрудника не указан внутренний номер (UF_PHONE_INNER)",
+            "fill 'Internal phone' in the employees' profiles": "заполните «Внутренний телефон» в профилях сотрудников",
+            "the webhook/application needs the user scope": "вебхуку или приложению нужны права user",
+            "an authorization code is for a local application: fill portal_url, client_id, client_secret":
+                "код авторизации нужен для локального приложения: заполните адрес портала, client_id и client_secret",
+            "the code was refused: %s (codes are valid for 30 seconds)": "код не принят: %s (код действует 30 секунд)",
+            "tokens saved for %s": "токены для %s сохранены",
+            "Bitrix24 %s: %s": "Битрикс24, %s: %s",
+            "Bitrix24 %s: cannot reach the portal: %s": "Битрикс24, %s: портал недоступен: %s",
+            "Bitrix24 %s: connection failed: %s": "Битрикс24, %s: соединение прервалось: %s",
+            "Bitrix24 %s: the answer is not JSON": "Битрикс24, %s: ответ не в формате JSON",
+            "Bitrix24 %s: too many redirects": "Битрикс24, %s: слишком много перенаправлений",
+            "Bitrix24: no OAuth tokens yet: install the local application on the portal or run bx24ast.py "
+            "oauth-code CODE": "Битрикс24: токенов OAuth ещё нет: установите локальное приложение на портале "
+                               "или выполните bx24ast.py oauth-code КОД",
+            "add the scopes telephony, crm, user, task to the webhook/application":
+                "добавьте вебхуку или приложению права telephony, crm, user, task",
+            "check [bitrix24] webhook_url (the code may have changed)": "проверьте [bitrix24] webhook_url (код мог смениться)",
+            "check [bitrix24] webhook_url and the webhook user's rights":
+                "проверьте [bitrix24] webhook_url и права пользователя вебхука",
+            "the application's tokens are no longer valid: reinstall the application or run bx24ast.py oauth-code":
+                "токены приложения больше не действуют: переустановите приложение или выполните bx24ast.py oauth-code",
+            # the AMI user
+            "cannot read %s: %s": "не удалось прочитать %s: %s", "cannot write %s: %s": "не удалось записать %s: %s",
+            "user bx24 written to %s, but 'manager reload' failed: %s":
+                "пользователь bx24 записан в %s, но «manager reload» не удался: %s",
+            "user bx24 written to %s, but 'asterisk -rx \"manager reload\"' could not run: %s":
+                "пользователь bx24 записан в %s, но «asterisk -rx \"manager reload\"» не запустился: %s",
+            "user bx24 written to %s and AMI reloaded": "пользователь bx24 записан в %s, AMI перечитал настройки",
+            # checks
+            "never ran on %s (no heartbeat)": "ни разу не запускалась с %s (нет heartbeat)",
+            "start it: systemctl start bx24ast (or bx24ast.py run -f to see why it fails)":
+                "запустите: systemctl start bx24ast (или bx24ast.py run -f, чтобы увидеть причину ошибки)",
+            "stopped at %s": "остановлена в %s", "systemctl start bx24ast": "systemctl start bx24ast",
+            "pid %s is gone (last heartbeat %s ago): it died":
+                "процесса %s больше нет (последний heartbeat %s назад): служба упала",
+            "see the log; systemctl restart bx24ast": "посмотрите журнал; systemctl restart bx24ast",
+            "pid %s is hung: last heartbeat %s ago": "процесс %s завис: последний heartbeat %s назад",
+            "systemctl restart bx24ast": "systemctl restart bx24ast",
+            "running (pid %s, up %s, heartbeat %s ago)": "работает (процесс %s, %s без перезапуска, heartbeat %s назад)",
+            "the daemon is not running": "служба не работает",
+            "connected to %s": "подключено к %s", "not connected to %s: %s": "нет подключения к %s: %s",
+            "connecting": "подключается",
+            "check [ami] host/port/username/secret and manager.conf (bx24ast.py run -f shows the login)":
+                "проверьте [ami] host/port/username/secret и manager.conf (bx24ast.py run -f покажет вход)",
+            "set [bitrix24] webhook_url, or portal_url + client_id + client_secret":
+                "задайте [bitrix24] webhook_url или portal_url + client_id + client_secret",
+            "reachable (%s); the access token is due for a refresh": "доступен (%s); токен доступа пора обновить",
+            "check the portal address and the webhook/application rights (telephony crm user task)":
+                "проверьте адрес портала и права вебхука или приложения (telephony crm user task)",
+            "is the portal reachable from this host? (DNS, firewall, proxy)":
+                "доступен ли портал с этого сервера? (DNS, межсетевой экран, прокси)",
+            "reachable, but the service reports: %s": "доступен, но служба сообщает: %s",
+            "too many requests or an overloaded portal; it resumes by itself":
+                "слишком много запросов или портал перегружен; работа продолжится сама",
+            "reachable (%s)": "доступен (%s)",
+            "no state database yet at %s": "базы состояния в %s ещё нет",
+            "cannot read the state database: %s": "не удалось прочитать базу состояния: %s",
+            "%d request(s) due for %s and nothing sent: the sender is stuck":
+                "запросов: %d — ждут уже %s, и ничего не отправлено: отправка застряла",
+            "restart bx24ast (systemctl restart bx24ast) and report the log":
+                "перезапустите bx24ast (systemctl restart bx24ast) и пришлите журнал",
+            "%d request(s) given up (parked)": "запросов отложено после ошибки: %d",
+            "bx24ast.py outbox list shows why; bx24ast.py outbox retry sends them again":
+                "bx24ast.py outbox list покажет причину; bx24ast.py outbox retry отправит их снова",
+            "%d request(s) waiting, the oldest for %s": "запросов ждёт: %d, самый старый %s",
+            "is Bitrix24 reachable? (see the bitrix24 check)": "доступен ли Битрикс24? (см. проверку bitrix24)",
+            "%d call(s) registered over %s ago and never finished (%s)":
+                "звонков: %d — зарегистрированы больше %s назад и не завершены (%s)",
+            "their end reached neither AMI nor CEL: is CEL enabled? (bx24ast.py detect)":
+                "их конец не пришёл ни через AMI, ни через CEL: включён ли CEL? (bx24ast.py detect)",
+            "%d call(s) in the last 24 h finished with uncertain values (%s: %s)":
+                "звонков за сутки, завершённых с неточными данными: %d (%s: %s)",
+            "enable CEL so that calls whose end bx24ast missed are finished as Asterisk recorded them":
+                "включите CEL, чтобы звонки, конец которых bx24ast пропустил, завершались по записям Asterisk",
+            "%d waiting, nothing given up": "ждут: %d, отложенных нет",
+            ", %s MB free": ", свободно %s МБ",
+            "writing the state database fails since %s ago: %s; %d call event(s) held in memory%s":
+                "запись в базу состояния не удаётся уже %s: %s; событий звонков в памяти: %d%s",
+            "free disk space under [storage] state_dir (df -h); nothing is lost while the daemon runs":
+                "освободите место на диске [storage] state_dir (df -h); пока служба работает, ничего не теряется",
+            "the disk of the state database is almost full%s (the %s MB reserve is used up)":
+                "диск базы состояния почти заполнен%s (резерв %s МБ израсходован)",
+            "free disk space under [storage] state_dir (df -h) before writes fail":
+                "освободите место на диске [storage] state_dir (df -h), пока запись ещё работает",
+            "state database writable%s": "база состояния доступна для записи%s",
+            "another program holds the port: change it in [routing]/[click_to_call] or stop that program":
+                "порт занят другой программой: смените его в [routing]/[click_to_call] или остановите ту программу",
+            "%s on %s": "%s на %s",
+            "BX24AST OK - %d checks passed": "BX24AST OK — пройдено проверок: %d",
+        },
     },
 }
 
@@ -6953,7 +7190,7 @@ class SetupWizard(object):
         """(what was found on the PBX, {key: suggested value}), for the values being edited."""
         if step == "database":
             found, warnings = detect_cel(self.root)
-            return [say("%s (%s): %s", c["source"], c["confidence"], ", ".join(
+            return [say("%s (%s): %s", c["source"], say(c["confidence"]), ", ".join(
                 "%s=%s" % (k, "***" if "password" in k else v) for k, v in c["settings"].items()))
                 for c in found] + warnings, (found[0]["settings"] if found else {})
         if step == "recordings":
@@ -7830,6 +8067,8 @@ class WizardServer(Listener):
     def _step_body(self, t, session, step, posted, errors, checks, messages):
         draft = session["draft"]
         values, maps = self.wizard.current(draft)
+        if ("wizard", "language") not in draft:
+            values[("wizard", "language")] = session["lang"]   # as picked at the login
         if posted is not None:
             for field in WIZARD_FIELDS.get(step, []):
                 name = "%s.%s" % field[:2]
@@ -7859,6 +8098,8 @@ class WizardServer(Listener):
                     "<p class=help>%s</p></div>" % (
                         _h(t["oauth_code"]), "<p class=error>%s</p>" % t.html(errors["oauth_code"])
                         if errors.get("oauth_code") else "", _h(t["help_oauth_code"]))
+        if step == "click_to_call":
+            extra = "<div class='alt click_to_call-mode-port'>%s</div>" % self._handler_url(t, values)
         parts.append(self._fields(t, step, values, draft, suggested, posted, errors, extra))
         if step == "crm":
             parts.append(self._lines_table(t, session, maps["lines"], posted, errors))
@@ -7867,8 +8108,6 @@ class WizardServer(Listener):
                 else t["dialplan_needs"]
             parts.append("<section class=snippet><h2>%s</h2><p class=help>%s</p>%s</section>" % (
                 _h(t["dialplan"]), _h(note), "<pre>%s</pre>" % _h(snippet) if snippet else ""))
-        if step == "click_to_call" and values.get(("click_to_call", "mode")) == "port":
-            parts.append(self._handler_url(t, values))
         if checks:
             parts.append(_checks_table(t, checks, t["check_result"]))
         buttons = ["<button class=primary name=action value=next>%s</button>" % _h(t["next"])]
@@ -8037,8 +8276,8 @@ class WizardServer(Listener):
             results = run_checks(config)
         except ConfigError as exc:
             results = [CheckResult("UNKNOWN", "configuration", said_of(exc))]
-        worst, summary = summarize(results)
-        body = "%s<p class='summary %s'>%s</p>%s" % (note, worst, t.html(summary), _checks_table(t, results))
+        worst, _summary = summarize(results)
+        body = "%s<p class='summary %s'>%s</p>%s" % (note, worst, _h(t["summary_" + worst]), _checks_table(t, results))
         return self._send(req, 200, self._page(t, t["results"], body, session, "results", refresh=refresh))
 
     def _status(self, t):
@@ -8092,15 +8331,16 @@ class WizardServer(Listener):
             return "<tr><th>%s</th><td>%s</td></tr>" % (_h(label), value)
 
         rows = [line(t["st_daemon"], t.html(st["daemon"]))]
-        rows.append(line(t["st_ami"], "%s <span class=v>%s:%s</span>%s" % (
-            _h(t["st_connected"] if ami.get("connected") else t["st_disconnected"]), _h(ami.get("host")),
-            _h(ami.get("port")), "" if ami.get("connected") or not ami.get("last_error") else
-            " &mdash; <span class=v>%s</span>" % _h(ami.get("last_error")))))
-        portal = _h(t["st_answers"]) if not outage.get("failing_since") else _h(
-            t["st_failing"] % t.span(now - outage["failing_since"]))
-        if b24.get("alert"):
-            portal += " &mdash; <span class=v>%s</span>" % _h(b24["alert"])
-        rows.append(line(t["st_portal"], portal))
+        if st["running"]:
+            rows.append(line(t["st_ami"], "%s <span class=v>%s:%s</span>%s" % (
+                _h(t["st_connected"] if ami.get("connected") else t["st_disconnected"]), _h(ami.get("host")),
+                _h(ami.get("port")), "" if ami.get("connected") or not ami.get("last_error") else
+                " &mdash; %s" % t.html(ami.get("last_error")))))
+            portal = _h(t["st_answers"]) if not outage.get("failing_since") else _h(
+                t["st_failing"] % t.span(now - outage["failing_since"]))
+            if b24.get("alert"):
+                portal += " &mdash; <span class=v>%s</span>" % _h(b24["alert"])
+            rows.append(line(t["st_portal"], portal))
         today = st["today"]
         rows.append(line(t["st_today"], "%d: %s %d, %s %d, %s %d" % (
             today["calls"], _h(t["st_reported"]), today["reported"], _h(t["st_missed"]), today["missed"],
@@ -8176,7 +8416,7 @@ def _checks_table(t, results, heading=None):
     """Check results as the admin reads them: a badge, the message, what to do."""
     items = "".join(
         "<li class=%s><span class='badge %s'>%s</span> <span class=name>%s</span> %s%s</li>" % (
-            r.level, r.level, _h(t["level_" + r.level]), _h(r.name), t.html(r.message),
+            r.level, r.level, _h(t["level_" + r.level]), _h(t.words.get("check_" + r.name, r.name)), t.html(r.message),
             "<p class=advice>%s: %s</p>" % (_h(t["what_to_do"]), t.html(r.advice)) if r.advice else "")
         for r in results)
     return "<section class=checks>%s<ul>%s</ul></section>" % ("<h2>%s</h2>" % _h(heading) if heading else "", items)
@@ -8196,7 +8436,7 @@ header form.logout{margin:0}
 button.link{background:none;border:0;color:#b8c4d0;cursor:pointer;font:inherit;padding:0}
 .layout{display:flex;gap:2em;max-width:72em;margin:2em auto;padding:0 1.5em}
 .layout.narrow{max-width:34em}
-aside{flex:0 0 15em}
+aside{flex:0 0 17em}
 aside h2{font-size:.8em;text-transform:uppercase;color:#6b7785;letter-spacing:.06em;margin:0 0 .6em}
 ol.steps,ul.more{list-style:none;margin:0;padding:0}
 ol.steps li a,ul.more li a{display:flex;align-items:center;gap:.6em;padding:.45em .6em;border-radius:6px;
@@ -8206,7 +8446,7 @@ ol.steps li.here a,ul.more li.here a{background:#fff;box-shadow:0 1px 3px rgba(0
 .num{display:inline-flex;width:1.6em;height:1.6em;border-radius:50%;align-items:center;justify-content:center;
 background:#d7dee6;font-size:.85em}
 li.done .num{background:#2e9d5b;color:#fff}
-.state{margin-left:auto;font-size:.75em;color:#6b7785}
+.state{margin-left:auto;font-size:.75em;color:#6b7785;white-space:nowrap}
 li.done .state{color:#2e9d5b}
 ul.more{margin-top:1em;border-top:1px solid #dde3ea;padding-top:.6em}
 main{flex:1;min-width:0;background:#fff;border-radius:10px;box-shadow:0 1px 4px rgba(0,0,0,.08);padding:1.6em 2em}
@@ -8228,7 +8468,8 @@ p.key{margin:.15em 0 0;font-size:.8em;color:#9aa5b1}
 p.error{margin:.25em 0 0;color:#c62828;font-weight:600}
 fieldset.choice{border:1px solid #dde3ea;border-radius:8px;padding:.8em 1.2em 1em;margin:1em 0}
 fieldset.choice legend{font-weight:600;padding:0 .4em}
-label.option{display:inline-block;margin:0 1.2em .4em .3em;font-weight:500}
+label.option{display:inline;margin-left:.4em;font-weight:500}
+label.option::after{content:"";display:block;margin-bottom:.35em}
 .alt{display:none}
 .actions{display:flex;gap:.8em;margin-top:1.6em;flex-wrap:wrap}
 button,a.button{font:inherit;padding:.55em 1.2em;border-radius:6px;border:1px solid transparent;cursor:pointer;
@@ -9171,7 +9412,7 @@ def summarize(results):
     bad = [r for r in results if r.level != "OK"]
     if not bad:
         return worst, say("BX24AST OK - %d checks passed", len(results))
-    return worst, "BX24AST %s - %s" % (worst, "; ".join("%s: %s" % (r.name, r.message) for r in bad))
+    return worst, say("BX24AST %s - %s", worst, said_join("; ", (say("%s: %s", r.name, r.message) for r in bad)))
 
 
 def default_restart_command():
