@@ -3791,11 +3791,13 @@ class CrmFlows(object):
 
     def __init__(self, config, outbox, records, rules, ledger=False, ledger_wait=120.0):
         self.crm = config.section("crm")
-        self.lines = dict(config.maps.get("lines", {}))
+        self.rules = rules
+        # a line written 8 (495) 123-45-67, +74951234567 or 74951234567 is one line,
+        # whichever way the trunk presents the DID
+        self.lines = dict((self._line_key(did), source) for did, source in config.maps.get("lines", {}).items())
         self.attach = config.get("recordings", "attach")
         self.outbox = outbox
         self.records = records
-        self.rules = rules
         self.ledger = ledger
         self.ledger_wait = ledger_wait
         self._shown = {}   # linkedid -> extensions whose screen shows the card
@@ -3984,9 +3986,16 @@ class CrmFlows(object):
         ])
         if call.direction == "inbound" and call.did:
             params["LINE_NUMBER"] = call.did
-            if call.did in self.lines:
-                params["CRM_SOURCE"] = self.lines[call.did]
+            source = self.lines.get(self._line_key(call.did))
+            if source:
+                params["CRM_SOURCE"] = source
         return params
+
+    def _line_key(self, did):
+        if not did:
+            return did
+        number = clean_phone_number(did)
+        return (self.rules.number_plan.normalize(number) if number else None) or did
 
     def _registered(self, call):
         return call.call_id is not None or self.records.registered(call.linkedid)
@@ -8296,7 +8305,8 @@ class WizardServer(Listener):
         if scheme.lower() == "bearer" and self.status_token:
             allowed = hmac.compare_digest(credentials.strip().encode(), self.status_token.encode())
         elif scheme.lower() == "basic":
-            wait = self._count_attempt(peer, time.time())
+            now = time.time()
+            wait = self._count_attempt(peer, now)
             if wait:
                 return _json_reply(req, 429, {"error": "too many failed logins: wait %d s" % wait})
             try:
@@ -8305,6 +8315,8 @@ class WizardServer(Listener):
                 user, password = "", ""
             allowed = hmac.compare_digest(user.encode(), self.user.encode()) and \
                 verify_password(password, self.password_hash)
+            if allowed:
+                self._forgive(peer, now)
         if not allowed:
             REFUSALS.log(logging.WARNING, "status: refused", "status: refused a request from %s", peer)
             req.send_response(401)

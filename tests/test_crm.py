@@ -697,3 +697,14 @@ def test_an_overload_block_pauses_everything_and_its_alert_clears_once_requests_
             h.wait_idle(timeout=30)
             check_scenario(h, emu, path)
             assert sender.alert is None        # check stops warning once requests go again
+
+
+def test_a_line_matches_its_lead_source_whichever_way_the_number_is_written():
+    config = bx24ast.Config.from_text("[lines]\n+74951234567 = ADVERTISING\n84957654321 = PARTNER\ns = IGNORED\n")
+    store = bx24ast.StateStore(":memory:")
+    flows = bx24ast.CrmFlows(config, bx24ast.Outbox(store), bx24ast.CallRecords(store),
+                             bx24ast.PbxRules.from_config(config))
+    for did, source in (("74951234567", "ADVERTISING"), ("+74951234567", "ADVERTISING"), ("84951234567", "ADVERTISING"),
+                        ("+74957654321", "PARTNER"), ("4957654321", "PARTNER"), ("74990000000", None), ("s", "IGNORED"), (None, None)):
+        assert flows.lines.get(flows._line_key(did)) == source, did
+    store.close()

@@ -307,10 +307,21 @@ def test_the_daemon_serves_the_wizard_and_reloads_after_a_save(tmp_path):
             assert step(b, "recordings", {"recordings.path": str(tmp_path), "pbx.recording_format": "mp3",
                                           "recordings.attach": "yes"})[0] == 303
             b.get("/config/master/save")
-            assert b.post("/config/master/save", {"action": "save"})[0] == 303
+            status, _, where = b.post("/config/master/save", {"action": "save"})
+            assert status == 303
             thread.join(15)
             assert not thread.is_alive()
             assert daemon.next_config.get("pbx", "recording_format") == "mp3"
+            # main() starts the service anew with the new file; Results waits for that
+            daemon = bx24ast.Daemon(daemon.next_config)
+            thread = threading.Thread(target=daemon.run)
+            thread.start()
+            assert wait_for(lambda: daemon.listeners, 10)
+            b.port = daemon.listeners[0][1].address[1]
+            status, text, _ = b.get(where)
+            assert status == 200 and "Saved. The service has read the new configuration." in plain(text)
+            beat = bx24ast.Heartbeat(str(tmp_path)).read()
+            assert beat["started_at"] >= int(where.rsplit("=", 1)[1]) - 1
         finally:
             daemon.stop()
             thread.join(15)
@@ -389,3 +400,77 @@ def test_the_wizard_over_https_sets_secure_cookies(tmp_path):
     with pytest.raises(bx24ast.ConfigError) as err:
         bx24ast.WizardServer(bx24ast.SetupWizard(conf), "admin", "", "127.0.0.1", 0)
     assert "password_hash" in str(err.value)
+
+
+def _get(port, path, headers=None):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", path, headers=headers or {})
+    resp = conn.getresponse()
+    body = resp.read().decode("utf-8")
+    conn.close()
+    return resp.status, body
+
+
+def test_status_json_for_monitoring_needs_the_token_or_the_login(tmp_path):
+    import base64
+    import json
+    import time
+    conf = str(tmp_path / "bx24ast.conf")
+    hashed = bx24ast.hash_password(PASSWORD)
+    bx24ast.update_config_file(conf, {("wizard", "password_hash"): hashed, ("storage", "state_dir"): str(tmp_path),
+                                      ("users", "104"): "11"})
+    store = bx24ast.StateStore.open_dir(str(tmp_path))
+    now = time.time()
+    for lid, direction, answered, finished in (("1.1", "inbound", 1, now), ("1.2", "inbound", 0, now),
+                                               ("1.3", "outbound", 1, None)):
+        store.db.execute("INSERT INTO calls (linkedid, direction, answered, started_at, ended_at, finished_at, "
+                         "source) VALUES (?, ?, ?, ?, ?, ?, 'live')", (lid, direction, answered, now - 60, now - 30,
+                                                                       finished))
+    bx24ast.Outbox(store).add("1.3", "finish", "telephony.externalcall.finish", {}, bx24ast.PRIORITY_CARD)
+    store.close()
+    live = {"pid": 1, "started_at": now - 3600, "ami": {"host": "127.0.0.1", "port": 5038, "connected": True},
+            "calls": [{"linkedid": "9.9", "direction": "inbound", "number": "+79161234567", "extension": "101",
+                       "since": now - 42, "answered": True}],
+            "users": {"map": {"101": 5}, "loaded_at": now - 120},
+            "warnings": [{"time": now - 5, "level": "WARNING", "message": "Bitrix24 answers slowly"}]}
+    bx24ast.WizardServer.failures.clear()
+    server = bx24ast.WizardServer(bx24ast.SetupWizard(conf), "admin", hashed, "127.0.0.1", 0,
+                                  live_status=lambda: live, status_token="m0nitor-t0ken")
+    server.start()
+    try:
+        port = server.address[1]
+        assert _get(port, "/status")[0] == 401
+        assert _get(port, "/status", {"Authorization": "Bearer wrong"})[0] == 401
+        status, body = _get(port, "/status", {"Authorization": "Bearer m0nitor-t0ken"})
+        assert status == 200
+        st = json.loads(body)
+        assert st["running"] and st["today"] == {"calls": 3, "reported": 2, "missed": 1, "waiting": 1}
+        assert st["outbox"]["pending"] == 1 and st["outbox"]["oldest_seconds"] >= 0
+        assert st["users"]["map"] == {"101": 5, "104": 11}
+        assert st["calls_in_progress"][0]["number"] == "+79161234567"
+        assert st["warnings"][0]["message"] == "Bitrix24 answers slowly"
+        login = base64.b64encode(("admin:" + PASSWORD).encode()).decode()
+        assert _get(port, "/status", {"Authorization": "Basic " + login})[0] == 200
+        # wrong logins through /status count like those of the login page
+        bad = base64.b64encode(b"admin:not the password").decode()
+        codes = [_get(port, "/status", {"Authorization": "Basic " + bad})[0] for _ in range(6)]
+        assert codes[:5] == [401] * 5 and codes[5] == 429
+        # the page shows the same, in words
+        bx24ast.WizardServer.failures.clear()
+        b = Browser(port)
+        b.login()
+        status, text, _ = b.get("/config/master/status")
+        words = plain(text)
+        assert status == 200 and "Calls in progress: 1" in words and "+79161234567" in words
+        assert "3: reported 2, missed 1, waiting for Bitrix24 1" in words
+        assert "list read 2 minutes" in words and "Bitrix24 answers slowly" in words
+    finally:
+        server.stop()
+
+
+def test_the_readme_shows_the_dialplan_the_wizard_writes():
+    with open(os.path.join(os.path.dirname(FIXTURES), "..", "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    block = re.search(r"\n    \[bx24-responsible\]\n(?:    .*\n)+", readme).group(0)
+    shown = "\n".join(line[4:] for line in block.strip("\n").split("\n"))
+    assert shown == bx24ast.routing_dialplan(("0.0.0.0", 4573), "ext-group,600,1")
