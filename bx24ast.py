@@ -430,7 +430,7 @@ def _as_dir(text):
 CONFIG_SCHEMA = [
     ("ami", "host", "127.0.0.1", _as_host, "Asterisk Manager Interface address."),
     ("ami", "port", "5038", _as_int(1, 65535), "AMI TCP port (manager.conf [general] port)."),
-    ("ami", "username", "", _as_str, "AMI user from manager.conf; needs read = call,dialplan,agent and write = originate,call,system."),
+    ("ami", "username", "", _as_str, "AMI user from manager.conf; needs read = system,call,agent,dialplan,reporting and write = system,call,originate,reporting (what the wizard's Create the user bx24 gives)."),
     ("ami", "secret", "", _as_str, "That user's secret."),
     ("ami", "auth", "plain", _as_choice("plain", "md5"), "plain sends the secret; md5 answers a Challenge instead."),
     ("ami", "connect_timeout", "5", _as_float(0.5, 120), "Seconds to wait for the TCP connection and the login answer."),

@@ -474,3 +474,12 @@ def test_the_readme_shows_the_dialplan_the_wizard_writes():
     block = re.search(r"\n    \[bx24-responsible\]\n(?:    .*\n)+", readme).group(0)
     shown = "\n".join(line[4:] for line in block.strip("\n").split("\n"))
     assert shown == bx24ast.routing_dialplan(("0.0.0.0", 4573), "ext-group,600,1")
+
+
+def test_the_ami_help_names_the_rights_create_gives(wizard_env):
+    doc = bx24ast._SCHEMA_BY_KEY[("ami", "username")][4]
+    assert bx24ast.AMI_USER_READ in doc and bx24ast.AMI_USER_WRITE in doc
+    b = wizard_env["browser"]
+    b.login()
+    text = plain(b.get("/config/master/ami")[1])
+    assert "read = %s and write = %s" % (bx24ast.AMI_USER_READ, bx24ast.AMI_USER_WRITE) in text
