@@ -4201,6 +4201,7 @@ class OutboxSender(object):
     builds up, within the leaky bucket; retries, refreshes or parks by error."""
 
     BACKOFF_CAP = 60.0
+    HOLD_SECONDS = 0.5     # the longest a finish waits for a card's request to ride in
     HOUSEKEEPING_EVERY = 3600.0
     KEEP_DONE_SECONDS = 7 * 86400      # done requests, for `outbox list` and support
     KEEP_CALLS_SECONDS = 90 * 86400    # call records: "already reported" for CEL recovery
@@ -4218,6 +4219,7 @@ class OutboxSender(object):
         # pauses are spans of time, so they run on the steady clock: a wall-clock step
         # back must not hold the whole outbox for an hour
         self.steady = monotonic
+        self._bucket_wait = 0.0
         self.paused_until = 0.0
         self.method_paused = {}
         self.alert = None
@@ -4366,6 +4368,8 @@ class OutboxSender(object):
         steady = self.steady()
         if self.paused_until > steady:
             wait = max(wait, min(self.paused_until - steady, 5.0))
+        if self._bucket_wait > 0 and due is not None and due <= now:
+            wait = max(wait, self._bucket_wait)   # work is due, the portal's budget is not
         if due is not None and due <= now:
             # due but held back (its method paused after a 429): sleep until the pause ends
             pauses = [t - steady for t in self.method_paused.values() if t > steady]
@@ -4389,8 +4393,13 @@ class OutboxSender(object):
         steady = self.steady()
         if steady < self.paused_until:
             return False
+        # Wait for the bucket before choosing what to send: a card that rings during
+        # the wait goes in the next request, first, with whatever else is waiting then.
+        self._bucket_wait = self.client.bucket.delay()
+        if self._bucket_wait > 0:
+            return False
         ready = [r for r in self.outbox.ready(now, 50) if self.method_paused.get(r.method, 0) <= steady]
-        if not ready:
+        if not ready or self._hold_for_a_card(ready, now):
             return False
         ready = [r for r in ready if self._pre_send(r, now)]
         if not ready:
@@ -4404,6 +4413,18 @@ class OutboxSender(object):
             self._send_batch(rest, riders)
         for r in singles[:1]:
             self._send_record(r)
+        return True
+
+    def _hold_for_a_card(self, ready, now):
+        """While the budget runs low, a finish (or anything else but a card) waits a
+        moment to share the request of the next card instead of spending one alone;
+        a card never waits for company."""
+        if any(r.priority == PRIORITY_CARD for r in ready) or self.client.bucket.fill() <= 0.5:
+            return False
+        waited = now - min(max(r.created_at, r.next_at) for r in ready)
+        if waited >= self.HOLD_SECONDS:
+            return False
+        self._bucket_wait = self.HOLD_SECONDS - waited
         return True
 
     def housekeeping(self, now):

@@ -708,3 +708,61 @@ def test_a_line_matches_its_lead_source_whichever_way_the_number_is_written():
                         ("+74957654321", "PARTNER"), ("4957654321", "PARTNER"), ("74990000000", None), ("s", "IGNORED"), (None, None)):
         assert flows.lines.get(flows._line_key(did)) == source, did
     store.close()
+
+
+def _requests(emu, start=0):
+    """[[methods]] of each HTTP request the portal got, a batch's commands inside."""
+    out = []
+    for e in emu.journal[start:]:
+        if e["method"] == "user.get":
+            continue   # the employee list, read by the sender when it is due
+        if e.get("in_batch"):
+            out[-1].append(e["method"])
+        elif e["method"] == "batch":
+            out.append([])
+        else:
+            out.append([e["method"]])
+    return out
+
+
+def test_the_sender_waits_for_the_budget_before_it_chooses_so_a_new_card_goes_first(tmp_path):
+    with Bitrix24Emulator() as emu:
+        with Harness(tmp_path, emu) as h:
+            h.wait_idle()
+            first = len(emu.journal)
+            bucket = h.bridge.client.bucket
+            with bucket.lock:
+                bucket.level = bucket.capacity + 0.8 * bucket.rate   # no room for ~0.8 s
+            h.bridge.outbox.add("c1", "later", "profile", {}, bx24ast.PRIORITY_LATER)
+            time.sleep(0.3)
+            h.bridge.outbox.add("c2", "card", "scope", {}, bx24ast.PRIORITY_CARD)
+            with h.bridge.outbox.wakeup:
+                h.bridge.outbox.wakeup.notify_all()
+            assert wait_for(lambda: len(emu.journal) >= first + 2, 10)
+            time.sleep(0.3)
+            # one request, chosen when the budget allowed it: the card first, the rest riding along
+            assert _requests(emu, first) == [["scope", "profile"]], _requests(emu, first)
+
+
+def test_while_the_budget_is_low_a_finish_waits_briefly_for_a_cards_request(tmp_path):
+    with Bitrix24Emulator() as emu:
+        with Harness(tmp_path, emu) as h:
+            h.wait_idle()
+            first = len(emu.journal)
+            bucket = h.bridge.client.bucket
+            with bucket.lock:
+                bucket.level = bucket.capacity * 0.8
+            h.bridge.outbox.add("c1", "done", "profile", {}, bx24ast.PRIORITY_FINISH)
+            time.sleep(0.2)
+            h.bridge.outbox.add("c2", "card", "scope", {}, bx24ast.PRIORITY_CARD)
+            with h.bridge.outbox.wakeup:
+                h.bridge.outbox.wakeup.notify_all()
+            assert wait_for(lambda: len(emu.journal) >= first + 2, 10)
+            assert _requests(emu, first) == [["scope", "profile"]], _requests(emu, first)
+            # and alone, it does not wait longer than HOLD_SECONDS
+            started = time.time()
+            h.bridge.outbox.add("c3", "done", "profile", {}, bx24ast.PRIORITY_FINISH)
+            with h.bridge.outbox.wakeup:
+                h.bridge.outbox.wakeup.notify_all()
+            assert wait_for(lambda: len(_requests(emu, first)) == 2, 10)
+            assert time.time() - started < bx24ast.OutboxSender.HOLD_SECONDS + 1.5
