@@ -4201,7 +4201,8 @@ class OutboxSender(object):
     builds up, within the leaky bucket; retries, refreshes or parks by error."""
 
     BACKOFF_CAP = 60.0
-    HOLD_SECONDS = 0.5     # the longest a finish waits for a card's request to ride in
+    HOLD_SECONDS = 0.8     # the longest a finish waits for a card's request to ride in
+    HOLD_FILL = 0.25       # ...once the bucket is this full: a quarter keeps cards from ever waiting
     HOUSEKEEPING_EVERY = 3600.0
     KEEP_DONE_SECONDS = 7 * 86400      # done requests, for `outbox list` and support
     KEEP_CALLS_SECONDS = 90 * 86400    # call records: "already reported" for CEL recovery
@@ -4416,10 +4417,10 @@ class OutboxSender(object):
         return True
 
     def _hold_for_a_card(self, ready, now):
-        """While the budget runs low, a finish (or anything else but a card) waits a
+        """While a quarter of the budget is spent, a finish (or anything else but a card) waits a
         moment to share the request of the next card instead of spending one alone;
         a card never waits for company."""
-        if any(r.priority == PRIORITY_CARD for r in ready) or self.client.bucket.fill() <= 0.5:
+        if any(r.priority == PRIORITY_CARD for r in ready) or self.client.bucket.fill() <= self.HOLD_FILL:
             return False
         waited = now - min(max(r.created_at, r.next_at) for r in ready)
         if waited >= self.HOLD_SECONDS:
