@@ -204,3 +204,8 @@ def test_a_restart_does_not_burst_into_a_full_portal_bucket(tmp_path, kept):
         store.close()
         assert (emu.rejected_503 == 0) == kept, emu.rejected_503
         assert rejected == emu.rejected_503
+
+
+def test_a_plain_http_portal_costs_no_tls_context():
+    client = bx24ast.BitrixClient(webhook_url="http://127.0.0.1:1/rest/1/x/")
+    assert all(getattr(h, "_context", None) is None for h in client._opener.handlers)
