@@ -97,7 +97,18 @@ level = debug
         self.proc = subprocess.Popen([sys.executable, SCRIPT, "-c", self.conf, "run"],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         assert wait_for(lambda: "AMI: logged in" in self.read_log(), 20), self.read_log()[-3000:]
+        # the listeners start beside the AMI login, not before it: wait until they answer
+        assert wait_for(lambda: self._listening(self.click_port) and self._listening(self.agi_port), 20), \
+            self.read_log()[-3000:]
         return self
+
+    @staticmethod
+    def _listening(port):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return True
+        except OSError:
+            return False
 
     def read_log(self):
         try:
