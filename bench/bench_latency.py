@@ -18,17 +18,13 @@ import math
 import os
 import random
 import sys
-import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
-import bx24ast  # noqa: E402
 from b24_emulator import Bitrix24Emulator  # noqa: E402
-from test_calls import Pbx  # noqa: E402
-
-RATE, BURST = 2.0, 50
+from bench_crm import RATE, BURST, bridge_for  # noqa: E402
 
 
 def calibration():
@@ -62,16 +58,7 @@ def schedule(calls, seconds, seed):
 
 def run(calls, seconds, seed):
     with Bitrix24Emulator(rate=RATE, burst=BURST) as emu:
-        config = bx24ast.Config.from_text(
-            "[bitrix24]\nwebhook_url = %s\nrate = %s\nburst = %s\n[storage]\nstate_dir = %s\n"
-            "[crm]\nmissed_task = no\n[recordings]\nattach = no\n[cel]\nbackend = off\n"
-            % (emu.webhook_url, RATE, BURST, tempfile.mkdtemp(prefix="bench-latency-")))
-        rules = bx24ast.PbxRules.from_config(config)
-        bridge = bx24ast.Bridge(config, rules)
-        bridge.users.refresh()
-        bridge.start()
-        pbx = Pbx(rules, base=time.time())
-        pbx.tracker = bx24ast.CallTracker(rules, bridge.crm.on_call_event)
+        bridge, pbx = bridge_for(emu)
         events = schedule(calls, seconds, seed)
         rang, hung = {}, {}
         start = time.time()

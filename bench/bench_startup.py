@@ -21,15 +21,10 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 PROGRAM = os.path.join(ROOT, "bx24ast.py")
+sys.path.insert(0, HERE)
+from bench_latency import calibration  # noqa: E402
+
 CAPTURE = os.path.join(ROOT, "tests", "fixtures", "asterisk-22.10.1-pjsip", "inbound_answered")
-
-
-def calibration():
-    t0 = time.perf_counter()
-    total = 0
-    for i in range(300000):
-        total += i % 7
-    return (time.perf_counter() - t0) * 1000
 
 
 def timed(argv, env=None):

@@ -10,12 +10,12 @@ import socket
 import stat
 import threading
 import time
-import urllib.parse
 
 import pytest
 
 import bx24ast
-from test_wizard import PASSWORD, Browser, step, wizard_env  # noqa: F401 (wizard_env is a fixture)
+from conftest import wait_for
+from test_wizard import Browser, step, wizard_env  # noqa: F401 (wizard_env is a fixture)
 
 
 class NoClicks(object):
@@ -37,15 +37,6 @@ def _closed_by_server(sock, wait=0.3):
         return False
     except OSError as exc:
         return exc.errno in (errno.ECONNRESET, errno.EPIPE)
-
-
-def _wait_for(predicate, timeout=15.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return predicate()
 
 
 def _post(port, body, headers=None):
@@ -78,7 +69,7 @@ def test_v1_idle_connections_are_capped_per_address_and_in_total_and_cut_at_the_
     try:
         one = [_connect(port, "127.0.0.2") for _ in range(server.max_per_address + 4)]
         socks += one
-        assert _wait_for(lambda: server.open_count() == server.max_per_address, 5)
+        assert wait_for(lambda: server.open_count() == server.max_per_address, 5)
         time.sleep(0.5)
         readable = select.select(one, [], [], 0)[0]
         refused = [s for s in readable if _closed_by_server(s, 0.1)]
@@ -89,7 +80,7 @@ def test_v1_idle_connections_are_capped_per_address_and_in_total_and_cut_at_the_
         assert server.open_count() <= server.max_connections
         assert threading.active_count() - threads_before <= server.max_connections + 2
         # the listener is not hung: once the trickling clients are cut off, a real request is answered
-        assert _wait_for(lambda: server.open_count() == 0, 10), "connections past the deadline are cut"
+        assert wait_for(lambda: server.open_count() == 0, 10), "connections past the deadline are cut"
         assert all(_closed_by_server(s, 2) for s in socks[:5])
         resp, _ = _post(port, "event=ONEXTERNALCALLSTART&auth%5Bapplication_token%5D=wrong")
         assert resp.status == 403
