@@ -725,19 +725,28 @@ def _requests(emu, start=0):
     return out
 
 
+def _spend_the_budget(h, emu, level):
+    """The bucket at `level` requests, once the harness is quiet; the journal's length then."""
+    h.wait_idle()
+    bucket = h.bridge.client.bucket
+    with bucket.lock:
+        bucket.level = level(bucket)
+    return len(emu.journal)
+
+
+def _add_now(h, linkedid, method, priority):
+    h.bridge.outbox.add(linkedid, "test", method, {}, priority)
+    with h.bridge.outbox.wakeup:
+        h.bridge.outbox.wakeup.notify_all()
+
+
 def test_the_sender_waits_for_the_budget_before_it_chooses_so_a_new_card_goes_first(tmp_path):
     with Bitrix24Emulator() as emu:
         with Harness(tmp_path, emu) as h:
-            h.wait_idle()
-            first = len(emu.journal)
-            bucket = h.bridge.client.bucket
-            with bucket.lock:
-                bucket.level = bucket.capacity + 0.8 * bucket.rate   # no room for ~0.8 s
-            h.bridge.outbox.add("c1", "later", "profile", {}, bx24ast.PRIORITY_LATER)
+            first = _spend_the_budget(h, emu, lambda b: b.capacity + 0.8 * b.rate)   # no room for ~0.8 s
+            _add_now(h, "c1", "profile", bx24ast.PRIORITY_LATER)
             time.sleep(0.3)
-            h.bridge.outbox.add("c2", "card", "scope", {}, bx24ast.PRIORITY_CARD)
-            with h.bridge.outbox.wakeup:
-                h.bridge.outbox.wakeup.notify_all()
+            _add_now(h, "c2", "scope", bx24ast.PRIORITY_CARD)
             assert wait_for(lambda: len(emu.journal) >= first + 2, 10)
             time.sleep(0.3)
             # one request, chosen when the budget allowed it: the card first, the rest riding along
@@ -747,22 +756,14 @@ def test_the_sender_waits_for_the_budget_before_it_chooses_so_a_new_card_goes_fi
 def test_while_the_budget_is_low_a_finish_waits_briefly_for_a_cards_request(tmp_path):
     with Bitrix24Emulator() as emu:
         with Harness(tmp_path, emu) as h:
-            h.wait_idle()
-            first = len(emu.journal)
-            bucket = h.bridge.client.bucket
-            with bucket.lock:
-                bucket.level = bucket.capacity * 0.8
-            h.bridge.outbox.add("c1", "done", "profile", {}, bx24ast.PRIORITY_FINISH)
+            first = _spend_the_budget(h, emu, lambda b: b.capacity * 0.8)
+            _add_now(h, "c1", "profile", bx24ast.PRIORITY_FINISH)
             time.sleep(0.2)
-            h.bridge.outbox.add("c2", "card", "scope", {}, bx24ast.PRIORITY_CARD)
-            with h.bridge.outbox.wakeup:
-                h.bridge.outbox.wakeup.notify_all()
+            _add_now(h, "c2", "scope", bx24ast.PRIORITY_CARD)
             assert wait_for(lambda: len(emu.journal) >= first + 2, 10)
             assert _requests(emu, first) == [["scope", "profile"]], _requests(emu, first)
             # and alone, it does not wait longer than HOLD_SECONDS
             started = time.time()
-            h.bridge.outbox.add("c3", "done", "profile", {}, bx24ast.PRIORITY_FINISH)
-            with h.bridge.outbox.wakeup:
-                h.bridge.outbox.wakeup.notify_all()
+            _add_now(h, "c3", "profile", bx24ast.PRIORITY_FINISH)
             assert wait_for(lambda: len(_requests(emu, first)) == 2, 10)
             assert time.time() - started < bx24ast.OutboxSender.HOLD_SECONDS + 1.5

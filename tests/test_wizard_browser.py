@@ -159,22 +159,24 @@ def pbx(tmp_path):
             print("\nwizard screenshots: %s" % shots)
 
 
-@pytest.fixture
-def admin_ru(pbx):
-    driver = _browser("ru")
+def _admin(pbx, lang):
+    driver = _browser(lang)
     try:
         yield Admin(driver, pbx["base"], pbx["shots"])
     finally:
         driver.quit()
+
+
+@pytest.fixture
+def admin_ru(pbx):
+    for admin in _admin(pbx, "ru"):
+        yield admin
 
 
 @pytest.fixture
 def admin_en(pbx):
-    driver = _browser("en")
-    try:
-        yield Admin(driver, pbx["base"], pbx["shots"])
-    finally:
-        driver.quit()
+    for admin in _admin(pbx, "en"):
+        yield admin
 
 
 def english_words(text):
