@@ -78,6 +78,14 @@ class Admin(object):
         self.driver.get(self.base + path)
         return self.wait_page()
 
+    def submit(self, button):
+        """Click a button that loads a page, and wait for that page: the old page's h1
+        would otherwise satisfy the wait while the new one is still on its way."""
+        old = self.driver.find_element(By.TAG_NAME, "html")
+        button.click()
+        WebDriverWait(self.driver, 20).until(expected_conditions.staleness_of(old))
+        return self.wait_page()
+
     def wait_page(self):
         WebDriverWait(self.driver, 20).until(expected_conditions.presence_of_element_located((By.TAG_NAME, "h1")))
         return self.driver.find_element(By.TAG_NAME, "h1").text
@@ -107,8 +115,7 @@ class Admin(object):
         self.driver.find_element(By.CSS_SELECTOR, "input[name='%s'][value='%s']" % (name, value)).click()
 
     def press(self, action):
-        self.driver.find_element(By.CSS_SELECTOR, "button[name=action][value=%s]" % action).click()
-        return self.wait_page()
+        return self.submit(self.driver.find_element(By.CSS_SELECTOR, "button[name=action][value=%s]" % action))
 
     def error_of(self, name):
         """The error shown in the block of the field, '' when none."""
@@ -123,8 +130,7 @@ class Admin(object):
         self.open("/login")
         self.type("user", user)
         self.type("password", password)
-        self.driver.find_element(By.CSS_SELECTOR, "button.primary").click()
-        return self.wait_page()
+        return self.submit(self.driver.find_element(By.CSS_SELECTOR, "button.primary"))
 
 
 @pytest.fixture
@@ -241,8 +247,7 @@ def walk_every_page(admin, pbx):
     admin.type("click_to_call.application_token", "tok3n-from-b24")
     admin.press("next")
     admin.shot("08-save")
-    admin.driver.find_element(By.CSS_SELECTOR, "button[name=action][value=save]").click()
-    admin.wait_page()
+    admin.press("save")
     admin.shot("09-results")
     admin.open("/status")
     admin.shot("10-status")
@@ -280,8 +285,7 @@ def test_an_english_admin_sees_english_and_errors_by_their_fields(pbx, admin_en)
 
 def test_the_language_is_picked_on_the_login_page(pbx, admin_en):
     admin_en.open("/login")
-    admin_en.driver.find_element(By.CSS_SELECTOR, "nav.langs a[lang=ru]").click()
-    admin_en.wait_page()
+    admin_en.submit(admin_en.driver.find_element(By.CSS_SELECTOR, "nav.langs a[lang=ru]"))
     assert "Пароль" in admin_en.words()
     admin_en.login()
     assert admin_en.wait_page() == "Язык"
