@@ -824,6 +824,7 @@ class StateStore(object):
             self.db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
             self.db.row_factory = sqlite3.Row
             if path != ":memory:":
+                self._incremental_vacuum()   # before WAL mode, which writes the header
                 self.db.execute("PRAGMA journal_mode=WAL")
                 # NORMAL is durable against a crash of this process (kill -9); only a
                 # power cut can lose the last commits, and fsync per call is costly.
@@ -858,6 +859,32 @@ class StateStore(object):
                     os.chmod(name, 0o600)
             except OSError:
                 pass
+
+    def _incremental_vacuum(self):
+        """Pages freed by the hourly purge go back to the filesystem (reclaim), so the file
+        stays the size of what is kept. A new database gets the mode before its first
+        table; one made by an older version is rewritten once (VACUUM) to take it."""
+        if self.db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2:
+            return
+        self.db.execute("PRAGMA auto_vacuum=INCREMENTAL")
+        if self.db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0]:
+            log.info("state database %s: rewriting it once so that freed space goes back to the disk",
+                     self.path)
+            self.db.execute("VACUUM")
+
+    def reclaim(self):
+        """Give the pages freed by a purge back to the filesystem and truncate the WAL."""
+        if self.path == ":memory:":
+            return
+        with self.lock:
+            try:
+                # it frees one page per step: execute() would stop after the first,
+                # executescript() steps it to the end
+                self.db.executescript("PRAGMA incremental_vacuum;")
+            except sqlite3.Error as exc:
+                log.warning("state database %s: reclaiming free pages failed: %s", self.path, exc)
+                return
+        self.checkpoint()
 
     # Columns added since the first release: a database from an older version gets
     # them on open (CREATE TABLE IF NOT EXISTS leaves an existing table as it was).
@@ -1147,9 +1174,14 @@ class Outbox(object):
                     db.execute("UPDATE outbox SET attempts = attempts + 1 WHERE id = ?", (req.id,))
                 req.attempts += 1
 
-    def done(self, request, result=None, note=None):
-        self.store.execute("UPDATE outbox SET state = 'done', done_at = ?, result = ?, last_error = ? "
-                           "WHERE id = ?", (time.time(), json.dumps(result)[:4000], note, request.id))
+    # A done request keeps what `outbox list` and exactly-once need (id, call, kind,
+    # method, attempts, times, the note); its body and the portal's answer are dropped,
+    # they made up most of the database.
+    DONE_BODY = "{}"
+
+    def done(self, request, note=None):
+        self.store.execute("UPDATE outbox SET state = 'done', done_at = ?, params = ?, result = NULL, "
+                           "last_error = ? WHERE id = ?", (time.time(), self.DONE_BODY, note, request.id))
 
     def retry(self, request, delay, error):
         request.next_at = time.time() + delay
@@ -1167,9 +1199,9 @@ class Outbox(object):
 
     def close_call(self, linkedid, note):
         """Every pending request of a call done without sending (it needs none)."""
-        return self.store.execute("UPDATE outbox SET state = 'done', done_at = ?, last_error = ? "
+        return self.store.execute("UPDATE outbox SET state = 'done', done_at = ?, params = ?, last_error = ? "
                                   "WHERE linkedid = ? AND state = 'pending'",
-                                  (time.time(), note[:1000], linkedid)).rowcount
+                                  (time.time(), self.DONE_BODY, note[:1000], linkedid)).rowcount
 
     def park_call(self, linkedid, reason):
         self.store.execute("UPDATE outbox SET state = 'parked', last_error = ? WHERE linkedid = ? "
@@ -1206,8 +1238,11 @@ class Outbox(object):
         with self.wakeup:
             self.wakeup.notify_all()
 
-    def purge_done(self, older_than):
+    def purge_done(self, older_than, keep):
+        """Done requests older than older_than, and all but the newest keep of them."""
         self.store.execute("DELETE FROM outbox WHERE state = 'done' AND done_at < ?", (older_than,))
+        self.store.execute("DELETE FROM outbox WHERE state = 'done' AND id <= (SELECT id FROM outbox "
+                           "WHERE state = 'done' ORDER BY id DESC LIMIT 1 OFFSET ?)", (keep,))
 
 
 class CallRecords(object):
@@ -1258,8 +1293,12 @@ class CallRecords(object):
                                 "AND ended_at >= ? AND linkedid != ? LIMIT 1", (number, since, exclude))
         return bool(rows)
 
-    def purge(self, older_than):
+    def purge(self, older_than, keep):
+        """Calls not touched since older_than, and all but the newest keep calls. Calls
+        still waiting for their end are kept however many there are."""
         self.store.execute("DELETE FROM calls WHERE updated_at < ?", (older_than,))
+        self.store.execute("DELETE FROM calls WHERE rowid <= (SELECT rowid FROM calls ORDER BY rowid DESC "
+                           "LIMIT 1 OFFSET ?) AND NOT (source IS NOT NULL AND ended_at IS NULL)", (keep,))
 
 
 ###############################################################################
@@ -4217,8 +4256,11 @@ class OutboxSender(object):
     HOLD_SECONDS = 0.8     # the longest a finish waits for a card's request to ride in
     HOLD_FILL = 0.25       # ...once the bucket is this full: a quarter keeps cards from ever waiting
     HOUSEKEEPING_EVERY = 3600.0
+    # Bounded by count as well as age: a busy office must not grow the file for a week.
     KEEP_DONE_SECONDS = 7 * 86400      # done requests, for `outbox list` and support
+    KEEP_DONE_COUNT = 20000
     KEEP_CALLS_SECONDS = 90 * 86400    # call records: "already reported" for CEL recovery
+    KEEP_CALLS_COUNT = 100000
 
     def __init__(self, outbox, records, client, users, recordings, default_user_id=None,
                  clock=time.time, unanswered_retry=65.0):
@@ -4444,8 +4486,9 @@ class OutboxSender(object):
     def housekeeping(self, now):
         """Months of uptime must not grow the state database without bound."""
         self._housekept = now
-        self.outbox.purge_done(now - self.KEEP_DONE_SECONDS)
-        self.records.purge(now - self.KEEP_CALLS_SECONDS)
+        self.outbox.purge_done(now - self.KEEP_DONE_SECONDS, self.KEEP_DONE_COUNT)
+        self.records.purge(now - self.KEEP_CALLS_SECONDS, self.KEEP_CALLS_COUNT)
+        self.outbox.store.reclaim()
 
     def _pre_send(self, req, now):
         """Work that needs no request, or decides a request is not needed."""
@@ -4510,11 +4553,11 @@ class OutboxSender(object):
         stats = [r for r in (found or []) if isinstance(r, dict) and r.get("CALL_ID") == row["call_id"]]
         if req.kind == "finish" and stats:
             self.records.update(req.linkedid, finished_at=time.time())
-            self.outbox.done(req, stats[0], note="finished by an earlier attempt")
+            self.outbox.done(req, note="finished by an earlier attempt")
             log.info("call %s: the finish that got no answer was carried out", req.linkedid)
             return False
         if req.kind == "record" and stats and stats[0].get("RECORD_FILE_ID"):
-            self.outbox.done(req, {"FILE_ID": stats[0]["RECORD_FILE_ID"]}, note="attached by an earlier attempt")
+            self.outbox.done(req, note="attached by an earlier attempt")
             log.info("call %s: the recording that got no answer was attached", req.linkedid)
             return False
         return True
@@ -4663,11 +4706,11 @@ class OutboxSender(object):
         self.outbox.mark_sending([req], self.unanswered_retry)
         try:
             if len(data) <= self.recordings.inline_max_bytes:
-                result = self.client.call(req.method, {"CALL_ID": call_id, "FILENAME": name,
-                                                       "FILE_CONTENT": base64.b64encode(data).decode("ascii")})
+                self.client.call(req.method, {"CALL_ID": call_id, "FILENAME": name,
+                                              "FILE_CONTENT": base64.b64encode(data).decode("ascii")})
             else:
                 step = self.client.call(req.method, {"CALL_ID": call_id, "FILENAME": name})
-                result = self.client.upload(step["uploadUrl"], step.get("fieldName") or "file", name, data)
+                self.client.upload(step["uploadUrl"], step.get("fieldName") or "file", name, data)
         except BitrixError as exc:
             self._failed(req, exc)
             return
@@ -4675,7 +4718,7 @@ class OutboxSender(object):
             self._failed(req, BitrixUnavailable("Bitrix24 attachRecord: no uploadUrl in the answer"))
             return
         log.info("call %s: recording %s attached (%d bytes)", req.linkedid, name, len(data))
-        self.outbox.done(req, result)
+        self.outbox.done(req)
 
     # -- outcomes -------------------------------------------------------------------------------
     def _park(self, req, reason):
@@ -4727,7 +4770,7 @@ class OutboxSender(object):
             if task.get("id"):
                 self.records.update(linkedid, task_id=int(task["id"]))
             log.info("call %s: missed-call task %s created", linkedid, task.get("id"))
-        self.outbox.done(req, result)
+        self.outbox.done(req)
 
     def _waiting(self):
         return self.outbox.counts().get("pending", 0)

@@ -1,10 +1,8 @@
 """CRM flows end to end: real captures -> call engine -> outbox -> REST client ->
 the Bitrix24 emulator, checked against the emulator's state and journal."""
-import base64
 import collections
 import logging
 import os
-import threading
 import time
 
 import pytest
@@ -503,24 +501,6 @@ def test_recordings_in_other_formats_are_converted_or_skipped(tmp_path, caplog, 
     monkeypatch.setenv("PATH", str(tools) + os.pathsep + "/usr/bin:/bin")
     name, data = files.prepare(str(gsm))
     assert name == "call49.mp3" and data.startswith(b"ID3")
-
-
-def test_housekeeping_drops_old_done_requests_and_call_records_only(tmp_path):
-    store = bx24ast.StateStore(str(tmp_path / "s.db"))
-    outbox, records = bx24ast.Outbox(store), bx24ast.CallRecords(store)
-    done = outbox.ready(0)  # nothing yet
-    assert done == []
-    old_id = outbox.add("1.1", "show", "m", {"USER_ID": [1]}, 0)
-    pending_id = outbox.add("2.1", "show", "m", {"USER_ID": [1]}, 0)
-    outbox.done(outbox.ready(time.time())[0])
-    records.update("1.1", source="live")
-    sender = bx24ast.OutboxSender(outbox, records, None, bx24ast.UserDirectory(), None)
-    sender.housekeeping(time.time() + 8 * 86400)
-    ids = [r[0] for r in store.query("SELECT id FROM outbox")]
-    assert ids == [pending_id] and old_id not in ids
-    assert records.registered("1.1")  # kept 90 days
-    sender.housekeeping(time.time() + 91 * 86400)
-    assert not records.registered("1.1") and [r[0] for r in store.query("SELECT id FROM outbox")] == [pending_id]
 
 
 def test_a_backlog_behind_a_backing_off_request_lets_the_sender_sleep(tmp_path):
