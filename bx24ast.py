@@ -29,36 +29,46 @@ Importing this module runs nothing.
 """
 
 import argparse
-import base64
-import binascii
-import calendar
 import collections
 import configparser
 import fcntl
-import hashlib
-import hmac
-import html
-import http.server
+import importlib
 import json
 import logging
-import logging.handlers
 import os
 import re
-import select
-import shlex
 import signal
 import socket
-import socketserver
 import sqlite3
-import ssl
 import stat
-import subprocess
 import sys
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
+
+
+class _OnFirstUse(object):
+    """A standard module imported at its first use. Each command needs a few of them:
+    `check` from cron, every minute, should not pay for the wizard's or the daemon's."""
+
+    def __init__(self, name):
+        self._name = name
+
+    def __getattr__(self, attr):
+        module = importlib.import_module(self._name)
+        globals()[self._name] = module   # later uses go to the module itself
+        return getattr(module, attr)
+
+
+base64 = _OnFirstUse("base64")
+binascii = _OnFirstUse("binascii")
+calendar = _OnFirstUse("calendar")
+hashlib = _OnFirstUse("hashlib")
+hmac = _OnFirstUse("hmac")
+html = _OnFirstUse("html")
+select = _OnFirstUse("select")
+shlex = _OnFirstUse("shlex")
+subprocess = _OnFirstUse("subprocess")
 
 __version__ = "0.1.0"
 
@@ -1096,6 +1106,7 @@ class Outbox(object):
     def __init__(self, store):
         self.store = store
         self.wakeup = threading.Condition()
+        self.done_count = 0      # requests this process marked done (housekeeping runs by it too)
 
     def add(self, linkedid, kind, method, params, priority, not_before=0.0):
         now = time.time()
@@ -1180,6 +1191,7 @@ class Outbox(object):
     DONE_BODY = "{}"
 
     def done(self, request, note=None):
+        self.done_count += 1
         self.store.execute("UPDATE outbox SET state = 'done', done_at = ?, params = ?, result = NULL, "
                            "last_error = ? WHERE id = ?", (time.time(), self.DONE_BODY, note, request.id))
 
@@ -1199,9 +1211,11 @@ class Outbox(object):
 
     def close_call(self, linkedid, note):
         """Every pending request of a call done without sending (it needs none)."""
-        return self.store.execute("UPDATE outbox SET state = 'done', done_at = ?, params = ?, last_error = ? "
-                                  "WHERE linkedid = ? AND state = 'pending'",
-                                  (time.time(), self.DONE_BODY, note[:1000], linkedid)).rowcount
+        closed = self.store.execute("UPDATE outbox SET state = 'done', done_at = ?, params = ?, last_error = ? "
+                                    "WHERE linkedid = ? AND state = 'pending'",
+                                    (time.time(), self.DONE_BODY, note[:1000], linkedid)).rowcount
+        self.done_count += closed
+        return closed
 
     def park_call(self, linkedid, reason):
         self.store.execute("UPDATE outbox SET state = 'parked', last_error = ? WHERE linkedid = ? "
@@ -3358,14 +3372,6 @@ class LeakyBucket(object):
             self.updated = self.clock()
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    """urllib would follow a 302 of a POST with a GET and drop the body (a renamed
-    portal answers 302): handle redirects ourselves."""
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        return None
-
-
 def mask_webhook(url):
     """An inbound webhook's address without its secret code (logs, the wizard)."""
     return re.sub(r"/rest/(\d+)/[^/]+/?", r"/rest/\1/***/", url or "")
@@ -3396,6 +3402,7 @@ class BitrixClient(object):
         self.may_refresh = True
         self.requests_sent = 0
         self.last_error = None
+        self.last_answer_at = None   # wall time of the last request the portal carried out
         self._saved_level = None
         if store is not None:
             # the portal's bucket did not empty because we restarted
@@ -3432,9 +3439,19 @@ class BitrixClient(object):
         """Built at the first request, with a TLS context only when some address is https:
         loading the CA store costs ~20 ms that `check --cron` on a plain-http portal need not pay."""
         if self._built_opener is None:
-            handlers = [_NoRedirect()]
+            import urllib.request   # and http.client, email: only once a request is made
+
+            class NoRedirect(urllib.request.HTTPRedirectHandler):
+                """urllib would follow a 302 of a POST with a GET and drop the body (a renamed
+                portal answers 302): redirects are handled in _http."""
+
+                def redirect_request(self, req, fp, code, msg, headers, newurl):
+                    return None
+
+            handlers = [NoRedirect()]
             urls = [self.webhook_url] if self.webhook_url else [self.portal_url, self.oauth_url]
             if any((u or "").lower().startswith("https:") for u in urls):
+                import ssl
                 context = ssl.create_default_context()
                 if not self.verify_tls:
                     context.check_hostname = False
@@ -3518,6 +3535,8 @@ class BitrixClient(object):
 
     # -- transport -------------------------------------------------------------------------
     def _http(self, verb, url, data, content_type, method):
+        import urllib.error
+        import urllib.request
         headers = {"Accept": "application/json", "User-Agent": "bx24ast/%s" % __version__}
         if content_type:
             headers["Content-Type"] = content_type
@@ -3580,6 +3599,7 @@ class BitrixClient(object):
                                         "application/json", method)
             if status == 200 and isinstance(answer, dict) and "result" in answer and "error" not in answer:
                 self.last_error = None
+                self.last_answer_at = time.time()
                 return answer["result"]
             error = classify_error(status, answer, method)
             if isinstance(error, BitrixAuthExpired) and self.uses_oauth and attempt == 1 and self.may_refresh:
@@ -4258,7 +4278,7 @@ class OutboxSender(object):
     HOUSEKEEPING_EVERY = 3600.0
     # Bounded by count as well as age: a busy office must not grow the file for a week.
     KEEP_DONE_SECONDS = 7 * 86400      # done requests, for `outbox list` and support
-    KEEP_DONE_COUNT = 20000
+    KEEP_DONE_COUNT = 5000
     KEEP_CALLS_SECONDS = 90 * 86400    # call records: "already reported" for CEL recovery
     KEEP_CALLS_COUNT = 100000
 
@@ -4286,6 +4306,7 @@ class OutboxSender(object):
         self.sent_batches = 0
         self.sent_single = 0
         self._housekept = 0.0
+        self._housekept_at_done = 0
         self._riders = []
         self._riders_lock = threading.Lock()
 
@@ -4438,7 +4459,7 @@ class OutboxSender(object):
     def step(self):
         """Send what is due; True when something was sent."""
         now = self.clock()
-        if now - self._housekept > self.HOUSEKEEPING_EVERY:
+        if self.housekeeping_due(now):
             self.housekeeping(now)
         if self.users.stale(now):
             try:
@@ -4483,9 +4504,16 @@ class OutboxSender(object):
         self._bucket_wait = self.HOLD_SECONDS - waited
         return True
 
+    def housekeeping_due(self, now):
+        """Hourly, and as often as done requests fill what is kept: the file stays bounded
+        under any load, not only a light one."""
+        return (now - self._housekept > self.HOUSEKEEPING_EVERY
+                or self.outbox.done_count - self._housekept_at_done >= self.KEEP_DONE_COUNT)
+
     def housekeeping(self, now):
         """Months of uptime must not grow the state database without bound."""
         self._housekept = now
+        self._housekept_at_done = self.outbox.done_count
         self.outbox.purge_done(now - self.KEEP_DONE_SECONDS, self.KEEP_DONE_COUNT)
         self.records.purge(now - self.KEEP_CALLS_SECONDS, self.KEEP_CALLS_COUNT)
         self.outbox.store.reclaim()
@@ -5858,6 +5886,7 @@ class FastAgiServer(Listener):
         self.lookup = lookup
         self.set_callerid_name = set_callerid_name
         server = self
+        import socketserver
 
         class Handler(socketserver.StreamRequestHandler):
             timeout = 10
@@ -5871,7 +5900,7 @@ class FastAgiServer(Listener):
                 server.session(self.rfile, self.wfile, self.client_address)
 
         # every call of the PBX may run the AGI at once, all from the PBX's address
-        self.server = bounded(_ThreadingTCPServer((host, port), Handler), "FastAGI", 256, 256, 60.0)
+        self.server = bounded(listener_classes().ThreadingTCPServer((host, port), Handler), "FastAGI", 256, 256, 60.0)
 
     def describe(self):
         return "routing: FastAGI on %s:%d (AGI(agi://%s:%d/responsible))" % (self.address * 2)
@@ -5973,78 +6002,139 @@ class LogLimiter(object):
 
 REFUSALS = LogLimiter()
 
-# A client that hangs up mid-request or mid-reply: nothing to tell but one line.
-_CLIENT_GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, socket.timeout, ssl.SSLError)
+
+class _Namespace(object):
+    def __init__(self, **items):
+        self.__dict__.update(items)
 
 
-class _BoundedServer(socketserver.ThreadingMixIn):
-    """A thread per connection, but a bounded number of them: at most max_connections
-    at once, max_per_address from one address, and each done within request_deadline
-    (an idle or trickling client is cut off). Beyond that a connection is closed at
-    once, so a public port cannot use up the daemon's threads or file descriptors."""
+_LISTENER_CLASSES = []
 
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 64
-    max_connections = 64
-    max_per_address = 16
-    request_deadline = 30.0
-    label = "listener"
 
-    def __init__(self, *args, **kwargs):
-        self._open = {}     # socket -> (address, deadline)
-        self._open_lock = threading.Lock()
-        super(_BoundedServer, self).__init__(*args, **kwargs)
+def listener_classes():
+    """The base classes of every listener, built at the first one: socketserver,
+    http.server and ssl cost `check`, the cron job and the other short commands time
+    and memory they never use. Its fields: BoundedServer, ThreadingTCPServer,
+    ThreadingHTTPServer, QuietRequestHandler, TlsRequestHandler and CLIENT_GONE, the
+    errors of a client that hung up mid-request or mid-reply (one line in the log)."""
+    if _LISTENER_CLASSES:
+        return _LISTENER_CLASSES[0]
+    import http.server
+    import socketserver
+    import ssl
+    client_gone = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, socket.timeout, ssl.SSLError)
 
-    def verify_request(self, request, client_address):
-        conns = self._open
-        peer = client_address[0] if client_address else "?"
-        with self._open_lock:
-            if len(conns) >= self.max_connections:
-                why = "%d connections open, the most it takes" % len(conns)
-            elif sum(1 for addr, _ in conns.values() if addr == peer) >= self.max_per_address:
-                why = "%d connections open from that address, the most it takes" % self.max_per_address
-            else:
-                conns[request] = (peer, monotonic() + self.request_deadline)
-                return True
-        REFUSALS.log(logging.WARNING, "%s: refused connections" % self.label,
-                     "%s: refused a connection from %s: %s", self.label, peer, why)
-        return False
+    class BoundedServer(socketserver.ThreadingMixIn):
+        """A thread per connection, but a bounded number of them: at most max_connections
+        at once, max_per_address from one address, and each done within request_deadline
+        (an idle or trickling client is cut off). Beyond that a connection is closed at
+        once, so a public port cannot use up the daemon's threads or file descriptors."""
 
-    def shutdown_request(self, request):
-        with self._open_lock:
-            self._open.pop(request, None)
-        socketserver.TCPServer.shutdown_request(self, request)
+        daemon_threads = True
+        allow_reuse_address = True
+        request_queue_size = 64
+        max_connections = 64
+        max_per_address = 16
+        request_deadline = 30.0
+        label = "listener"
 
-    def service_actions(self):
-        """Called by serve_forever every half second: cut off connections past their deadline."""
-        now = monotonic()
-        with self._open_lock:
-            late = [sock for sock, (_addr, deadline) in self._open.items() if deadline < now]
-        for sock in late:
+        def __init__(self, *args, **kwargs):
+            self._open = {}     # socket -> (address, deadline)
+            self._open_lock = threading.Lock()
+            super(BoundedServer, self).__init__(*args, **kwargs)
+
+        def verify_request(self, request, client_address):
+            conns = self._open
+            peer = client_address[0] if client_address else "?"
+            with self._open_lock:
+                if len(conns) >= self.max_connections:
+                    why = "%d connections open, the most it takes" % len(conns)
+                elif sum(1 for addr, _ in conns.values() if addr == peer) >= self.max_per_address:
+                    why = "%d connections open from that address, the most it takes" % self.max_per_address
+                else:
+                    conns[request] = (peer, monotonic() + self.request_deadline)
+                    return True
+            REFUSALS.log(logging.WARNING, "%s: refused connections" % self.label,
+                         "%s: refused a connection from %s: %s", self.label, peer, why)
+            return False
+
+        def shutdown_request(self, request):
+            with self._open_lock:
+                self._open.pop(request, None)
+            socketserver.TCPServer.shutdown_request(self, request)
+
+        def service_actions(self):
+            """Called by serve_forever every half second: cut off connections past their deadline."""
+            now = monotonic()
+            with self._open_lock:
+                late = [sock for sock, (_addr, deadline) in self._open.items() if deadline < now]
+            for sock in late:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+        def open_count(self):
+            with self._open_lock:
+                return len(self._open)
+
+        def handle_error(self, request, client_address):
+            # socketserver would print a traceback to stderr for a client that vanished
+            # or spoke plain HTTP to the TLS port: a (limited) log line is enough.
+            REFUSALS.log(logging.INFO, "%s: failed connections" % self.label, "%s: connection from %s failed: %s",
+                         self.label, client_address[0] if client_address else "?", sys.exc_info()[1])
+
+    class ThreadingTCPServer(BoundedServer, socketserver.TCPServer):
+        pass
+
+    class ThreadingHTTPServer(BoundedServer, http.server.HTTPServer):
+        # http.server.ThreadingHTTPServer is 3.7+.
+        pass
+
+    class QuietRequestHandler(http.server.BaseHTTPRequestHandler):
+        """What every HTTP listener of bx24ast answers with: no Python version in the
+        Server header, the headers that keep browsers from guessing, and no traceback
+        for a client that went away."""
+
+        server_version = "bx24ast"
+        timeout = 10
+
+        def version_string(self):
+            return self.server_version
+
+        def end_headers(self):
+            self.send_header("X-Content-Type-Options", "nosniff")
+            self.send_header("Referrer-Policy", "no-referrer")
+            if getattr(self, "tls", None) is not None:
+                self.send_header("Strict-Transport-Security", "max-age=31536000")
+            http.server.BaseHTTPRequestHandler.end_headers(self)
+
+        def handle_one_request(self):
             try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+                http.server.BaseHTTPRequestHandler.handle_one_request(self)
+            except client_gone as exc:
+                self.close_connection = True
+                log.debug("http: client %s went away: %s", self.client_address[0], exc)
 
-    def open_count(self):
-        with self._open_lock:
-            return len(self._open)
+        def log_message(self, fmt, *args):
+            log.debug("http: " + fmt, *args)
 
-    def handle_error(self, request, client_address):
-        # socketserver would print a traceback to stderr for a client that vanished
-        # or spoke plain HTTP to the TLS port: a (limited) log line is enough.
-        REFUSALS.log(logging.INFO, "%s: failed connections" % self.label, "%s: connection from %s failed: %s",
-                     self.label, client_address[0] if client_address else "?", sys.exc_info()[1])
+    class TlsRequestHandler(QuietRequestHandler):
+        """A request handler whose TLS handshake happens in the connection's own thread:
+        a slow or plain-HTTP client cannot hold up the accept loop."""
 
+        tls = None
 
-class _ThreadingTCPServer(_BoundedServer, socketserver.TCPServer):
-    pass
+        def setup(self):
+            if self.tls is not None:
+                self.request.settimeout(self.timeout)
+                self.request = self.tls.wrap_socket(self.request, server_side=True)
+            http.server.BaseHTTPRequestHandler.setup(self)
 
-
-class _ThreadingHTTPServer(_BoundedServer, http.server.HTTPServer):
-    # http.server.ThreadingHTTPServer is 3.7+.
-    pass
+    _LISTENER_CLASSES.append(_Namespace(
+        BoundedServer=BoundedServer, ThreadingTCPServer=ThreadingTCPServer, ThreadingHTTPServer=ThreadingHTTPServer,
+        QuietRequestHandler=QuietRequestHandler, TlsRequestHandler=TlsRequestHandler, CLIENT_GONE=client_gone))
+    return _LISTENER_CLASSES[0]
 
 
 def bounded(server, label, max_connections=None, max_per_address=None, deadline=None):
@@ -6060,50 +6150,9 @@ def bounded(server, label, max_connections=None, max_per_address=None, deadline=
     return server
 
 
-class _QuietRequestHandler(http.server.BaseHTTPRequestHandler):
-    """What every HTTP listener of bx24ast answers with: no Python version in the
-    Server header, the headers that keep browsers from guessing, and no traceback
-    for a client that went away."""
-
-    server_version = "bx24ast"
-    timeout = 10
-
-    def version_string(self):
-        return self.server_version
-
-    def end_headers(self):
-        self.send_header("X-Content-Type-Options", "nosniff")
-        self.send_header("Referrer-Policy", "no-referrer")
-        if getattr(self, "tls", None) is not None:
-            self.send_header("Strict-Transport-Security", "max-age=31536000")
-        http.server.BaseHTTPRequestHandler.end_headers(self)
-
-    def handle_one_request(self):
-        try:
-            http.server.BaseHTTPRequestHandler.handle_one_request(self)
-        except _CLIENT_GONE as exc:
-            self.close_connection = True
-            log.debug("http: client %s went away: %s", self.client_address[0], exc)
-
-    def log_message(self, fmt, *args):
-        log.debug("http: " + fmt, *args)
-
-
-class _TlsRequestHandler(_QuietRequestHandler):
-    """A request handler whose TLS handshake happens in the connection's own thread:
-    a slow or plain-HTTP client cannot hold up the accept loop."""
-
-    tls = None
-
-    def setup(self):
-        if self.tls is not None:
-            self.request.settimeout(self.timeout)
-            self.request = self.tls.wrap_socket(self.request, server_side=True)
-        http.server.BaseHTTPRequestHandler.setup(self)
-
-
 def tls_context(cert, key, section):
     """A server TLS context, or ConfigError naming [section] tls_cert."""
+    import ssl
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER) if hasattr(ssl, "PROTOCOL_TLS_SERVER") else \
         ssl.SSLContext(ssl.PROTOCOL_SSLv23)
     for name, path in (("tls_cert", cert), ("tls_key", key)):
@@ -6139,7 +6188,7 @@ class LookupHttpServer(Listener):
         self.lookup = lookup
         owner = self
 
-        class Handler(_QuietRequestHandler):
+        class Handler(listener_classes().QuietRequestHandler):
             def do_GET(self):
                 url = urllib.parse.urlsplit(self.path)
                 if not _is_loopback(self.client_address[0]):
@@ -6153,7 +6202,7 @@ class LookupHttpServer(Listener):
                 return _json_reply(self, 200, owner.lookup.lookup(query["number"]))
 
         # the dialplan's CURL() of every call, all from the PBX itself
-        self.server = bounded(_ThreadingHTTPServer((host, port), Handler), "routing http", 256, 256, 10.0)
+        self.server = bounded(listener_classes().ThreadingHTTPServer((host, port), Handler), "routing http", 256, 256, 10.0)
 
     def describe(self):
         return "routing: HTTP lookup on http://%s:%d/responsible?number=..." % self.address
@@ -6355,7 +6404,7 @@ class EventListener(Listener):
         self.client = client
         owner = self
 
-        class Handler(_TlsRequestHandler):
+        class Handler(listener_classes().TlsRequestHandler):
             tls = tls_context(cert, key, "click_to_call") if cert else None
 
             def do_GET(self):
@@ -6364,7 +6413,7 @@ class EventListener(Listener):
             def do_POST(self):
                 owner.handle_post(self)
 
-        self.server = bounded(_ThreadingHTTPServer((host, port), Handler), "click-to-call", 64, 16, 15.0)
+        self.server = bounded(listener_classes().ThreadingHTTPServer((host, port), Handler), "click-to-call", 64, 16, 15.0)
         self.scheme = "https" if cert else "http"
 
     def handle_post(self, req):
@@ -7150,6 +7199,9 @@ WIZARD_TEXT = {
             "too many requests or an overloaded portal; it resumes by itself":
                 "слишком много запросов или портал перегружен; работа продолжится сама",
             "reachable (%s)": "доступен (%s)",
+            "reachable (%s): the service's last answer %s ago": "доступен (%s): последний ответ службе был %s назад",
+            "the service cannot reach the portal for %s (%d attempts): %s":
+                "служба не может достучаться до портала уже %s (попыток: %d): %s",
             "no state database yet at %s": "базы состояния в %s ещё нет",
             "cannot read the state database: %s": "не удалось прочитать базу состояния: %s",
             "%d request(s) due for %s and nothing sent: the sender is stuck":
@@ -7878,7 +7930,7 @@ class WizardServer(Listener):
         self._lock = WizardServer._lock
         owner = self
 
-        class Handler(_TlsRequestHandler):
+        class Handler(listener_classes().TlsRequestHandler):
             tls = tls_context(cert, key, "wizard") if cert else None
 
             def do_GET(self):
@@ -7887,7 +7939,7 @@ class WizardServer(Listener):
             def do_POST(self):
                 owner.serve(self, "POST")
 
-        self.server = bounded(_ThreadingHTTPServer((host, port), Handler), "wizard", 32, 12, 30.0)
+        self.server = bounded(listener_classes().ThreadingHTTPServer((host, port), Handler), "wizard", 32, 12, 30.0)
 
     def describe(self):
         return "wizard: %s://%s:%d%s" % (("https" if self.secure else "http",) + self.address + (self.PREFIX,))
@@ -7961,13 +8013,13 @@ class WizardServer(Listener):
     def serve(self, req, verb):
         try:
             self.handle(req, verb)
-        except _CLIENT_GONE as exc:
+        except listener_classes().CLIENT_GONE as exc:
             log.debug("wizard: %s went away during %s %s: %s", req.client_address[0], verb, req.path[:80], exc)
         except Exception:
             log.exception("wizard: %s %s failed", verb, req.path[:80])
             try:
                 self._error(req, 500, self._language(req), "failed")
-            except _CLIENT_GONE:
+            except listener_classes().CLIENT_GONE:
                 pass
 
     def _error(self, req, status, t, what):
@@ -8814,7 +8866,8 @@ def setup_logging(level="info", path=""):
     """stderr (foreground), a file, or syslog ([log] file = syslog)."""
     if path == "syslog":
         address = "/dev/log" if os.path.exists("/dev/log") else ("127.0.0.1", 514)
-        handler = logging.handlers.SysLogHandler(address=address, facility=logging.handlers.SysLogHandler.LOG_DAEMON)
+        syslog = importlib.import_module("logging.handlers").SysLogHandler
+        handler = syslog(address=address, facility=syslog.LOG_DAEMON)
         handler.setFormatter(logging.Formatter("bx24ast[%(process)d]: %(levelname)s %(message)s"))
     else:
         handler = logging.FileHandler(path) if path else logging.StreamHandler(sys.stderr)
@@ -9181,6 +9234,7 @@ class Daemon(object):
             out["bitrix24"] = {"last_error": str(client.last_error) if client.last_error else None,
                                "alert": self.bridge.sender.alert, "requests_sent": client.requests_sent,
                                "last_sent_at": self.bridge.sender.last_sent_at,
+                               "last_answer_at": client.last_answer_at,
                                "outage": self.bridge.sender.outage.status()}
             out["storage"] = self.bridge.storage_status()
             out["users"] = self.bridge.users.status()
@@ -9341,10 +9395,15 @@ def check_ami(beat):
                        say("check [ami] host/port/username/secret and manager.conf (bx24ast.py run -f shows the login)"))
 
 
-def check_bitrix24(config, beat, timeout=3.0):
+def check_bitrix24(config, beat, timeout=3.0, probe=True, now=None):
+    """probe=False (cron): what the running service saw of the portal, when it saw it
+    lately; a request of its own only when it has nothing to tell."""
     if not BitrixClient.configured(config):
         return CheckResult("CRITICAL", "bitrix24", say("not configured"),
                            say("set [bitrix24] webhook_url, or portal_url + client_id + client_secret"))
+    seen = None if probe else _bitrix24_seen_by_the_service(config, beat, now)
+    if seen is not None:
+        return seen
     try:
         store = _read_only_store(config)
     except StorageError:
@@ -9369,6 +9428,30 @@ def check_bitrix24(config, beat, timeout=3.0):
         return CheckResult("WARNING", "bitrix24", say("reachable, but the service reports: %s", alert),
                            say("too many requests or an overloaded portal; it resumes by itself"))
     return CheckResult("OK", "bitrix24", say("reachable (%s)", client.describe()))
+
+
+def _bitrix24_seen_by_the_service(config, beat, now=None, fresh=3600.0):
+    """A CheckResult from the heartbeat, or None when the service has not talked to the
+    portal within fresh seconds (or does not run)."""
+    now = time.time() if now is None else now
+    if beat is None or beat.get("stopped_at") or not beat.get("bitrix24"):
+        return None
+    seen = beat["bitrix24"]
+    where = mask_webhook(config.get("bitrix24", "webhook_url")) or config.get("bitrix24", "portal_url")
+    outage = seen.get("outage") or {}
+    if outage.get("failing_since"):
+        return CheckResult("CRITICAL", "bitrix24", say("the service cannot reach the portal for %s (%d attempts): %s",
+                                                       Span(now - outage["failing_since"]), outage.get("failures") or 0,
+                                                       outage.get("last_error") or "?"),
+                           say("is the portal reachable from this host? (DNS, firewall, proxy)"))
+    if seen.get("alert"):
+        return CheckResult("WARNING", "bitrix24", say("reachable, but the service reports: %s", seen["alert"]),
+                           say("too many requests or an overloaded portal; it resumes by itself"))
+    answered = seen.get("last_answer_at")
+    if answered is None or now - answered > fresh:
+        return None
+    return CheckResult("OK", "bitrix24", say("reachable (%s): the service's last answer %s ago",
+                                             where, Span(max(0.0, now - answered))))
 
 
 def _read_only_store(config):
@@ -9481,12 +9564,14 @@ def check_listeners(config, beat):
                                                            for l in listening)))
 
 
-def run_checks(config, now=None, timeout=3.0):
-    """Every check, in the order an admin would look; [0] is the daemon."""
+def run_checks(config, now=None, timeout=3.0, probe=True):
+    """Every check, in the order an admin would look; [0] is the daemon. probe=False
+    (cron, every minute): what the running service saw lately stands for a probe of
+    the portal of its own."""
     state_dir = config.get("storage", "state_dir")
     daemon, beat, _dead = check_daemon(state_dir, now)
-    results = [daemon, check_ami(beat), check_bitrix24(config, beat, timeout), check_outbox(config, now, beat=beat),
-               check_cel(config, now)]
+    results = [daemon, check_ami(beat), check_bitrix24(config, beat, timeout, probe=probe, now=now),
+               check_outbox(config, now, beat=beat), check_cel(config, now)]
     storage = check_storage(beat, now)
     if storage is not None:
         results.append(storage)
@@ -9744,7 +9829,7 @@ def cmd_check(args):
         sys.stdout.write("BX24AST UNKNOWN - configuration: %s\n" % exc)
         return CHECK_EXIT["UNKNOWN"]
     logging.getLogger().setLevel(logging.ERROR)  # the lines below are the output
-    results = run_checks(config, timeout=args.timeout)
+    results = run_checks(config, timeout=args.timeout, probe=not args.cron)
     worst, summary = summarize(results)
     actions = []
     if args.cron:
@@ -9914,91 +9999,103 @@ def cmd_example_config(args):
     return EXIT_OK
 
 
-def build_arg_parser():
+def _arg(*names, **options):
+    return names, options
+
+
+# name, help, handler, its arguments: the parser is built for the one command asked
+# for (argparse spends ~10 ms building all of them, every minute from cron).
+COMMANDS = (
+    ("run", "connect to AMI and report calls (service mode)", "cmd_run",
+     [_arg("-f", "--foreground", action="store_true", help="log to stderr, not the log file")]),
+    ("replay", "print the calls in an AMI capture as JSON lines", "cmd_replay",
+     [_arg("capture", help="a capture directory (with ami.log) or an ami.log file"),
+      _arg("--include-internal", action="store_true", help="also print internal calls"),
+      _arg("--dry-run", action="store_true", help="after each call, print the Bitrix24 requests that would be sent")]),
+    ("outbox", "show or retry the requests waiting for Bitrix24", "cmd_outbox",
+     [_arg("action", choices=["list", "retry"]), _arg("--id", type=int, help="retry only this request")]),
+    ("oauth-code", "get the local application's first tokens from an authorization code", "cmd_oauth_code",
+     [_arg("code")]),
+    ("bind-events", "bind click-to-call events on the portal ([click_to_call] mode) and print the bindings",
+     "cmd_bind_events", [_arg("--unbind", action="store_true", help="remove the bindings instead")]),
+    ("record-ami", "record the raw AMI stream with its timing sidecar", "cmd_record_ami",
+     [_arg("-o", "--output", required=True, help="file to write (ami.log)"),
+      _arg("--seconds", type=float, default=0, help="stop after this many seconds")]),
+    ("detect", "find the CEL store (FreePBX, ODBC, sqlite) and check its health; list the trunks and phones "
+     "Asterisk has", "cmd_detect", [_arg("--root", default="/", help="look in this tree instead of / (for tests)")]),
+    ("recover", "report calls found in CEL since a time (missed while down)", "cmd_recover",
+     [_arg("--since", required=True,
+           help='"YYYY-MM-DD HH:MM[:SS]" local time, or ISO 8601 (2026-12-02T03:28:00+03:00)'),
+      _arg("--dry-run", action="store_true", help="only print the calls")]),
+    ("check", "health of the service, AMI, Bitrix24, outbox and CEL (Nagios plugin exit codes: 0 OK, "
+     "1 WARNING, 2 CRITICAL, 3 UNKNOWN)", "cmd_check",
+     [_arg("--cron", action="store_true",
+           help="print nothing when all is OK; restart the service when it died or hangs"),
+      _arg("--restart-command", default="",
+           help="how --cron restarts the service (default: systemctl restart bx24ast, or the init script)"),
+      _arg("--timeout", type=float, default=3.0, help="seconds for the Bitrix24 request")]),
+    ("set-password", "set the wizard login; the password is read from stdin and only its salted hash is stored",
+     "cmd_set_password", [_arg("--user", default="admin")]),
+    ("set", "set configuration keys: section.key=value ... (validated, written atomically)", "cmd_set",
+     [_arg("assignments", nargs="+")]),
+    ("check-config", "validate the configuration file", "cmd_check_config", []),
+    ("example-config", "print a configuration with every key and its default", "cmd_example_config", []),
+)
+_GLOBAL_WITH_VALUE = ("-c", "--config", "--log-level")
+
+
+def command_in(argv):
+    """The command named in argv (global options may come before it), else None."""
+    names = set(c[0] for c in COMMANDS)
+    skip = False
+    for token in argv:
+        if skip:
+            skip = False
+        elif token in _GLOBAL_WITH_VALUE:
+            skip = True
+        elif not token.startswith("-"):
+            return token if token in names else None
+    return None
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's, but it asks the terminal its width itself: argparse imports shutil
+    (and with it bz2, lzma) for that at every add_argument, help printed or not."""
+
+    def __init__(self, prog):
+        try:
+            width = os.get_terminal_size().columns
+        except OSError:
+            width = 80
+        argparse.HelpFormatter.__init__(self, prog, width=max(width - 2, 40))
+
+
+def build_arg_parser(only=None):
+    """The whole command line, or only the command `only` (what main() parses with)."""
     parser = argparse.ArgumentParser(
-        prog="bx24ast.py", description="Asterisk <-> Bitrix24 telephony bridge.")
+        prog="bx24ast.py", description="Asterisk <-> Bitrix24 telephony bridge.", formatter_class=_HelpFormatter)
     parser.add_argument("--version", action="version", version="bx24ast %s" % __version__)
     # The global options, before the command or after it (bx24ast.py run -c FILE):
     # SUPPRESS keeps a command's parser from resetting what was given before it.
-    common = argparse.ArgumentParser(add_help=False)
+    common = argparse.ArgumentParser(add_help=False, formatter_class=_HelpFormatter)
     for target, default in ((parser, None), (common, argparse.SUPPRESS)):
         target.add_argument("-c", "--config", default=default,
                             help="configuration file (default %s)" % DEFAULT_CONFIG_PATH)
         target.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=default)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-
-    def command(name, **kwargs):
-        return commands.add_parser(name, parents=[common], **kwargs)
-
-    p = command("run", help="connect to AMI and report calls (service mode)")
-    p.add_argument("-f", "--foreground", action="store_true", help="log to stderr, not the log file")
-    p.set_defaults(func=cmd_run)
-
-    p = command("replay", help="print the calls in an AMI capture as JSON lines")
-    p.add_argument("capture", help="a capture directory (with ami.log) or an ami.log file")
-    p.add_argument("--include-internal", action="store_true", help="also print internal calls")
-    p.add_argument("--dry-run", action="store_true",
-                   help="after each call, print the Bitrix24 requests that would be sent")
-    p.set_defaults(func=cmd_replay)
-
-    p = command("outbox", help="show or retry the requests waiting for Bitrix24")
-    p.add_argument("action", choices=["list", "retry"])
-    p.add_argument("--id", type=int, help="retry only this request")
-    p.set_defaults(func=cmd_outbox)
-
-    p = command("oauth-code", help="get the local application's first tokens from an authorization code")
-    p.add_argument("code")
-    p.set_defaults(func=cmd_oauth_code)
-
-    p = command("bind-events", help="bind click-to-call events on the portal ([click_to_call] mode) "
-                                           "and print the bindings")
-    p.add_argument("--unbind", action="store_true", help="remove the bindings instead")
-    p.set_defaults(func=cmd_bind_events)
-
-    p = command("record-ami", help="record the raw AMI stream with its timing sidecar")
-    p.add_argument("-o", "--output", required=True, help="file to write (ami.log)")
-    p.add_argument("--seconds", type=float, default=0, help="stop after this many seconds")
-    p.set_defaults(func=cmd_record_ami)
-
-    p = command("detect", help="find the CEL store (FreePBX, ODBC, sqlite) and check its health; "
-                                      "list the trunks and phones Asterisk has")
-    p.add_argument("--root", default="/", help="look in this tree instead of / (for tests)")
-    p.set_defaults(func=cmd_detect)
-
-    p = command("recover", help="report calls found in CEL since a time (missed while down)")
-    p.add_argument("--since", required=True,
-                   help='"YYYY-MM-DD HH:MM[:SS]" local time, or ISO 8601 (2026-12-02T03:28:00+03:00)')
-    p.add_argument("--dry-run", action="store_true", help="only print the calls")
-    p.set_defaults(func=cmd_recover)
-
-    p = command("check", help="health of the service, AMI, Bitrix24, outbox and CEL (Nagios plugin exit "
-                                     "codes: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN)")
-    p.add_argument("--cron", action="store_true",
-                   help="print nothing when all is OK; restart the service when it died or hangs")
-    p.add_argument("--restart-command", default="",
-                   help="how --cron restarts the service (default: systemctl restart bx24ast, or the init script)")
-    p.add_argument("--timeout", type=float, default=3.0, help="seconds for the Bitrix24 request")
-    p.set_defaults(func=cmd_check)
-
-    p = command("set-password", help="set the wizard login; the password is read from stdin and only its "
-                                            "salted hash is stored")
-    p.add_argument("--user", default="admin")
-    p.set_defaults(func=cmd_set_password)
-
-    p = command("set", help="set configuration keys: section.key=value ... (validated, written atomically)")
-    p.add_argument("assignments", nargs="+")
-    p.set_defaults(func=cmd_set)
-
-    p = command("check-config", help="validate the configuration file")
-    p.set_defaults(func=cmd_check_config)
-
-    p = command("example-config", help="print a configuration with every key and its default")
-    p.set_defaults(func=cmd_example_config)
+    for name, text, handler, arguments in COMMANDS:
+        if only is not None and name != only:
+            continue
+        p = commands.add_parser(name, parents=[common], help=text, formatter_class=_HelpFormatter)
+        for names, options in arguments:
+            p.add_argument(*names, **options)
+        p.set_defaults(func=globals()[handler])
     return parser
 
 
 def main(argv=None):
-    parser = build_arg_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_arg_parser(command_in(argv))
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)

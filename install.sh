@@ -55,6 +55,8 @@ while [ $# -gt 0 ]; do
 done
 
 OPT_DIR="$ROOT/opt/bx24ast"
+LAUNCHER="$OPT_DIR/bx24ast"
+ON_PATH="$ROOT/usr/local/bin/bx24ast"
 ETC_DIR="$ROOT/etc/bx24ast"
 CONF="$ETC_DIR/bx24ast.conf"
 STATE_DIR="$ROOT/var/lib/bx24ast"
@@ -173,6 +175,28 @@ fetch_program() {
     "$PYTHON" "$OPT_DIR/bx24ast.py.new" --version >/dev/null 2>&1 \
         || fail "the new bx24ast.py does not run under $PYTHON" "download it again"
     mv -f "$OPT_DIR/bx24ast.py.new" "$OPT_DIR/bx24ast.py"
+    write_launcher
+}
+
+write_launcher() {
+    # Python never caches the bytecode of a script it runs directly: compiled here once
+    # for this interpreter, the ~10,000 lines are not compiled again at every cron run.
+    "$PYTHON" -c 'import py_compile, sys; py_compile.compile(sys.argv[1], doraise=True)' "$OPT_DIR/bx24ast.py" \
+        || fail "cannot compile $OPT_DIR/bx24ast.py with $PYTHON" "download it again"
+    # -I -S: no environment, no site-packages (bx24ast needs the standard library only)
+    cat > "$LAUNCHER.new" <<EOF
+#!$PYTHON -IS
+# bx24ast, installed by install.sh: runs the precompiled $OPT_DIR/bx24ast.py
+import sys
+sys.path.insert(0, "$OPT_DIR")
+from bx24ast import main
+sys.exit(main())
+EOF
+    chmod 0755 "$LAUNCHER.new" && mv -f "$LAUNCHER.new" "$LAUNCHER" || fail "cannot write $LAUNCHER" "check $OPT_DIR"
+    "$LAUNCHER" --version >/dev/null 2>&1 || fail "$LAUNCHER does not run" "run $PYTHON $OPT_DIR/bx24ast.py --version"
+    mkdir -p "$(dirname "$ON_PATH")" && ln -sfn "$LAUNCHER" "$ON_PATH" \
+        || fail "cannot link $ON_PATH" "run $LAUNCHER directly"
+    say "command: $ON_PATH (precompiled for $PYTHON)"
 }
 
 bx() {
@@ -263,7 +287,7 @@ Wants=network-online.target
 
 [Service]
 Type=simple
-ExecStart=$PYTHON $OPT_DIR/bx24ast.py -c $CONF run
+ExecStart=$LAUNCHER -c $CONF run
 ExecReload=/bin/kill -HUP \$MAINPID
 Restart=always
 RestartSec=5
@@ -292,7 +316,7 @@ EOF
 # Short-Description: Asterisk to Bitrix24 telephony bridge
 ### END INIT INFO
 PIDFILE=$STATE_DIR/bx24ast.pid
-RUN="$PYTHON $OPT_DIR/bx24ast.py -c $CONF run"
+RUN="$LAUNCHER -c $CONF run"
 running() { [ -s "\$PIDFILE" ] && kill -0 "\$(cat "\$PIDFILE")" 2>/dev/null; }
 case "\$1" in
   start)   running && { echo "bx24ast is running"; exit 0; }
@@ -310,8 +334,8 @@ EOF
         say "service: $INITSCRIPT (SysV init script)"
     fi
     mkdir -p "$(dirname "$CRON")"
-    printf '# bx24ast: health check every minute; silent when all is well, restarts a dead service\n* * * * * root %s %s -c %s check --cron\n' \
-        "$PYTHON" "$OPT_DIR/bx24ast.py" "$CONF" > "$CRON"
+    printf '# bx24ast: health check every minute; silent when all is well, restarts a dead service\n* * * * * root %s -c %s check --cron\n' \
+        "$LAUNCHER" "$CONF" > "$CRON"
     chmod 0644 "$CRON"
     say "cron: $CRON (check --cron every minute)"
     mkdir -p "$(dirname "$LOGROTATE")"
@@ -336,11 +360,11 @@ start_service() {
     fi
     if [ "$INIT" = systemd ]; then
         systemctl daemon-reload && systemctl enable bx24ast >/dev/null 2>&1 && systemctl restart bx24ast \
-            || fail "the service did not start" "journalctl -u bx24ast -n 50; bx24ast.py run -f shows why"
+            || fail "the service did not start" "journalctl -u bx24ast -n 50; bx24ast run -f shows why"
     else
         if command -v chkconfig >/dev/null 2>&1; then chkconfig --add bx24ast; \
         elif command -v update-rc.d >/dev/null 2>&1; then update-rc.d bx24ast defaults >/dev/null; fi
-        "$INITSCRIPT" restart || fail "the service did not start" "/opt/bx24ast/bx24ast.py run -f shows why"
+        "$INITSCRIPT" restart || fail "the service did not start" "bx24ast run -f shows why"
     fi
     say "service started"
 }
@@ -374,8 +398,8 @@ uninstall() {
         fi
     fi
     local path
-    for path in "$UNIT" "$INITSCRIPT" "$CRON" "$LOGROTATE" "$OPT_DIR" "$LOG_DIR"; do
-        if [ -e "$path" ]; then rm -rf "$path" && say "removed $path"; fi
+    for path in "$UNIT" "$INITSCRIPT" "$CRON" "$LOGROTATE" "$ON_PATH" "$OPT_DIR" "$LOG_DIR"; do
+        if [ -e "$path" ] || [ -L "$path" ]; then rm -rf "$path" && say "removed $path"; fi
     done
     [ -z "$ROOT" ] && [ -d /run/systemd/system ] && systemctl daemon-reload >/dev/null 2>&1
     if [ "$PURGE" -eq 1 ]; then
@@ -401,5 +425,5 @@ ask_login
 make_certificate
 write_service
 start_service
-say "done: bx24ast $("$PYTHON" "$OPT_DIR/bx24ast.py" --version 2>&1 | awk '{print $2}') installed"
+say "done: bx24ast $("$LAUNCHER" --version 2>&1 | awk '{print $2}') installed"
 print_url

@@ -69,22 +69,52 @@ def machine_speed():
     return time.perf_counter() - t0
 
 
-def run_recovery(source, label, rows_total, repeat):
+def sqlite_floor(path):
+    """Only reading the rows: the same SELECT, nothing done with them."""
+    def floor():
+        db = sqlite3.connect(path)
+        for _row in db.execute("SELECT AcctId, %s FROM cel ORDER BY AcctId" % COLS):
+            pass
+        db.close()
+    return floor
+
+
+def mysql_floor(server):
+    """Only reading the rows: the mysql client's batch output, split into lines and fields."""
+    def floor():
+        proc = subprocess.Popen([server.client, "--no-defaults", "--batch", "--raw", "--skip-column-names",
+                                 "--user=root", "--socket=" + server.socket, "--database=asteriskcdrdb",
+                                 "--execute=SELECT id, %s FROM cel ORDER BY id" % COLS], stdout=subprocess.PIPE)
+        for line in proc.stdout:
+            line.rstrip(b"\n").split(b"\t")
+        proc.wait()
+    return floor
+
+
+def run_recovery(source, label, rows_total, repeat, floor):
     rss_before = peak_mb()
-    times = []
+    times, ratios = [], []
     for _ in range(repeat):
         store = bx24ast.StateStore(":memory:")
         recovery = bx24ast.CelRecovery(source, store, bx24ast.PbxRules.defaults())
         calibration = machine_speed()
         t0 = time.perf_counter()
+        floor()
+        floor_dt = time.perf_counter() - t0
+        t0 = time.perf_counter()
         found = recovery.run_once(dry_run=False, report=lambda call: None)
-        times.append((time.perf_counter() - t0, calibration))
+        dt = time.perf_counter() - t0
+        times.append((dt, calibration, floor_dt))
+        ratios.append(dt / floor_dt)
     times.sort()
+    ratios.sort()
     best, median = times[0], times[len(times) // 2]
     print("%-7s: %d rows, %d calls rebuilt; best %.1f s = %.0f rows/s, median %.0f rows/s over %d runs; "
           "peak RSS %.0f MB (was %.0f MB before)"
           % (label, rows_total, found, best[0], rows_total / best[0], rows_total / median[0], repeat,
              peak_mb(), rss_before))
+    print("         floor (only reading the rows): %.0f rows/s in the best run; recovery / floor best %.1fx, "
+          "median %.1fx (target <= 2x)" % (rows_total / best[2], ratios[0], ratios[len(ratios) // 2]))
     print("         machine: a 3M-step Python loop took %.2f s before the best run (smaller = faster machine)"
           % best[1])
 
@@ -104,7 +134,7 @@ def main():
     db.commit()
     total = db.execute("SELECT COUNT(*) FROM cel").fetchone()[0]
     db.close()
-    run_recovery(bx24ast.SqliteCel(path), "sqlite", total, args.repeat)
+    run_recovery(bx24ast.SqliteCel(path), "sqlite", total, args.repeat, sqlite_floor(path))
     if args.skip_mysql:
         return
     from mariadb import MariaDB, binaries, FREEPBX_CEL_SCHEMA
@@ -125,7 +155,7 @@ def main():
                                "--socket=" + server.socket, "--database=asteriskcdrdb", "--execute=LOAD DATA LOCAL "
                                "INFILE '%s' INTO TABLE cel (%s)" % (tsv, COLS)])
         source = bx24ast.MysqlCel("asteriskcdrdb", "cel", user="root", socket_path=server.socket)
-        run_recovery(source, "mysql", total, args.repeat)
+        run_recovery(source, "mysql", total, args.repeat, mysql_floor(server))
     finally:
         server.stop()
 

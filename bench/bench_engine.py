@@ -6,9 +6,12 @@ interleaved calls, linkedids/uniqueids remapped so every copy is a new call,
 with everything a live PBX sends: RTCP, Newexten, unrelated VarSet, device
 state...) and prints, in one run:
 
-  framing   bytes -> AMI messages, every message parsed (the ceiling)
-  engine    socket -> messages -> calls, the way `bx24ast.py run` does it,
-            through a real loopback socket read by AmiConnection's code path
+  framing   bytes -> AMI messages, every message parsed
+  ceiling   the pure-Python ceiling: unneeded events dropped on raw bytes, a dict
+            of every header for the rest, no tracking
+  engine    messages -> calls from memory, and socket -> messages -> calls the way
+            `bx24ast.py run` does it, through a real loopback socket read by
+            AmiConnection's code path; each as a ratio to the ceiling of the same round
   memory    peak RSS, and RSS growth after 100,000 calls
 
 Usage: python3 bench/bench_engine.py [--calls 100000]
@@ -76,7 +79,14 @@ def remap(msgs, n):
 
 
 def count_calls(block):
-    return len(set(re.findall(rb"\r\nLinkedid: ([^\r]+)", b"\r\n" + b"\r\n\r\n".join(block))))
+    """The calls the engine ends for one copy of a capture, on its own (a pickup or a
+    parked call joins two Linkedids into one call: counting Linkedids says 2)."""
+    ended = []
+    tracker = bx24ast.CallTracker(bx24ast.PbxRules.defaults(), lambda kind, call, ext: ended.append(kind))
+    parser = bx24ast.AmiParser(1 << 20)
+    parser.reset(expect_banner=False)
+    bx24ast.AmiStream(tracker.handle, parser).feed(b"\r\n\r\n".join(block) + b"\r\n\r\n", 1000.0)
+    return ended.count("ended")
 
 
 def build_stream(target_calls):
@@ -114,6 +124,56 @@ def bench_framing(data, events, parse_all=False):
         count += len(parser.feed(data[i:i + 65536]))
     dt = time.perf_counter() - t0
     return count + parser.filtered, dt
+
+
+def ceiling(data, wanted, variables):
+    """The pure-Python ceiling of the engine: cut the stream, drop the events it ignores
+    on their raw bytes (the Event: line, a VarSet's Variable:), decode the rest into a
+    dict of every header; no call tracking at all. Returns the messages kept."""
+    kept = 0
+    tail = b""
+    for i in range(0, len(data), 65536):
+        parts = (tail + data[i:i + 65536]).split(b"\r\n\r\n")
+        tail = parts.pop()
+        for raw in parts:
+            if raw[:7] != b"Event: ":
+                continue
+            eol = raw.find(b"\r\n")
+            name = raw[7:eol]
+            if name not in wanted:
+                continue
+            if name == b"VarSet":
+                at = raw.find(b"\r\nVariable: ")
+                end = raw.find(b"\r\n", at + 12)
+                if raw[at + 12:end if end > 0 else len(raw)] not in variables:
+                    continue
+            dict(line.split(": ", 1) for line in raw.decode("utf-8", "replace").split("\r\n"))
+            kept += 1
+    return kept
+
+
+def bench_ceiling(data):
+    tracker = bx24ast.CallTracker(bx24ast.PbxRules.defaults())
+    t0 = time.perf_counter()
+    ceiling(data, bx24ast.CallTracker.WANTED_EVENTS, tracker.wanted_variables())
+    return time.perf_counter() - t0
+
+
+def bench_in_memory(data):
+    """The engine fed from memory (no socket): parse and track."""
+    ended = [0]
+
+    def on_call_event(kind, call, ext):
+        if kind == "ended":
+            ended[0] += 1
+
+    tracker = bx24ast.CallTracker(bx24ast.PbxRules.defaults(), on_call_event)
+    parser = bx24ast.AmiParser(1 << 20, bx24ast.CallTracker.WANTED_EVENTS, tracker.wanted_variables())
+    stream = bx24ast.AmiStream(tracker.handle, parser)
+    t0 = time.perf_counter()
+    for i in range(0, len(data), 65536):
+        stream.feed(data[i:i + 65536], time.time())
+    return ended[0], time.perf_counter() - t0
 
 
 def bench_engine(data, events):
@@ -175,12 +235,27 @@ def main():
     report("framing only ", rates, " (cut into messages, Event: line read)")
     count, dt = bench_framing(data, events, parse_all=True)
     print("parse all    : %9.0f events/s (every header of every message decoded, once)" % (count / dt))
-    rates = []
+    # The engine next to its ceiling, interleaved round by round: the ratios come from
+    # the same rounds, so a busy neighbour slows both alike.
+    rates, memory, ceil, ratios_mem, ratios_sock = [], [], [], [], []
     for _ in range(args.repeat):
+        ceiling_dt = bench_ceiling(data)
+        ended, memory_dt = bench_in_memory(data)
+        assert ended == calls, "the engine lost calls"
         ended, left, dt = bench_engine(data, events)
         assert ended == calls and left == 0, "the engine lost calls"
+        ceil.append(events / ceiling_dt)
+        memory.append(events / memory_dt)
         rates.append(events / dt)
-    report("full engine  ", rates, " (%d calls each, none lost)" % calls)
+        ratios_mem.append(ceiling_dt / memory_dt)
+        ratios_sock.append(ceiling_dt / dt)
+    report("ceiling      ", ceil, " (kept events decoded into dicts, nothing tracked)")
+    report("engine, memory", memory, " (parse and track, %d calls each)" % calls)
+    report("full engine  ", rates, " (from a socket, %d calls each, none lost)" % calls)
+    ratios_mem.sort()
+    ratios_sock.sort()
+    print("engine / ceiling: in memory best %.2f, median %.2f; from a socket best %.2f, median %.2f (target >= 0.9)"
+          % (ratios_mem[-1], ratios_mem[len(ratios_mem) // 2], ratios_sock[-1], ratios_sock[len(ratios_sock) // 2]))
 
     # Memory: push args.calls calls through one engine in slices; RSS must stay flat.
     rules = bx24ast.PbxRules.defaults()

@@ -84,6 +84,42 @@ def test_all_ok_prints_a_summary_and_one_line_per_check(tmp_path):
             assert code == 0 and out == ""
 
 
+def test_cron_takes_the_services_view_of_the_portal_instead_of_a_request_of_its_own(tmp_path):
+    with Bitrix24Emulator() as emu, FakeAmiServer() as ami:
+        config = write_config(tmp_path, emu, ami, fresh_cel(tmp_path))
+        with Running(config) as running:
+            state = running.daemon.config.get("storage", "state_dir")
+            assert wait_for(lambda: running.daemon.bridge.client.last_answer_at, 10)
+            bx24ast.Heartbeat(state).write(running.daemon.status())
+            probes = len(emu.calls_by_method("profile"))
+            code, out = check(config, "--cron", "--restart-command", "false")
+            assert (code, out) == (0, "")
+            assert len(emu.calls_by_method("profile")) == probes, "cron asked the portal itself"
+            code, out = check(config)
+            assert code == 0 and len(emu.calls_by_method("profile")) == probes + 1, "an admin's check probes the portal"
+
+
+def test_cron_reports_an_outage_the_service_is_in(tmp_path):
+    config = bx24ast.Config.load(write_config(tmp_path, webhook="http://127.0.0.1:1/rest/1/abc/"))
+    now = time.time()
+    beat = {"pid": os.getpid(), "time": now, "bitrix24": {
+        "outage": {"failing_since": now - 300, "failures": 12, "last_error": "HTTP 503"}, "last_answer_at": now - 310}}
+    result = bx24ast.check_bitrix24(config, beat, probe=False, now=now)
+    assert result.level == "CRITICAL"
+    assert str(result.message) == "the service cannot reach the portal for 5 minutes (12 attempts): HTTP 503"
+    beat["bitrix24"] = {"alert": "QUERY_LIMIT_EXCEEDED for 2 minutes", "last_answer_at": now - 5}
+    assert bx24ast.check_bitrix24(config, beat, probe=False, now=now).level == "WARNING"
+    beat["bitrix24"] = {"last_answer_at": now - 42}
+    result = bx24ast.check_bitrix24(config, beat, probe=False, now=now)
+    assert (result.level, str(result.message)) == \
+        ("OK", "reachable (http://127.0.0.1:1/rest/1/***/): the service's last answer 42 seconds ago")
+    # nothing heard for over an hour (or no service): cron asks the portal itself
+    beat["bitrix24"] = {"last_answer_at": now - 4000}
+    result = bx24ast.check_bitrix24(config, beat, probe=False, now=now, timeout=1)
+    assert result.level == "CRITICAL" and "cannot reach the portal" in str(result.message)
+    assert bx24ast.check_bitrix24(config, None, probe=False, now=now, timeout=1).level == "CRITICAL"
+
+
 def test_warnings_parked_requests_and_an_old_cel(tmp_path):
     with Bitrix24Emulator() as emu, FakeAmiServer() as ami:
         config = write_config(tmp_path, emu, ami, fresh_cel(tmp_path, age=3 * 3600))

@@ -57,20 +57,50 @@ def test_install_creates_every_piece_with_the_right_modes(tmp_path):
     assert mode(tree / "etc" / "bx24ast" / "tls" / "key.pem") == 0o600
     unit = (tree / "etc" / "systemd" / "system" / "bx24ast.service").read_text()
     assert "Restart=always" in unit and "After=network-online.target asterisk.service" in unit
-    start = re.search(r"^ExecStart=(\S+) (\S+) -c (\S+) run$", unit, re.M)
-    assert start and start.group(2) == str(tree / "opt" / "bx24ast" / "bx24ast.py") and start.group(3) == str(conf)
-    # the interpreter itself, never a shim that needs the login shell's PATH
-    python = start.group(1)
+    start = re.search(r"^ExecStart=(\S+) -c (\S+) run$", unit, re.M)
+    launcher = tree / "opt" / "bx24ast" / "bx24ast"
+    assert start and start.group(1) == str(launcher) and start.group(2) == str(conf)
+    # the launcher runs the interpreter itself, never a shim that needs the login shell's PATH
+    shebang = launcher.read_text().splitlines()[0]
+    assert shebang.endswith(" -IS") and mode(launcher) == 0o755
+    python = shebang[2:-len(" -IS")]
     assert os.path.isabs(python) and "shims" not in python and os.path.realpath(python) == python
     with open(python, "rb") as f:
         assert f.read(4) == b"\x7fELF", "%s is a script, not the interpreter" % python
     assert "LimitNOFILE=4096" in unit
     assert "ExecReload=/bin/kill -HUP $MAINPID" in unit
     cron = (tree / "etc" / "cron.d" / "bx24ast").read_text()
-    assert re.search(r"^\* \* \* \* \* root %s %s -c %s check --cron$" % (
-        re.escape(python), re.escape(start.group(2)), re.escape(str(conf))), cron, re.M)
+    assert re.search(r"^\* \* \* \* \* root %s -c %s check --cron$" % (
+        re.escape(str(launcher)), re.escape(str(conf))), cron, re.M)
     assert "copytruncate" in (tree / "etc" / "logrotate.d" / "bx24ast").read_text()
     assert "service not started (--root" in out
+
+
+def test_the_command_on_path_runs_the_module_precompiled_for_the_interpreter(tmp_path):
+    tree = tmp_path / "tree"
+    code, out, err = install(tree, "--non-interactive", "--password", PASSWORD)
+    assert code == 0, err
+    opt = tree / "opt" / "bx24ast"
+    on_path = tree / "usr" / "local" / "bin" / "bx24ast"
+    assert os.path.realpath(str(on_path)) == str(opt / "bx24ast")
+    assert "command: %s (precompiled for " % on_path in out
+    python = (opt / "bx24ast").read_text().splitlines()[0][2:].split()[0]
+    tag = subprocess.check_output([python, "-c", "import sys; print(sys.implementation.cache_tag)"],
+                                  universal_newlines=True).strip()
+    compiled = opt / "__pycache__" / ("bx24ast.%s.pyc" % tag)
+    assert compiled.is_file()
+    before = os.stat(str(compiled)).st_mtime_ns
+    conf = str(tree / "etc" / "bx24ast" / "bx24ast.conf")
+    proc = subprocess.run([str(on_path), "-c", conf, "check-config"], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, universal_newlines=True, timeout=60)
+    assert proc.returncode in (0, 1, 2) and "Traceback" not in proc.stdout, proc.stdout
+    assert subprocess.check_output([str(on_path), "--version"], universal_newlines=True).strip() == \
+        "bx24ast %s" % bx24ast.__version__
+    assert os.stat(str(compiled)).st_mtime_ns == before, "the launcher compiled the module again"
+    # the environment of a login shell does not reach it (-I): no PYTHONPATH module shadows the stdlib
+    (tmp_path / "json.py").write_text("raise SystemExit('shadowed')\n")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    assert subprocess.run([str(on_path), "--version"], env=env, stdout=subprocess.PIPE).returncode == 0
 
 
 def test_rerun_upgrades_in_place_and_keeps_the_configuration(tmp_path):
@@ -109,8 +139,8 @@ def test_uninstall_keeps_config_and_state_unless_purge(tmp_path):
     code, out, _ = install(tree, "--uninstall")
     assert code == 0
     for gone in ("opt/bx24ast", "etc/cron.d/bx24ast", "etc/logrotate.d/bx24ast", "var/log/bx24ast",
-                 "etc/systemd/system/bx24ast.service"):
-        assert not (tree / gone).exists(), gone
+                 "etc/systemd/system/bx24ast.service", "usr/local/bin/bx24ast"):
+        assert not os.path.lexists(str(tree / gone)), gone
     assert (tree / "etc" / "bx24ast" / "bx24ast.conf").exists() and (tree / "var" / "lib" / "bx24ast").exists()
     assert "--purge removes them" in out
     assert install(tree, "--uninstall", "--purge")[0] == 0

@@ -102,3 +102,22 @@ def test_a_database_of_an_older_version_is_rewritten_once_for_incremental_vacuum
     again = bx24ast.StateStore(path)
     assert again.query("PRAGMA auto_vacuum")[0][0] == 2
     again.close()
+
+
+def test_housekeeping_runs_hourly_and_as_often_as_done_requests_fill_what_is_kept(tmp_path, monkeypatch):
+    store = bx24ast.StateStore(str(tmp_path / "s.db"))
+    outbox, records, sender = _sender(store)
+    monkeypatch.setattr(sender, "KEEP_DONE_COUNT", 5)
+    now = time.time()
+    assert sender.housekeeping_due(now)
+    sender.housekeeping(now)
+    for n in range(4):
+        outbox.add("%d.1" % n, "show", "m", {"USER_ID": [1]}, 0)
+    for req in outbox.ready(now):
+        outbox.done(req)
+    assert not sender.housekeeping_due(now + 60)
+    outbox.add("9.1", "register", "m", {}, 0)
+    assert outbox.close_call("9.1", "internal") == 1
+    assert sender.housekeeping_due(now + 60), "five requests done: as many as are kept"
+    sender.housekeeping(now + 60)
+    assert not sender.housekeeping_due(now + 120) and sender.housekeeping_due(now + 3700)

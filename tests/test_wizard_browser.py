@@ -8,7 +8,6 @@ import re
 import shutil
 import sys
 import tempfile
-import threading
 
 import pytest
 
@@ -22,6 +21,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 try:
     from selenium import webdriver
+    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.ui import Select, WebDriverWait
@@ -83,7 +83,16 @@ class Admin(object):
         would otherwise satisfy the wait while the new one is still on its way."""
         old = self.driver.find_element(By.TAG_NAME, "html")
         button.click()
-        WebDriverWait(self.driver, 20).until(expected_conditions.staleness_of(old))
+
+        def old_page_gone(_driver):
+            # chromium answers "stale element" or, mid-navigation, "node does not belong
+            # to the document": either says the old page is gone
+            try:
+                old.is_enabled()
+            except WebDriverException:
+                return True
+            return False
+        WebDriverWait(self.driver, 20).until(old_page_gone)
         return self.wait_page()
 
     def wait_page(self):
