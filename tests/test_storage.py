@@ -121,3 +121,20 @@ def test_housekeeping_runs_hourly_and_as_often_as_done_requests_fill_what_is_kep
     assert sender.housekeeping_due(now + 60), "five requests done: as many as are kept"
     sender.housekeeping(now + 60)
     assert not sender.housekeeping_due(now + 120) and sender.housekeeping_due(now + 3700)
+
+
+def test_a_request_that_waited_long_gets_a_share_of_a_batch_full_of_cards(tmp_path):
+    store = bx24ast.StateStore(str(tmp_path / "s.db"))
+    outbox = bx24ast.Outbox(store)
+    now = time.time()
+    task = outbox.add("1.1", "task", "tasks.task.add", {"fields": {}}, bx24ast.PRIORITY_LATER, not_before=now - 60)
+    fresh = outbox.add("2.1", "task", "tasks.task.add", {"fields": {}}, bx24ast.PRIORITY_LATER, not_before=now)
+    for n in range(60):
+        outbox.add("%d.9" % (100 + n), "register", "telephony.externalcall.register", {}, bx24ast.PRIORITY_CARD)
+    ready = outbox.ready(now + 1, 50)
+    ids = [r.id for r in ready]
+    assert len(ready) == 50 and task in ids, "a task due for a minute rides along"
+    assert fresh not in ids, "a task due now waits behind the cards"
+    assert [r.kind for r in ready[:49]] == ["register"] * 49
+    # with room for everything, the order is plain urgency
+    assert [r.id for r in outbox.ready(now + 1, 100)][-2:] == [task, fresh]
