@@ -8,7 +8,8 @@ Newexten included) over and over, each copy with its own Uniqueids, channels, br
 and caller number (from a pool of 2,000, so that callers come back), many calls at
 once on the captures' timing sped up (--speed); and the Bitrix24 emulator of tests/ with room for
 the load. A new call starts only while fewer than --window calls are unfinished in
-the portal, so the stream runs as fast as the daemon reports.
+the portal and fewer than 3 x --window requests wait in its outbox, so the stream runs
+as fast as the daemon reports (missed-call tasks included).
 
 Printed at the start and at every 10,000 calls finished in the portal: the daemon's
 RSS (and its peak), threads, open file descriptors, the state database on disk
@@ -103,6 +104,7 @@ class SoakAmi(object):
     def __init__(self, templates, rate, window, calls, finished):
         self.templates, self.rate, self.window, self.calls = templates, rate, window, calls
         self.finished = finished           # () -> calls finished in the portal
+        self.backlog = 0                   # requests waiting in the daemon's outbox (set by main)
         self.started = 0
         self.sock = socket.socket()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -190,7 +192,7 @@ class SoakAmi(object):
         next_start = time.time()
         while not self.stop.is_set() and (self.started < self.calls or due):
             now = time.time()
-            while (self.started < self.calls and next_start <= now
+            while (self.started < self.calls and next_start <= now and self.backlog < 3 * self.window
                    and self.started - self.finished() < self.window):
                 heapq.heappush(due, (now, self.started, 0))
                 self.started += 1
@@ -310,6 +312,7 @@ def main():
             ami.go.set()
             mark, t_mark = args.every, time.time()
             while portal.finished() < args.calls and proc.poll() is None:
+                ami.backlog = database(state)[2].get("pending", 0)
                 if portal.done >= mark:
                     sample("%d calls" % mark, t_mark)
                     mark, t_mark = mark + args.every, time.time()
