@@ -14,6 +14,7 @@ Sections, in the order data flows:
     Calls            phone numbers, channel names, CallTracker (events -> calls)
     PBX discovery    PbxDiscovery: trunks and phones as Asterisk lists them
     Bitrix24         BitrixClient: webhook/OAuth, LeakyBucket, batch, error classes
+    Hooks            Hooks: the admin's hooks.py, called at fixed points with plain dicts
     CRM flows        UserDirectory, CrmFlows (calls -> requests), OutboxSender
     CEL              SqliteCel, MysqlCel, cel_events (CEL rows -> AMI events),
                      CelRecovery, detect_cel, cel_health
@@ -227,6 +228,25 @@ def parse_iso_time(text):
     return ts
 
 
+class BoundedCache(object):
+    """A dict that forgets its oldest entries past size."""
+
+    def __init__(self, size):
+        self.size = size
+        self._items = collections.OrderedDict()
+
+    def get(self, key, default=None):
+        return self._items.get(key, default)
+
+    def __setitem__(self, key, value):
+        self._items[key] = value
+        if len(self._items) > self.size:
+            self._items.popitem(last=False)
+
+    def __len__(self):
+        return len(self._items)
+
+
 class Worker(object):
     """A loop in a thread of its own that stop() ends (CEL watcher, offline-event poller,
     PBX discovery); kick() wakes it early from a wait on self._wake."""
@@ -435,6 +455,20 @@ def _as_dir(text):
     return text
 
 
+def _as_hours(text):
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        return WorkingHours.parse(text)
+    except ValueError as exc:
+        raise ValueError(say("working hours like mon-fri 09:00-18:00; sat 10:00-15:00 (%s)", str(exc)))
+
+
+def _as_user_id(text):
+    return _as_int(0, 2 ** 31)(text)
+
+
 # (section, key, default, converter, documentation). bx24ast.conf.example is
 # written from the same facts; tests check that the two agree.
 CONFIG_SCHEMA = [
@@ -492,6 +526,8 @@ CONFIG_SCHEMA = [
     ("pbx", "international_prefix", "810|00", _as_pattern_text, "Regex: prefix dialled before a country code (810 and 00 in Russia)."),
     ("pbx", "ignore_numbers", "", _as_regex, "Regex: external numbers never reported (voicemail, feature codes, test lines)."),
     ("pbx", "discovery_minutes", "5", _as_float(0, 24 * 60), "How often Asterisk is asked which endpoints are trunks and phones (PJSIPShowEndpoints, SIPpeers, IAXpeerlist); 0 turns it off."),
+    ("pbx", "mobile_dial_out", "outbound", _as_choice("outbound", "internal"), "A call from an employee's mobile ([users]) that the PBX puts "
+                                                                                 "through to an outside number: outbound (that employee's call to the client) or internal (not reported)."),
     ("pbx", "call_max_hours", "12", _as_float(0.1, 24 * 30), "A call with no AMI event for this long is closed (its Hangup was lost)."),
     ("cel", "backend", "auto", _as_choice("auto", "sqlite", "mysql", "off"), "Where CEL is: auto (found as bx24ast.py detect does), sqlite, mysql, or off (no recovery)."),
     ("cel", "sqlite_path", "/var/log/asterisk/master.db", _as_dir, "cel_sqlite3_custom database."),
@@ -513,6 +549,10 @@ CONFIG_SCHEMA = [
     ("routing", "check_extension_state", "yes", _as_bool, "Ask Asterisk (ExtensionState) and skip a responsible whose phone is unavailable."),
     ("routing", "hint_context", "from-internal", _as_identifier_dash, "Context where the extensions' hints are found (ExtensionState)."),
     ("routing", "set_callerid_name", "no", _as_bool, "Also put the client's CRM name into CALLERID(name)."),
+    ("routing", "sticky_days", "0", _as_float(0, 3650), "When the CRM names no owner of the caller, route to the employee who last talked with "
+                                                        "the number within this many days (0: off)."),
+    ("routing", "hours", "", _as_hours, "Working hours (like mon-fri 09:00-18:00; sat 10:00-15:00) for lines without their own "
+                                        "([line:DID] hours): outside them routing answers CLOSED; empty: always open."),
     ("click_to_call", "mode", "off", _as_choice("off", "port", "offline"), "port: Bitrix24 POSTs OnExternalCallStart to [click_to_call] listen; offline: poll the portal's offline events (no inbound port, local application with an admin's token)."),
     ("click_to_call", "listen", "0.0.0.0:8077", _as_listen, "Where port mode listens for Bitrix24's event POSTs."),
     ("click_to_call", "tls_cert", "", _as_str, "Certificate (PEM) for HTTPS in port mode; empty serves plain HTTP (put a TLS proxy in front)."),
@@ -535,6 +575,12 @@ CONFIG_SCHEMA = [
     ("wizard", "language", "en", _as_choice("en", "ru"), "Language of the wizard (en, ru)."),
     ("wizard", "status_token", "", _as_str, "A token for GET /status (Authorization: Bearer <token>) from monitoring; empty: only the wizard login."),
     ("wizard", "pbx_root", "/", _as_str, "Where the PBX's files are for the wizard (/etc/asterisk, the CEL database, the AMI user it creates): / on a PBX; install.sh --root sets its tree."),
+    ("hooks", "file", "", _as_str, "Your Python file of hook functions (standard library only), loaded at start and on SIGHUP: "
+                                   "need_registration, process_client_phone, ... (hooks.example.py and the README); empty: none."),
+    ("hooks", "timeout_ms", "500", _as_int(10, 60000), "The longest a hook may run; a slower one is logged and the call goes on as if it were absent."),
+    ("metrics", "listen", "", _as_listen, "GET /metrics (Prometheus text) on its own port, loopback clients only, like 127.0.0.1:9178; "
+                                          "empty: only on the wizard's listener, with the token."),
+    ("metrics", "token", "", _as_str, "A token for GET /metrics on the wizard's listener (Authorization: Bearer <token>); empty: not served there."),
     ("storage", "state_dir", "/var/lib/bx24ast", _as_dir, "Directory for the state database (outbox, tokens, checkpoints)."),
     ("storage", "reserve_mb", "4", _as_float(0, 1024), "Space kept in a reserve file next to the state database: given back when the disk fills (check turns CRITICAL) so that no call is lost; 0 turns it off."),
     ("log", "level", "info", _as_choice("debug", "info", "warning", "error"), "Log verbosity."),
@@ -542,10 +588,50 @@ CONFIG_SCHEMA = [
 ]
 
 
+class Employee(collections.namedtuple("Employee", "user_id mobiles")):
+    """An [users] entry: the Bitrix24 user behind an extension, and the employee's own
+    mobile numbers (as written: the number plan makes them comparable later)."""
+
+    def __str__(self):
+        return ", ".join([str(self.user_id)] + list(self.mobiles))
+
+    @staticmethod
+    def user_id_of(entry):
+        return entry.user_id if isinstance(entry, Employee) else int(entry)
+
+
 def _users_entry(key, value):
     if not re.match(r"^[0-9A-Za-z*#+_\-]{1,20}$", key):
         raise ValueError("an extension (digits) as the key")
-    return _as_int(1, 2 ** 31)(value)
+    parts = [p.strip() for p in value.split(",")]
+    try:
+        user_id = _as_int(1, 2 ** 31)(parts[0])
+    except ValueError:
+        raise ValueError("a Bitrix24 user ID, then the employee's mobile numbers if any (7, +79161234567)")
+    mobiles = []
+    for part in parts[1:]:
+        number = clean_phone_number(part)
+        if number is None or len(number.lstrip("+")) < 6:
+            raise ValueError("a mobile number of 6 to 20 digits, not %r (7, +79161234567, 89031112233)" % part)
+        mobiles.append(number)
+    return Employee(user_id, tuple(mobiles))
+
+
+def _number_rule_entry(key, value):
+    """PATTERN => REPLACEMENT, the pattern matched against the whole number as the trunk
+    wrote it (spaces, dashes and brackets dropped), the replacement with \\1 groups."""
+    pattern, sep, replacement = value.partition("=>")
+    pattern, replacement = pattern.strip(), replacement.strip()
+    if not sep or not pattern or not replacement:
+        raise ValueError("PATTERN => REPLACEMENT, like ^9(\\d{10})$ => \\1")
+    if not re.match(r"^(?:[0-9+]|\\\d{1,2}|\\g<\w+>)+$", replacement):
+        raise ValueError("a replacement of digits, + and groups (\\1, \\g<1>), not %r" % replacement)
+    try:
+        compiled = re.compile(pattern)
+        compiled.sub(replacement, "")   # a group the pattern does not have is refused here
+    except re.error as exc:
+        raise ValueError("a valid pattern and replacement (%s)" % exc)
+    return "%s => %s" % (pattern, replacement)
 
 
 def _lines_entry(key, value):
@@ -557,20 +643,51 @@ def _lines_entry(key, value):
     return value
 
 
-# Sections that are maps: [users] extension = Bitrix24 user ID, [lines] DID = lead source.
+# Sections that are maps: [users] extension = Bitrix24 user ID, [lines] DID = lead source,
+# [numbers] name = rewrite rule (in the order written).
 FREEFORM_SECTIONS = collections.OrderedDict([
-    ("users", (_users_entry, "Extension = Bitrix24 user ID; overrides the UF_PHONE_INNER map from user.get.")),
+    ("users", (_users_entry, "Extension = Bitrix24 user ID, then the employee's mobile numbers if any (101 = 7, +79161234567); "
+                             "overrides the UF_PHONE_INNER map from user.get. A call forwarded to a mobile is that employee's call, "
+                             "a call from it is the employee's.")),
     ("lines", (_lines_entry, "Called line (DID) = lead source STATUS_ID (crm.status.list ENTITY_ID=SOURCE).")),
+    ("numbers", (_number_rule_entry, "Rewrite rules for client numbers, tried in order before the CRM search and the "
+                                     "registration, the first that matches wins: name = PATTERN => REPLACEMENT, matched "
+                                     "against the number without spaces, dashes and brackets; the result is then written "
+                                     "as +<country><number> as usual.")),
 ])
 
 
-class Config(object):
-    """Validated settings: config.get('ami', 'port') -> 5038."""
+# [line:<DID>]: what differs for calls to one line (the number the client dialled).
+LINE_SCHEMA = [
+    ("source", "", _as_matching(r"^[A-Za-z0-9_|:\-]{1,50}$", "empty, or a lead source STATUS_ID (CALL, ADVERTISING, 1|2)",
+                                allow_empty=True), "Lead source (crm.status.list ENTITY_ID=SOURCE) of what calls to this line create; [lines] says the same."),
+    ("responsible", "0", _as_user_id, "Bitrix24 user ID who answers for this line: routing sends a caller the CRM knows no owner of to them, "
+                                      "and their missed calls and new leads go to them (0: the one whose phone rang, then [crm] default_user_id)."),
+    ("create", "lead", _as_choice("lead", "deal", "none"), "What an unknown number creates: lead (as the portal does: a lead, or a contact and a deal "
+                                                            "in a portal without leads), deal (a contact and a deal in deal_category at deal_stage), none."),
+    ("deal_category", "0", _as_int(0, 2 ** 31), "create = deal: the pipeline (crm.dealcategory ID; 0 is the general one)."),
+    ("deal_stage", "", _as_matching(r"^[A-Za-z0-9_:\-]{1,50}$", "empty, or a deal STAGE_ID like NEW or C2:NEW", allow_empty=True),
+     "create = deal: the stage (STAGE_ID, e.g. C2:NEW); empty: the pipeline's first."),
+    ("hours", "", _as_hours, "Working hours of the line (days and times, the PBX's clock): outside them routing answers CLOSED and "
+                             "a missed-call task is due after the next opening; empty: [routing] hours."),
+]
 
-    def __init__(self, values, path=None, maps=None):
+# Several PBXs in one daemon: [ami:NAME] (and [pbx:NAME], [cel:NAME]) describe one more
+# PBX each. [pbx:NAME] keys left out are those of [pbx]; [cel:NAME] is off unless set.
+PBX_SECTIONS = ("ami", "pbx", "cel")
+_SECTION_NAME = re.compile(r"^[A-Za-z0-9_\-]{1,32}$")
+
+
+class Config(object):
+    """Validated settings: config.get('ami', 'port') -> 5038; a named section as
+    config.get('ami:branch', 'host'); lines as config.line_settings()."""
+
+    def __init__(self, values, path=None, maps=None, names=None, lines=None):
         self._values = values
         self.path = path
         self.maps = maps or dict((name, collections.OrderedDict()) for name in FREEFORM_SECTIONS)
+        self._names = names or {}
+        self._lines = lines or collections.OrderedDict()
 
     def get(self, section, key):
         return self._values[(section, key)]
@@ -578,9 +695,33 @@ class Config(object):
     def section(self, section):
         return dict((k, v) for (s, k), v in self._values.items() if s == section)
 
+    def names(self, kind):
+        """The NAMEs of [kind:NAME] sections, in the file's order."""
+        return list(self._names.get(kind, ()))
+
+    def line_settings(self):
+        """{DID: {source, responsible, create, deal_category, deal_stage, hours}} from
+        [line:DID] sections and [lines] (a source only)."""
+        out = collections.OrderedDict()
+        for did, source in self.maps.get("lines", {}).items():
+            out[did] = dict((key, convert(default)) for key, default, convert, _doc in LINE_SCHEMA)
+            out[did]["source"] = source
+        for did, settings in self._lines.items():
+            source = settings["source"] or (out.get(did) or {}).get("source") or ""
+            out[did] = dict(settings, source=source)
+        return out
+
     @classmethod
     def defaults(cls):
         return cls.from_text("")
+
+    @staticmethod
+    def _convert(path, section, key, raw, convert):
+        try:
+            return convert(raw)
+        except ValueError as exc:
+            raise ConfigError("%s: [%s] %s = %r is not allowed: expected %s"
+                              % (path, section, key, raw, exc), section=section, key=key, value=raw)
 
     @classmethod
     def from_text(cls, text, path="<text>", overrides=None):
@@ -594,8 +735,11 @@ class Config(object):
                               % (path, " ".join(str(exc).split())))
         known = collections.OrderedDict()
         for section, key, default, convert, _doc in CONFIG_SCHEMA:
-            known.setdefault(section, {})[key] = (default, convert)
+            known.setdefault(section, collections.OrderedDict())[key] = (default, convert)
+        known_line = collections.OrderedDict((key, (default, convert)) for key, default, convert, _d in LINE_SCHEMA)
         maps = dict((name, collections.OrderedDict()) for name in FREEFORM_SECTIONS)
+        names = collections.OrderedDict((kind, []) for kind in PBX_SECTIONS)
+        lines = collections.OrderedDict()
         for section in parser.sections():
             if section in FREEFORM_SECTIONS:
                 convert = FREEFORM_SECTIONS[section][0]
@@ -608,15 +752,29 @@ class Config(object):
                                           % (path, section, key, raw, exc),
                                           section=section, key=key, value=raw)
                 continue
-            if section not in known:
+            kind, colon, name = section.partition(":")
+            if colon and kind == "line":
+                if not re.match(r"^\+?[0-9A-Za-z_\-]{1,50}$", name):
+                    raise ConfigError("%s: [%s]: a line section is [line:<the number clients dial>], like [line:74951234567]"
+                                      % (path, section), section=section)
+                schema = known_line
+            elif colon and kind in PBX_SECTIONS:
+                if not _SECTION_NAME.match(name):
+                    raise ConfigError("%s: [%s]: a PBX is named with letters, digits, _ and - (up to 32), like [%s:branch]"
+                                      % (path, section, kind), section=section)
+                schema = known[kind]
+                names[kind].append(name)
+            elif section in known:
+                schema = known[section]
+            else:
                 raise ConfigError("%s: unknown section [%s]; known sections: %s"
-                                  % (path, section, ", ".join("[%s]" % s for s in
-                                                              list(known) + list(FREEFORM_SECTIONS))),
+                                  % (path, section, ", ".join(["[%s]" % s for s in list(known) + list(FREEFORM_SECTIONS)]
+                                                              + ["[ami:NAME]", "[pbx:NAME]", "[cel:NAME]", "[line:DID]"])),
                                   section=section)
             for key in parser.options(section):
-                if key not in known[section]:
+                if key not in schema:
                     raise ConfigError("%s: unknown key '%s' in [%s]; known keys: %s"
-                                      % (path, key, section, ", ".join(sorted(known[section]))),
+                                      % (path, key, section, ", ".join(sorted(schema))),
                                       section=section, key=key)
         values = {}
         overrides = overrides or {}
@@ -625,13 +783,30 @@ class Config(object):
             if parser.has_option(section, key):
                 raw = parser.get(section, key)
             raw = overrides.get((section, key), raw)
-            try:
-                values[(section, key)] = convert(raw)
-            except ValueError as exc:
-                raise ConfigError("%s: [%s] %s = %r is not allowed: expected %s"
-                                  % (path, section, key, raw, exc),
-                                  section=section, key=key, value=raw)
-        return cls(values, path, maps)
+            values[(section, key)] = cls._convert(path, section, key, raw, convert)
+        for kind in PBX_SECTIONS:
+            for name in names[kind]:
+                section = "%s:%s" % (kind, name)
+                for key, (default, convert) in known[kind].items():
+                    if parser.has_option(section, key):
+                        values[(section, key)] = cls._convert(path, section, key, parser.get(section, key), convert)
+                    elif kind == "pbx":
+                        values[(section, key)] = values[("pbx", key)]
+                    elif kind == "cel" and key == "backend":
+                        values[(section, key)] = "off"   # another host's CEL is never found by looking here
+                    else:
+                        values[(section, key)] = cls._convert(path, section, key, default, convert)
+        for name in names["pbx"] + names["cel"]:
+            if name not in names["ami"]:
+                raise ConfigError("%s: [pbx:%s] or [cel:%s] has no [ami:%s]: name the PBX's AMI connection first"
+                                  % (path, name, name, name), section="ami:" + name)
+        for section in parser.sections():
+            kind, colon, did = section.partition(":")
+            if colon and kind == "line":
+                lines[did] = dict((key, cls._convert(path, section, key, parser.get(section, key)
+                                                     if parser.has_option(section, key) else default, convert))
+                                  for key, (default, convert) in known_line.items())
+        return cls(values, path, maps, names, lines)
 
     @classmethod
     def load(cls, path, overrides=None):
@@ -749,10 +924,20 @@ def example_config_text():
             current = section
         out.append("# %s" % doc)
         out.append("%s = %s" % (key, default) if default else "%s =" % key)
-    examples = {"users": ["# 101 = 5", "# 102 = 7"],
-                "lines": ["# 74951234567 = ADVERTISING", "# 74957654321 = 2"]}
+    examples = {"users": ["# 101 = 5", "# 102 = 7, +79161234567"],
+                "lines": ["# 74951234567 = ADVERTISING", "# 74957654321 = 2"],
+                "numbers": ["# outside_line = ^9(\\d{10,11})$ => \\1", "# city = ^(\\d{7})$ => 8495\\1"]}
     for name, (_convert, doc) in FREEFORM_SECTIONS.items():
         out.extend(["", "[%s]" % name, "# %s" % doc] + examples[name])
+    out.extend(["", "# One section per line (the number clients dial) that needs settings of its own:",
+                "# [line:74951234567]"])
+    for key, default, _convert, doc in LINE_SCHEMA:
+        out.extend(["# %s" % doc, "# %s = %s" % (key, default) if default else "# %s =" % key])
+    out.extend(["", "# Another PBX reported by this daemon: [ami:NAME] with the keys of [ami]; [pbx:NAME] with",
+                "# those of [pbx] where it differs (the rest are [pbx]'s); [cel:NAME] with those of [cel]",
+                "# (off unless backend is set). Its calls share the outbox and the portal's rate limit.",
+                "# [ami:branch]", "# host = 10.0.2.5", "# username = bx24", "# secret = ...",
+                "# [cel:branch]", "# backend = mysql", "# mysql_host = 10.0.2.5"])
     return "\n".join(out) + "\n"
 
 
@@ -2021,11 +2206,25 @@ class NumberPlan(object):
     _FORMATTING = re.compile(r"[\s\-().]")
 
     def __init__(self, country_code="7", national_prefix="8", national_number_length=10,
-                 international_prefix="810|00"):
+                 international_prefix="810|00", rewrites=()):
         self.country_code = country_code
         self.national_prefix = national_prefix
         self.national_number_length = national_number_length
         self._intl = re.compile(r"^(?:%s)(\d{8,})$" % international_prefix) if international_prefix else None
+        # [numbers]: what a trunk or an office writes its own way (an outside-line 9,
+        # 7-digit city numbers, +8...), made a number the rest of the plan understands
+        self.rewrites = []
+        for rule in rewrites:
+            pattern, _, replacement = rule.partition("=>")
+            self.rewrites.append((re.compile(pattern.strip()), replacement.strip()))
+
+    def rewrite(self, text):
+        """text after the first [numbers] rule that matches all of it (or as it is)."""
+        for pattern, replacement in self.rewrites:
+            m = pattern.fullmatch(text)
+            if m is not None:
+                return m.expand(replacement)
+        return text
 
     def normalize(self, number):
         """The client's number in international form, or the digits as dialled when the
@@ -2033,6 +2232,8 @@ class NumberPlan(object):
         if number is None:
             return None
         text = self._FORMATTING.sub("", number)
+        if self.rewrites and text:
+            text = self.rewrite(text)
         if not text:
             return None
         if text.startswith("+"):
@@ -2137,7 +2338,8 @@ class PbxRules(object):
             recording_variables=comma_list(pbx["recording_variables"]),
             recording_format=pbx["recording_format"],
             number_plan=NumberPlan(pbx["country_code"], pbx["national_prefix"],
-                                   pbx["national_number_length"], pbx["international_prefix"]),
+                                   pbx["national_number_length"], pbx["international_prefix"],
+                                   config.maps.get("numbers", {}).values()),
             ignore_numbers=pbx["ignore_numbers"],
             call_max_seconds=pbx["call_max_hours"] * 3600)
 
@@ -3663,6 +3865,234 @@ class BitrixClient(object):
 
 
 ###############################################################################
+# Hooks #######################################################################
+###############################################################################
+# An office's own rules without patching bx24ast.py: [hooks] file is a Python file
+# whose functions, when present, are called at fixed points with plain dicts and
+# return a changed dict or a decision. A hook that raises, returns what it should
+# not or runs past [hooks] timeout_ms is logged once by name and the call goes on
+# as if it were absent: a broken hook never loses a call.
+
+# name -> (what it is given, what it returns); the README and hooks.example.py say more.
+HOOK_POINTS = collections.OrderedDict([
+    ("need_registration", ("call", "True to report the call, False to leave it out")),
+    ("process_client_phone", ("number, call", "the client's number to search and register")),
+    ("process_user_phone", ("extension, call", "the extension to find the Bitrix24 user by")),
+    ("process_registration_params", ("params, call", "telephony.externalcall.register parameters")),
+    ("customize_show_call_card", ("params, call", "telephony.externalcall.show parameters, or False: not shown")),
+    ("process_final_params", ("params, call", "telephony.externalcall.finish parameters")),
+    ("process_task_creation_params", ("fields, call", "tasks.task.add fields, or False: no task")),
+    ("customize_missed_call_responsible", ("user_id, call", "the Bitrix24 user ID for a missed call's task and finish")),
+    ("process_record_file_path", ("path, call", "the recording's path, or an http(s) URL the portal downloads")),
+    ("process_originate_params", ("params, click", "the click-to-call Originate: Channel, Context, Exten, CallerID")),
+    ("customize_autodistribution", ("result, caller", "the routing answer: extension, user_id, status")),
+    ("post_registration", ("result, call", "REST requests to queue after the register: [[method, params], ...]")),
+    ("post_finish", ("result, call", "REST requests to queue after the finish: [[method, params], ...]")),
+])
+
+# The outbox request kinds whose parameters a hook may change before they are sent.
+HOOKED_REQUESTS = {"register": "process_registration_params", "show": "customize_show_call_card",
+                   "finish": "process_final_params", "task": "process_task_creation_params"}
+SKIPPABLE = frozenset(("customize_show_call_card", "process_task_creation_params"))
+
+
+class HookSkipped(Exception):
+    """A hook said a request is not to be sent (a card not shown, no task)."""
+
+
+class Hooks(object):
+    """The admin's hooks file, loaded once; call(name, value, *context) runs a hook."""
+
+    def __init__(self, path="", timeout=0.5):
+        self.path = path
+        self.timeout = timeout
+        self.functions = {}
+        self.load_error = None
+        self.errors = collections.Counter()   # hook name -> failures (metrics)
+        self.calls = collections.Counter()
+        self.journal = None                   # a list to note every change in (hooks test)
+        self._told = set()
+        self._lock = threading.Lock()
+        if path:
+            self._load(path)
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(config.get("hooks", "file"), config.get("hooks", "timeout_ms") / 1000.0)
+
+    def _load(self, path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                source = f.read()
+            namespace = {"__name__": "bx24ast_hooks", "__file__": path, "log": logging.getLogger("bx24ast.hooks")}
+            exec(compile(source, path, "exec"), namespace)
+        except Exception as exc:   # a SyntaxError as much as an import that fails
+            self.load_error = "%s: %s" % (type(exc).__name__, exc)
+            log.error("hooks: %s cannot be loaded, running without hooks: %s", path, self.load_error)
+            return
+        self.functions = dict((name, fn) for name, fn in namespace.items()
+                              if name in HOOK_POINTS and callable(fn))
+        unknown = sorted(name for name, fn in namespace.items()
+                         if callable(fn) and not name.startswith("_") and name not in HOOK_POINTS
+                         and getattr(fn, "__module__", None) == "bx24ast_hooks")
+        log.info("hooks: %s loaded: %s", path, ", ".join(sorted(self.functions)) or "no hook functions")
+        if unknown:
+            log.warning("hooks: %s defines %s, which bx24ast never calls (hook names: %s)",
+                        path, ", ".join(unknown), ", ".join(HOOK_POINTS))
+
+    def has(self, name):
+        return name in self.functions
+
+    def status(self):
+        return {"file": self.path, "loaded": sorted(self.functions), "load_error": self.load_error,
+                "errors": dict(self.errors)}
+
+    def _tell_once(self, name, problem, detail):
+        with self._lock:
+            self.errors[name] += 1
+            if (name, problem) in self._told:
+                return
+            self._told.add((name, problem))
+        log.error("hooks: %s %s (%s); the call goes on as if the hook were absent (said once)",
+                  name, problem, detail)
+
+    def _run(self, name, args):
+        """(ok, result) of the hook within the time limit."""
+        box = {}
+
+        def target():
+            try:
+                box["result"] = self.functions[name](*args)
+            except BaseException as exc:   # a hook's sys.exit() must not stop the daemon
+                box["error"] = exc
+
+        worker = threading.Thread(target=target, name="hook-" + name, daemon=True)
+        worker.start()
+        worker.join(self.timeout)
+        if worker.is_alive():
+            self._tell_once(name, "ran longer than [hooks] timeout_ms", "%.0f ms" % (self.timeout * 1000))
+            return False, None
+        if "error" in box:
+            exc = box["error"]
+            self._tell_once(name, "raised %s" % type(exc).__name__, str(exc)[:200])
+            return False, None
+        return True, box.get("result")
+
+    def call(self, name, default, args, check, edits=False):
+        """What the hook returns, passed through check (which raises ValueError for what
+        cannot be used), or default when the hook is absent or fails. With edits, the
+        first argument is the value the hook changes: it gets a copy, and returning
+        None keeps its edits of the copy; a hook that fails half-way leaves nothing."""
+        if name not in self.functions:
+            return default
+        self.calls[name] += 1
+        first = args[0]
+        if isinstance(first, (dict, list)):
+            args = (json.loads(json.dumps(first)),) + tuple(args[1:])
+        ok, result = self._run(name, args)
+        if not ok:
+            return default
+        if result is None and edits and isinstance(first, dict):
+            result = args[0]
+        try:
+            out = check(result)
+        except HookSkipped:
+            if self.journal is not None:
+                self.journal.append((name, default, False, args[-1]))
+            raise
+        except (ValueError, TypeError) as exc:
+            self._tell_once(name, "returned what bx24ast cannot use", ("%s; got %r" % (exc, result))[:300])
+            return default
+        if self.journal is not None and out != default:
+            self.journal.append((name, default, out, args[-1]))
+        return out
+
+    # -- the checks of what each kind of hook returns ---------------------------------------
+    @staticmethod
+    def a_bool(result):
+        if result is None:
+            return True
+        if not isinstance(result, bool):
+            raise ValueError("True or False")
+        return result
+
+    @staticmethod
+    def a_number(result):
+        number = clean_phone_number(result)
+        if number is None:
+            raise ValueError("a phone number (digits, optional +)")
+        return number
+
+    @staticmethod
+    def an_extension(result):
+        if not isinstance(result, str) or not re.match(r"^[0-9A-Za-z*#+_\-]{1,20}$", result):
+            raise ValueError("an extension (digits)")
+        return result
+
+    @staticmethod
+    def a_user_id(result):
+        if isinstance(result, bool) or not isinstance(result, int) or result <= 0:
+            raise ValueError("a Bitrix24 user ID (a whole number)")
+        return result
+
+    @staticmethod
+    def params(skippable=False):
+        def check(result):
+            if result is False and skippable:
+                raise HookSkipped()
+            if not isinstance(result, dict):
+                raise ValueError("a dict of parameters" + (" or False" if skippable else ""))
+            json.dumps(result)   # what goes into the outbox must be JSON
+            return result
+        return check
+
+    @staticmethod
+    def requests(result):
+        if result is None:
+            return []
+        if not isinstance(result, (list, tuple)):
+            raise ValueError("a list of [method, params] pairs")
+        out = []
+        for item in result:
+            if (not isinstance(item, (list, tuple)) or len(item) != 2 or not isinstance(item[0], str)
+                    or not re.match(r"^[a-zA-Z][a-zA-Z0-9_.]{2,80}$", item[0]) or not isinstance(item[1], dict)):
+                raise ValueError("[method, params] pairs, like ['crm.timeline.comment.add', {'fields': {...}}]")
+            json.dumps(item[1])
+            out.append((item[0], item[1]))
+        return out
+
+    # -- the hook points, named for their callers ----------------------------------------------
+    def need_registration(self, call):
+        return self.call("need_registration", True, (call,), self.a_bool)
+
+    def client_phone(self, number, call):
+        return self.call("process_client_phone", number, (number, call), self.a_number)
+
+    def user_phone(self, extension, call):
+        return self.call("process_user_phone", extension, (extension, call), self.an_extension)
+
+    def missed_call_responsible(self, user_id, call):
+        return self.call("customize_missed_call_responsible", user_id, (user_id, call), self.a_user_id)
+
+    def outbound(self, kind, params, call):
+        """The parameters of an outbox request of kind as the hook changes them;
+        HookSkipped when the hook says it is not to be sent."""
+        name = HOOKED_REQUESTS.get(kind)
+        if name is None or name not in self.functions:
+            return params
+        check = self.params(name in SKIPPABLE)
+        if kind == "task":
+            fields = params.get("fields") or {}
+            return collections.OrderedDict(params, fields=self.call(name, fields, (fields, call), check, edits=True))
+        return self.call(name, params, (params, call), check, edits=True)
+
+    def follow_ups(self, name, result, call):
+        """post_registration / post_finish: [(method, params)] to queue."""
+        return self.call(name, [], (result if isinstance(result, (dict, list)) else {"result": result}, call),
+                         self.requests)
+
+
+###############################################################################
 # CRM flows ###################################################################
 ###############################################################################
 # What Bitrix24 hears about each call: the card (register/show/hide), the call
@@ -3685,7 +4115,7 @@ class UserDirectory(object):
 
     def __init__(self, client=None, overrides=None, default_user_id=0, refresh_seconds=600.0):
         self.client = client
-        self.overrides = dict((k, int(v)) for k, v in (overrides or {}).items())
+        self.overrides = dict((k, Employee.user_id_of(v)) for k, v in (overrides or {}).items())
         self.default_user_id = default_user_id or None
         self.refresh_seconds = refresh_seconds
         self._map = {}
@@ -3884,12 +4314,17 @@ class CrmFlows(object):
     it, the live values are used and the call is marked uncertain.
     """
 
-    def __init__(self, config, outbox, records, rules, ledger=False, ledger_wait=120.0):
+    def __init__(self, config, outbox, records, rules, ledger=False, ledger_wait=120.0, hooks=None, pbx=""):
         self.crm = config.section("crm")
         self.rules = rules
+        self.hooks = hooks or Hooks()
+        self.pbx = pbx
         # a line written 8 (495) 123-45-67, +74951234567 or 74951234567 is one line,
         # whichever way the trunk presents the DID
-        self.lines = dict((self._line_key(did), source) for did, source in config.maps.get("lines", {}).items())
+        self.lines = dict((self._line_key(did), settings) for did, settings in config.line_settings().items())
+        # what hooks said of a call, asked once per call (bounded: a call's events come
+        # within hours, and a restarted daemon asks again)
+        self._decided = BoundedCache(5000)
         self.attach = config.get("recordings", "attach")
         self.outbox = outbox
         self.records = records
@@ -3905,7 +4340,7 @@ class CrmFlows(object):
 
     # -- entry points -----------------------------------------------------------------
     def on_call_event(self, kind, call, extension):
-        if not is_reportable(call, self.rules):
+        if not is_reportable(call, self.rules) or not self._wanted(call, extension):
             return
         with self._lock:
             # a write failed (disk full): later events of every call wait behind it, in order
@@ -3975,6 +4410,8 @@ class CrmFlows(object):
         with self._lock, self.records.store.transaction():
             row = self.records.get(call.linkedid)
             if row is None or row.get("source") is None:
+                if not self._wanted(call, None):
+                    return False
                 self._ended(call, late=True)
                 return "late"
             if row.get("ended_at") is not None:
@@ -4060,19 +4497,77 @@ class CrmFlows(object):
         call.adopted = True
         return call
 
+    # -- what hooks see and say -----------------------------------------------------------
+    def facts(self, call, extension=None):
+        """The call as hooks are given it: plain values only."""
+        number = self._decided.get((call.linkedid, "number"))
+        return {"linkedid": call.linkedid, "pbx": self.pbx, "direction": call.direction,
+                "number": number or self.rules.number_plan.normalize(call.external_number),
+                "raw_number": call.external_number, "did": call.did, "extension": extension,
+                "rang": list(call.rang), "answered_by": call.answered_by, "placer": call.placer,
+                "started_at": call.started_at, "answered_at": call.answered_at, "ended_at": call.ended_at,
+                "billsec": call.billsec, "disposition": call.disposition, "recording": call.recording,
+                "click_to_call": call.call_id is not None, "callback": call.callback}
+
+    def _wanted(self, call, extension):
+        if not self.hooks.has("need_registration"):
+            return True
+        key = (call.linkedid, "wanted")
+        wanted = self._decided.get(key)
+        if wanted is None:
+            wanted = self._decided[key] = self.hooks.need_registration(self.facts(call, extension))
+            if not wanted:
+                log.info("call %s: not reported (need_registration said so)", call.linkedid)
+        return wanted
+
+    def _ext(self, call, ext):
+        """The extension to find the Bitrix24 user by (process_user_phone)."""
+        if ext is None or not self.hooks.has("process_user_phone"):
+            return ext
+        key = (call.linkedid, "ext", ext)
+        mapped = self._decided.get(key)
+        if mapped is None:
+            mapped = self._decided[key] = self.hooks.user_phone(ext, self.facts(call, ext))
+        return mapped
+
+    def _user_ref(self, call, ext):
+        return {"$": "user", "ext": self._ext(call, ext)}
+
+    def _responsible_ref(self, call, ext):
+        """Who answers for a call nobody took: the CRM's owner of the client, the line's
+        responsible, the phone that rang, [crm] default_user_id (resolved when sent)."""
+        ref = {"$": "responsible", "ext": self._ext(call, ext)}
+        line = self._line(call)
+        if line and line["responsible"]:
+            ref["line_user"] = line["responsible"]
+        return ref
+
     # -- pieces ---------------------------------------------------------------------------
-    def _number(self, call):
-        return self.rules.number_plan.normalize(call.external_number)
+    def client_number(self, call):
+        number = self.rules.number_plan.normalize(call.external_number)
+        if number is None or not self.hooks.has("process_client_phone"):
+            return number
+        key = (call.linkedid, "number")
+        hooked = self._decided.get(key)
+        if hooked is None:
+            hooked = self._decided[key] = self.hooks.client_phone(number, self.facts(call))
+        return hooked
+
+    def _line(self, call):
+        """The call's line settings ([line:DID], [lines]), or None."""
+        if call.direction != "inbound" or not call.did:
+            return None
+        return self.lines.get(self._line_key(call.did))
 
     def _withheld(self, call):
         """No number a portal could store: anonymous, empty, <unknown>, a SIP URI."""
-        return self._number(call) is None
+        return self.client_number(call) is None
 
     def _register_params(self, call, ext, show):
         withheld = self._withheld(call)
         params = collections.OrderedDict([
-            ("USER_ID", {"$": "user", "ext": ext}),
-            ("PHONE_NUMBER", self.crm["withheld_number"] if withheld else self._number(call)),
+            ("USER_ID", self._user_ref(call, ext)),
+            ("PHONE_NUMBER", self.crm["withheld_number"] if withheld else self.client_number(call)),
             ("TYPE", 2 if call.direction == "inbound" else 4 if call.callback else 1),
             ("CALL_START_DATE", bitrix_time(call.started_at or time.time())),
             ("CRM_CREATE", 1 if self.crm["create"] and not withheld else 0),
@@ -4081,9 +4576,9 @@ class CrmFlows(object):
         ])
         if call.direction == "inbound" and call.did:
             params["LINE_NUMBER"] = call.did
-            source = self.lines.get(self._line_key(call.did))
-            if source:
-                params["CRM_SOURCE"] = source
+            line = self._line(call)
+            if line and line["source"]:
+                params["CRM_SOURCE"] = line["source"]
         return params
 
     def _line_key(self, did):
@@ -4096,7 +4591,7 @@ class CrmFlows(object):
         return call.call_id is not None or self.records.registered(call.linkedid)
 
     def _register(self, call, ext, show, recovered=False):
-        self.records.update(call.linkedid, direction=call.direction, external_number=self._number(call),
+        self.records.update(call.linkedid, direction=call.direction, external_number=self.client_number(call),
                             started_at=call.started_at, source="live" if show else "late",
                             did=call.did if call.direction == "inbound" else None)
         params = self._register_params(call, ext, show)
@@ -4115,7 +4610,7 @@ class CrmFlows(object):
             # Click-to-call: Bitrix24 registered the call and shows the card itself.
             if not self.records.registered(call.linkedid):
                 self.records.update(call.linkedid, direction=call.direction, call_id=call.call_id,
-                                    external_number=self._number(call), started_at=call.started_at,
+                                    external_number=self.client_number(call), started_at=call.started_at,
                                     source="click-to-call")
             if ext not in shown:
                 shown.append(ext)
@@ -4127,7 +4622,7 @@ class CrmFlows(object):
         if ext not in shown and self.crm["show_card"]:
             shown.append(ext)
             self.outbox.add(call.linkedid, "show", "telephony.externalcall.show",
-                            {"CALL_ID": {"$": "call_id"}, "USER_ID": [{"$": "user", "ext": ext}]},
+                            {"CALL_ID": {"$": "call_id"}, "USER_ID": [self._user_ref(call, ext)]},
                             PRIORITY_CARD)
 
     def _card_only_for(self, call, ext):
@@ -4142,12 +4637,12 @@ class CrmFlows(object):
         others = [e for e in shown if e != ext]
         if ext not in shown and self.crm["show_card"] and call.call_id is None:
             self.outbox.add(call.linkedid, "show", "telephony.externalcall.show",
-                            {"CALL_ID": {"$": "call_id"}, "USER_ID": [{"$": "user", "ext": ext}]},
+                            {"CALL_ID": {"$": "call_id"}, "USER_ID": [self._user_ref(call, ext)]},
                             PRIORITY_CARD)
         if others:
             self.outbox.add(call.linkedid, "hide", "telephony.externalcall.hide",
                             {"CALL_ID": {"$": "call_id"},
-                             "USER_ID": [{"$": "user", "ext": e} for e in others]}, PRIORITY_CARD)
+                             "USER_ID": [self._user_ref(call, e) for e in others]}, PRIORITY_CARD)
         shown[:] = [ext]
 
     def _ended(self, call, late=False, hide=None):
@@ -4172,21 +4667,21 @@ class CrmFlows(object):
             self._register(call, talker or last_rang or call.placer, show=False, recovered=late)
         elif call.call_id is not None and not row:
             self.records.update(linkedid, direction=call.direction, call_id=call.call_id,
-                                external_number=self._number(call), started_at=call.started_at,
+                                external_number=self.client_number(call), started_at=call.started_at,
                                 source="click-to-call")
         self.records.update(linkedid, answered=1 if answered else 0, ended_at=call.ended_at or time.time())
         missed_inbound = call.direction == "inbound" and not answered
         if answered:
-            finisher = {"$": "user", "ext": talker}
+            finisher = self._user_ref(call, talker)
         else:
-            finisher = {"$": "responsible", "ext": last_rang}
+            finisher = self._responsible_ref(call, last_rang)
             if missed_inbound and not self._withheld(call):
                 self.outbox.add(linkedid, "owner", "telephony.externalCall.searchCrmEntities",
-                                {"PHONE_NUMBER": self._number(call)}, PRIORITY_FINISH)
+                                {"PHONE_NUMBER": self.client_number(call)}, PRIORITY_FINISH)
         shown = [e for e in (hide if hide is not None else self._shown.get(linkedid, [])) if e != talker]
         if shown and not late:
             self.outbox.add(linkedid, "hide", "telephony.externalcall.hide",
-                            {"CALL_ID": {"$": "call_id"}, "USER_ID": [{"$": "user", "ext": e} for e in shown]},
+                            {"CALL_ID": {"$": "call_id"}, "USER_ID": [self._user_ref(call, e) for e in shown]},
                             PRIORITY_FINISH)
         self.outbox.add(linkedid, "finish", "telephony.externalcall.finish", collections.OrderedDict([
             ("CALL_ID", {"$": "call_id"}),
@@ -4205,16 +4700,16 @@ class CrmFlows(object):
                             {"CALL_ID": {"$": "call_id"}, "FILENAME": spec}, PRIORITY_LATER)
         if missed_inbound and self.crm["missed_task"]:
             when = call.ended_at or time.time()
-            fields = {"number": self._number(call) or self.crm["withheld_label"],
+            fields = {"number": self.client_number(call) or self.crm["withheld_label"],
                       "did": call.did or "", "line": call.did or "",
                       "time": time.strftime("%Y-%m-%d %H:%M", time.localtime(when)), "linkedid": linkedid}
             self.outbox.add(linkedid, "task", "tasks.task.add", {"fields": collections.OrderedDict([
                 ("TITLE", self.crm["missed_task_title"].format(**fields)),
                 ("DESCRIPTION", self.crm["missed_task_description"].format(**fields)),
-                ("RESPONSIBLE_ID", {"$": "responsible", "ext": last_rang}),
+                ("RESPONSIBLE_ID", self._responsible_ref(call, last_rang)),
                 ("DEADLINE", bitrix_time(when + self.crm["missed_task_deadline_minutes"] * 60)),
                 ("UF_CRM_TASK", {"$": "crm_binding"}),
-            ]), "check": {"number": self._number(call), "since": when}},
+            ]), "check": {"number": self.client_number(call), "since": when}},
                 # from the wall clock's now at the latest: call times follow the steady
                 # clock, which is ahead of a wall clock that just stepped back
                 PRIORITY_LATER, not_before=min(when, time.time()) + self.crm["callback_window_minutes"] * 60)
@@ -4306,8 +4801,9 @@ class OutboxSender(object):
     KEEP_CALLS_COUNT = 100000
 
     def __init__(self, outbox, records, client, users, recordings, default_user_id=None,
-                 clock=time.time, unanswered_retry=65.0):
+                 clock=time.time, unanswered_retry=65.0, hooks=None):
         self.outbox = outbox
+        self.hooks = hooks or Hooks()
         self.unanswered_retry = unanswered_retry
         self.records = records
         self.client = client
@@ -4337,14 +4833,34 @@ class OutboxSender(object):
     def _user(self, ext):
         return self.users.user_for(ext)
 
-    def _responsible(self, linkedid, ext):
+    def _responsible(self, linkedid, ext, line_user=None):
         row = self.records.get(linkedid) or {}
         if row.get("crm_owner_id"):
-            return int(row["crm_owner_id"])
-        user = self._user(ext)
-        if user is None and ext and self.users.client is not None and self.users.loaded_at is None:
-            raise NotReady("waiting for the user list (user.get)")
-        return user or self.default_user_id
+            user = int(row["crm_owner_id"])
+        elif line_user:
+            user = line_user
+        else:
+            user = self._user(ext)
+            if user is None and ext and self.users.client is not None and self.users.loaded_at is None:
+                raise NotReady("waiting for the user list (user.get)")
+            user = user or self.default_user_id
+        if user is not None and self.hooks.has("customize_missed_call_responsible"):
+            user = self.hooks.missed_call_responsible(user, self.facts(row, linkedid))
+        return user
+
+    @staticmethod
+    def facts(row, linkedid):
+        """A call as hooks are given it at send time, from what the state database keeps."""
+        row = row or {}
+        entities = row.get("created_entities")
+        return {"linkedid": linkedid, "direction": row.get("direction"), "number": row.get("external_number"),
+                "did": row.get("did"), "extension": row.get("talker") or row.get("last_rang"),
+                "answered_by": row.get("talker") if row.get("answered") else None,
+                "started_at": row.get("started_at"), "answered_at": row.get("answered_at"),
+                "ended_at": row.get("ended_at"), "answered": bool(row.get("answered")),
+                "call_id": row.get("call_id"), "crm_entity_type": row.get("crm_entity_type"),
+                "crm_entity_id": row.get("crm_entity_id"),
+                "created_entities": json.loads(entities) if entities else []}
 
     def resolve(self, request, value, refs=None):
         if isinstance(value, dict):
@@ -4376,7 +4892,7 @@ class OutboxSender(object):
                                      % value["ext"])
                 return user
             if kind == "responsible":
-                user = self._responsible(request.linkedid, value.get("ext"))
+                user = self._responsible(request.linkedid, value.get("ext"), value.get("line_user"))
                 if user is None:
                     raise Unresolved("no responsible user (extension %s unmapped, [crm] default_user_id = 0)"
                                      % value.get("ext"))
@@ -4635,14 +5151,33 @@ class OutboxSender(object):
     def _backoff(self, req):
         return min(self.BACKOFF_CAP, 0.5 * (1.6 ** max(0, req.attempts - 1)))
 
+    # The call a request is about is not the hook's to change.
+    PROTECTED = ("CALL_ID", "EXTERNAL_CALL_ID")
+
+    def prepared(self, req, refs=None):
+        """The request's parameters filled in and passed through its hook; HookSkipped
+        when the hook says it is not to be sent."""
+        params = self.resolve(req, req.params, refs)
+        if req.kind not in HOOKED_REQUESTS or not self.hooks.has(HOOKED_REQUESTS[req.kind]):
+            return params
+        hooked = self.hooks.outbound(req.kind, params, self.facts(self.records.get(req.linkedid), req.linkedid))
+        for key in self.PROTECTED:
+            if key in params:
+                hooked[key] = params[key]
+        return hooked
+
     def _params(self, req):
-        """The request's parameters filled in, or None (then parked or postponed)."""
+        """The request's parameters ready to send, or None (then parked, postponed, or
+        done because a hook said so)."""
         try:
-            return self.resolve(req, req.params)
+            return self.prepared(req)
         except Unresolved as exc:
             self._park(req, str(exc))
         except NotReady as exc:
             self.outbox.retry(req, 2.0, str(exc))
+        except HookSkipped:
+            self.outbox.done(req, note="not sent: %s said so" % HOOKED_REQUESTS[req.kind])
+            log.info("call %s: %s not sent (%s said so)", req.linkedid, req.method, HOOKED_REQUESTS[req.kind])
         return None
 
     def _send_single(self, req):
@@ -4679,8 +5214,8 @@ class OutboxSender(object):
                     if len(commands) >= room or follower.kind not in ("show", "hide"):
                         break
                     try:
-                        fparams = self.resolve(follower, follower.params, refs)
-                    except (Unresolved, NotReady):
+                        fparams = self.prepared(follower, refs)
+                    except (Unresolved, NotReady, HookSkipped):
                         break
                     fkey = "r%d" % follower.id
                     commands.append((fkey, follower.method, fparams))
@@ -4735,11 +5270,18 @@ class OutboxSender(object):
             return
         spec = req.params["FILENAME"]
         name = spec.get("name") or self.recordings.find_for_call(spec.get("uniqueids") or [], spec.get("started_at"))
+        path = self.recordings.locate(name, spec.get("started_at")) if name else None
+        if self.hooks.has("process_record_file_path"):
+            path = self.hooks.call("process_record_file_path", path, (path, self.facts(row, req.linkedid)),
+                                   self.a_recording)
+            if path is not None and re.match(r"^https?://", path):
+                self._send_record_url(req, call_id, path)
+                return
+            name = name or (os.path.basename(path) if path else None)
         if name is None:
             log.info("call %s: no recording found for it under %s", req.linkedid, self.recordings.path)
             self.outbox.done(req, note="no recording named after the call's channels")
             return
-        path = self.recordings.locate(name, spec.get("started_at"))
         if path is None:
             log.warning("call %s: recording %s not found under %s; the call is in Bitrix24 without it",
                         req.linkedid, name, self.recordings.path)
@@ -4769,6 +5311,31 @@ class OutboxSender(object):
             self._failed(req, BitrixUnavailable("Bitrix24 attachRecord: no uploadUrl in the answer"))
             return
         log.info("call %s: recording %s attached (%d bytes)", req.linkedid, name, len(data))
+        self.outbox.done(req)
+
+    @staticmethod
+    def a_recording(result):
+        """What process_record_file_path may answer: None, a regular file, an http(s) URL."""
+        if result is None:
+            return None
+        if not isinstance(result, str) or has_line_break(result):
+            raise ValueError("a file path or an http(s) URL")
+        if re.match(r"^https?://[^\s/]+/\S*$", result):
+            return result
+        if not os.path.isabs(result) or not is_regular_file(result):
+            raise ValueError("an absolute path of a regular file, or an http(s) URL")
+        return result
+
+    def _send_record_url(self, req, call_id, url):
+        """attachRecord with RECORD_URL: the portal fetches the file itself."""
+        self.outbox.mark_sending([req], self.unanswered_retry)
+        try:
+            self.client.call(req.method, {"CALL_ID": call_id, "RECORD_URL": url,
+                                          "FILENAME": url.rstrip("/").rsplit("/", 1)[-1].split("?")[0]})
+        except BitrixError as exc:
+            self._failed(req, exc)
+            return
+        log.info("call %s: recording attached by URL %s", req.linkedid, url)
         self.outbox.done(req)
 
     # -- outcomes -------------------------------------------------------------------------------
@@ -4821,6 +5388,12 @@ class OutboxSender(object):
             if task.get("id"):
                 self.records.update(linkedid, task_id=int(task["id"]))
             log.info("call %s: missed-call task %s created", linkedid, task.get("id"))
+        elif req.kind == "hook":
+            log.info("call %s: %s (queued by a hook) done", linkedid, req.method)
+        follow = {"register": "post_registration", "finish": "post_finish"}.get(req.kind)
+        if follow is not None and self.hooks.has(follow):
+            for method, params in self.hooks.follow_ups(follow, result, self.facts(self.records.get(linkedid), linkedid)):
+                self.outbox.add(linkedid, "hook", method, params, PRIORITY_LATER)
         self.outbox.done(req)
 
     def _waiting(self):
@@ -5729,6 +6302,76 @@ def clean_phone_number(text):
     return text if _CLICK_NUMBER.match(text) else None
 
 
+class WorkingHours(object):
+    """When a line is open: "mon-fri 09:00-18:00; sat 10:00-15:00" on the PBX's clock.
+    A range past midnight (22:00-06:00) ends the next morning. Day names in English or
+    Russian (пн-пт)."""
+
+    DAYS = {"mon": 0, "tue": 1, "wed": 2, "thu": 3, "fri": 4, "sat": 5, "sun": 6,
+            "пн": 0, "вт": 1, "ср": 2, "чт": 3, "пт": 4, "сб": 5, "вс": 6}
+    WEEK = 7 * 1440
+    _TIME = re.compile(r"^(\d{1,2}):(\d{2})-(\d{1,2}):(\d{2})$")
+
+    def __init__(self, intervals, text=""):
+        self.intervals = intervals   # (start, end) minutes from Monday 00:00; end may pass the week
+        self.text = text
+
+    @classmethod
+    def parse(cls, text):
+        intervals = []
+        for group in [g.strip() for g in text.split(";") if g.strip()]:
+            days_text, _, times_text = group.partition(" ")
+            days = cls._days(days_text.strip().lower())
+            times = [t.strip() for t in times_text.replace(" ", "").split(",") if t.strip()]
+            if not times:
+                raise ValueError("%r has no times (HH:MM-HH:MM)" % group)
+            for t in times:
+                m = cls._TIME.match(t)
+                if not m:
+                    raise ValueError("%r is not HH:MM-HH:MM" % t)
+                h1, m1, h2, m2 = (int(x) for x in m.groups())
+                if h1 > 23 or m1 > 59 or h2 > 24 or m2 > 59 or (h2 == 24 and m2) or (h1, m1) == (h2, m2):
+                    raise ValueError("%r is not a span of time in a day" % t)
+                start, end = h1 * 60 + m1, h2 * 60 + m2
+                if end < start:
+                    end += 1440
+                intervals.extend((d * 1440 + start, d * 1440 + end) for d in days)
+        if not intervals:
+            raise ValueError("no days and times")
+        return cls(sorted(intervals), text)
+
+    @classmethod
+    def _days(cls, text):
+        days = []
+        for part in text.split(","):
+            first, dash, last = part.partition("-")
+            if first not in cls.DAYS or (dash and last not in cls.DAYS):
+                raise ValueError("%r is not a day or days (mon, mon-fri, пн-пт)" % part)
+            a, b = cls.DAYS[first], cls.DAYS[last] if dash else cls.DAYS[first]
+            days.extend(range(a, b + 1) if a <= b else list(range(a, 7)) + list(range(0, b + 1)))
+        return days
+
+    @staticmethod
+    def _minute_of_week(ts):
+        t = time.localtime(ts)
+        return t.tm_wday * 1440 + t.tm_hour * 60 + t.tm_min, t.tm_sec + (ts % 1)
+
+    def is_open(self, ts):
+        m, _ = self._minute_of_week(ts)
+        return any(s <= m < e or s <= m + self.WEEK < e for s, e in self.intervals)
+
+    def next_opening(self, ts):
+        """ts itself when open, else when it opens next."""
+        if self.is_open(ts):
+            return ts
+        m, seconds = self._minute_of_week(ts)
+        ahead = min((s - m) % self.WEEK for s, _e in self.intervals)
+        return ts - seconds + ahead * 60
+
+    def __str__(self):
+        return self.text
+
+
 def _agi_text(value, limit=80):
     """A value for SET VARIABLE: no quotes, backslashes or control characters, so
     it cannot end the command or start another."""
@@ -5770,8 +6413,9 @@ class ResponsibleLookup(object):
     MISS_SECONDS = 60.0
 
     def __init__(self, client, users, rules, ami=None, budget=0.5, cache_seconds=600.0,
-                 check_state=True, hint_context="from-internal", clock=monotonic):
+                 check_state=True, hint_context="from-internal", clock=monotonic, hooks=None):
         self.client = client
+        self.hooks = hooks or Hooks()
         self.users = users
         self.rules = rules
         self.ami = ami
@@ -5787,20 +6431,44 @@ class ResponsibleLookup(object):
         self.cache_hits = 0
 
     @classmethod
-    def from_config(cls, config, client, users, rules, ami=None):
+    def from_config(cls, config, client, users, rules, ami=None, hooks=None):
         r = config.section("routing")
         return cls(client, users, rules, ami, r["budget_ms"] / 1000.0, r["cache_minutes"] * 60,
-                   r["check_extension_state"], r["hint_context"])
+                   r["check_extension_state"], r["hint_context"], hooks=hooks)
 
-    def lookup(self, number):
+    ANSWER_KEYS = ("status", "number", "extension", "user_id", "crm_entity", "name")
+
+    def lookup(self, number, line=None):
         """{"status", "number", "extension", "user_id", "crm_entity", "name"}; status is
         FOUND, NOT_FOUND, NO_EXTENSION, UNAVAILABLE, TIMEOUT, LIMITED, ERROR or INVALID."""
+        return self.customized(self._lookup(number), line)
+
+    def customized(self, found, line):
+        """The answer as customize_autodistribution leaves it."""
+        if self.hooks.has("customize_autodistribution"):
+            caller = {"number": found["number"], "line": line}
+            found = self.hooks.call("customize_autodistribution", found, (found, caller), self._an_answer, edits=True)
+        return found
+
+    def _an_answer(self, result):
+        """What customize_autodistribution may answer: the same keys, an extension or none."""
+        if not isinstance(result, dict) or set(result) != set(self.ANSWER_KEYS):
+            raise ValueError("a dict of %s" % ", ".join(self.ANSWER_KEYS))
+        if not all(isinstance(result[k], str) for k in self.ANSWER_KEYS):
+            raise ValueError("text values")
+        if result["extension"] and not self.rules.is_extension(result["extension"]):
+            raise ValueError("extension %r is not an extension ([pbx] extension_pattern)" % result["extension"])
+        if not re.match(r"^[A-Z_]{2,20}$", result["status"]):
+            raise ValueError("status in capitals, like FOUND")
+        return dict((k, _agi_text(v)) for k, v in result.items())
+
+    def _lookup(self, number):
         started = self.clock()
         deadline = started + self.budget
         self.lookups += 1
         key = self.rules.number_plan.normalize(clean_phone_number(number or "") or "")
         if not key:
-            return self._result("INVALID", number)
+            return self.answer("INVALID", number)
         with self._lock:
             hit = self._cache.get(key)
             if hit is not None and hit[0] > started:
@@ -5811,20 +6479,20 @@ class ResponsibleLookup(object):
                 pending = self._in_flight.get(key)
                 if pending is None:
                     if len(self._in_flight) >= self.MAX_IN_FLIGHT:
-                        return self._result("LIMITED", key)
+                        return self.answer("LIMITED", key)
                     pending = self._in_flight[key] = [threading.Event(), None]
                     threading.Thread(target=self._fetch, args=(key, pending), name="lookup",
                                      daemon=True).start()
         if found is None:
             if not pending[0].wait(max(0.0, deadline - self.clock())):
-                return self._result("TIMEOUT", key)
+                return self.answer("TIMEOUT", key)
             found = dict(pending[1])
         if found["status"] == "FOUND" and self.check_state and self.ami is not None:
             if not self._reachable(found["extension"], deadline):
                 found["status"], found["extension"] = "UNAVAILABLE", ""
         return found
 
-    def _result(self, status, number, **fields):
+    def answer(self, status, number, **fields):
         out = {"status": status, "number": number or "", "extension": "", "user_id": "",
                "crm_entity": "", "name": ""}
         out.update(fields)
@@ -5844,7 +6512,7 @@ class ResponsibleLookup(object):
             pending[1] = result
         except Exception:
             log.exception("routing: lookup of %s failed", key)
-            pending[1] = self._result("ERROR", key)
+            pending[1] = self.answer("ERROR", key)
         finally:
             with self._lock:
                 self._in_flight.pop(key, None)
@@ -5858,10 +6526,10 @@ class ResponsibleLookup(object):
                                      wait=False)
         except BitrixRateLimited as exc:
             log.info("routing: %s not looked up: %s", key, exc)
-            return self._result("LIMITED", key), False
+            return self.answer("LIMITED", key), False
         except BitrixError as exc:
             log.warning("routing: searchCrmEntities for %s failed: %s", key, exc)
-            return self._result("ERROR", key), False
+            return self.answer("ERROR", key), False
         best = None
         for entity in found if isinstance(found, list) else []:
             if not isinstance(entity, dict):
@@ -5878,10 +6546,10 @@ class ResponsibleLookup(object):
                       "crm_entity": "%s_%s" % (_agi_text(entity.get("CRM_ENTITY_TYPE"), 20),
                                                _agi_text(entity.get("CRM_ENTITY_ID"), 20))}
             if ext and self.rules.is_extension(ext):
-                return self._result("FOUND", key, extension=ext, **fields), True
+                return self.answer("FOUND", key, extension=ext, **fields), True
             if best is None:
-                best = self._result("NO_EXTENSION", key, **fields)
-        return (best or self._result("NOT_FOUND", key)), True
+                best = self.answer("NO_EXTENSION", key, **fields)
+        return (best or self.answer("NOT_FOUND", key)), True
 
     def _reachable(self, ext, deadline):
         """False only when Asterisk says the phone is unavailable (ExtensionState 4)."""
@@ -6241,8 +6909,9 @@ class ClickToCall(object):
     """OnExternalCallStart -> one AMI Originate: the employee's phone first, then the
     client through the outbound routes, under Bitrix24's own CALL_ID."""
 
-    def __init__(self, ami, users, store, outbox, rules, settings, clock=time.time):
+    def __init__(self, ami, users, store, outbox, rules, settings, clock=time.time, hooks=None):
         self.ami = ami
+        self.hooks = hooks or Hooks()
         self.users = users
         self.store = store
         self.outbox = outbox
@@ -6315,13 +6984,13 @@ class ClickToCall(object):
                 return self._refuse(call_id, user, number, "user %d clicked again within %g s"
                                     % (user, self.settings["user_interval_seconds"]), close=True)
             self._last_by_user[user] = now
-        dial = self.dial_string(number)
-        channel = self.settings["phone_channel"].format(extension=ext)
+        params = self.originate_params(call_id, user, ext, number, source)
+        channel, dial = params["Channel"], params["Exten"]
         try:
             pending = self.ami.originate(
-                channel, self.settings["outbound_context"], dial, caller_id='"%s" <%s>' % (number, ext),
+                channel, params["Context"], dial, caller_id=params["CallerID"],
                 variables={"__" + self.rules.call_id_variable: call_id},
-                timeout_ms=self.settings["ring_timeout"] * 1000, callback=self._queued)
+                timeout_ms=params["Timeout"], callback=self._queued)
         except AmiError as exc:
             return self._refuse(call_id, user, number, "AMI: %s" % exc, close=True)
         with self._lock:
@@ -6330,6 +6999,31 @@ class ClickToCall(object):
         log.info("click-to-call %s: user %d (extension %s) -> %s via %s (%s)", call_id, user, ext, dial,
                  channel, source)
         return True, "originated"
+
+    def originate_params(self, call_id, user, ext, number, source):
+        """The Originate of a click, as process_originate_params leaves it."""
+        params = {"Channel": self.settings["phone_channel"].format(extension=ext),
+                  "Context": self.settings["outbound_context"], "Exten": self.dial_string(number),
+                  "CallerID": '"%s" <%s>' % (number, ext), "Timeout": self.settings["ring_timeout"] * 1000}
+        if self.hooks.has("process_originate_params"):
+            click = {"call_id": call_id, "user_id": user, "extension": ext, "number": number, "source": source}
+            params = self.hooks.call("process_originate_params", params, (params, click), self.an_originate, edits=True)
+        return params
+
+    @staticmethod
+    def an_originate(result):
+        """What process_originate_params may answer: the same keys, each safe for AMI."""
+        if not isinstance(result, dict) or set(result) != {"Channel", "Context", "Exten", "CallerID", "Timeout"}:
+            raise ValueError("a dict of Channel, Context, Exten, CallerID and Timeout")
+        checks = (("Channel", r"^[A-Za-z0-9/@_.\-+#*:]{3,120}$"), ("Context", r"^[A-Za-z0-9_][A-Za-z0-9_\-]{0,79}$"),
+                  ("Exten", r"^[0-9+*#]{1,40}$"), ("CallerID", r"^[^\x00-\x1f\x7f]{0,120}$"))
+        for key, pattern in checks:
+            if not isinstance(result[key], str) or not re.match(pattern, result[key]):
+                raise ValueError("%s %r is not allowed" % (key, result[key]))
+        if isinstance(result["Timeout"], bool) or not isinstance(result["Timeout"], int) \
+                or not 1000 <= result["Timeout"] <= 600000:
+            raise ValueError("Timeout in milliseconds, 1000 to 600000")
+        return result
 
     def _queued(self, pending):
         if pending.error is not None or pending.response is None or not pending.response.success:
@@ -7886,7 +8580,7 @@ class StatusReport(object):
         out["calls_in_progress"] = beat.get("calls") or [] if running else []
         users = beat.get("users") or {}
         mapping = dict(users.get("map") or {})
-        mapping.update(dict((k, int(v)) for k, v in self.config.maps.get("users", {}).items()))
+        mapping.update(dict((k, Employee.user_id_of(v)) for k, v in self.config.maps.get("users", {}).items()))
         out["users"] = {"map": collections.OrderedDict(sorted(mapping.items())), "loaded_at": users.get("loaded_at")}
         out["warnings"] = beat.get("warnings") or []
         out["today"], out["outbox"] = self._from_the_state(now)
@@ -8942,13 +9636,15 @@ class Bridge(object):
         except CelError as exc:
             log.warning("CEL: %s", exc)
             source = None
-        self.crm = CrmFlows(config, self.outbox, self.records, rules, ledger=source is not None)
+        self.hooks = Hooks.from_config(config)
+        self.crm = CrmFlows(config, self.outbox, self.records, rules, ledger=source is not None, hooks=self.hooks)
         rec = config.section("recordings")
         self.recordings = RecordingFiles(rec["path"], rec["settle_seconds"],
                                          int(rec["inline_max_mb"] * 1024 * 1024))
         self.sender = OutboxSender(self.outbox, self.records, self.client, self.users, self.recordings,
                                    crm["default_user_id"],
-                                   unanswered_retry=config.get("bitrix24", "unanswered_retry_seconds"))
+                                   unanswered_retry=config.get("bitrix24", "unanswered_retry_seconds"),
+                                   hooks=self.hooks)
         self.cel = None
         if source is not None:
             recovery = CelRecovery(source, self.store, rules, self.crm, self.recordings)
@@ -9049,13 +9745,15 @@ class Daemon(object):
         config, bridge = self.config, self.bridge
         routing = config.section("routing")
         if routing["agi_listen"] or routing["http_listen"]:
-            self.lookup = ResponsibleLookup.from_config(config, bridge.client, bridge.users, self.rules, self.ami)
+            self.lookup = ResponsibleLookup.from_config(config, bridge.client, bridge.users, self.rules, self.ami,
+                                                        hooks=bridge.hooks)
         c2c = config.section("click_to_call")
         if c2c["mode"] == "port" and not bridge.client.uses_oauth:
             config.require("click_to_call", "application_token",
                            "port mode refuses every event without it (copy it from the outbound webhook)")
         if c2c["mode"] != "off":
-            self.click = ClickToCall(self.ami, bridge.users, bridge.store, bridge.outbox, self.rules, c2c)
+            self.click = ClickToCall(self.ami, bridge.users, bridge.store, bridge.outbox, self.rules, c2c,
+                                     hooks=bridge.hooks)
         if c2c["mode"] == "offline":
             self.poller = OfflineEventPoller(bridge.client, self.click, bridge.store, bridge.sender,
                                              c2c["poll_interval"])
@@ -9708,6 +10406,115 @@ def cmd_replay(args):
     return EXIT_OK
 
 
+def describe_change(before, after):
+    """What a hook changed, in one line: KEY old -> new for dicts."""
+    if after is False:
+        return "not sent"
+    if isinstance(before, dict) and isinstance(after, dict):
+        parts = []
+        for key in list(before) + [k for k in after if k not in before]:
+            if key not in after:
+                parts.append("%s removed" % key)
+            elif key not in before:
+                parts.append("%s = %s added" % (key, json.dumps(after[key], ensure_ascii=False)))
+            elif before[key] != after[key]:
+                parts.append("%s %s -> %s" % (key, json.dumps(before[key], ensure_ascii=False),
+                                              json.dumps(after[key], ensure_ascii=False)))
+        return "; ".join(parts) or "unchanged"
+    return "%s -> %s" % (json.dumps(before, ensure_ascii=False), json.dumps(after, ensure_ascii=False))
+
+
+def cmd_hooks(args):
+    """hooks test CAPTURE: the capture's calls through the hooks, and what they changed."""
+    config = _load_config(args, required=False)
+    path = args.hooks or config.get("hooks", "file")
+    if not path:
+        sys.stderr.write("bx24ast: hooks test: no hooks file ([hooks] file is empty; give --hooks FILE)\n")
+        return EXIT_CONFIG
+    hooks = Hooks(path, config.get("hooks", "timeout_ms") / 1000.0)
+    if hooks.load_error:
+        sys.stderr.write("bx24ast: hooks test: %s cannot be loaded: %s\n" % (path, hooks.load_error))
+        return EXIT_FAILURE
+    capture = Capture(args.capture)
+    if not os.path.exists(capture.path):
+        sys.stderr.write("bx24ast: hooks test: no capture at %s\n" % capture.path)
+        return EXIT_FAILURE
+    hooks.journal = []
+    rules = PbxRules.from_config(config)
+    store = StateStore(":memory:")
+    outbox, records = Outbox(store), CallRecords(store)
+    crm = CrmFlows(config, outbox, records, rules, hooks=hooks)
+    default_user = config.get("crm", "default_user_id")
+    users = UserDirectory(None, config.maps["users"], default_user)
+    beside = os.path.join(os.path.dirname(capture.path), "recordings")
+    rec = config.section("recordings")
+    recordings = RecordingFiles(beside if os.path.isdir(beside) else rec["path"], 0)
+    sender = OutboxSender(outbox, records, None, users, recordings, default_user, hooks=hooks)
+    click = ClickToCall(None, users, store, None, rules, config.section("click_to_call"), hooks=hooks)
+    lookup = ResponsibleLookup(None, users, rules, hooks=hooks)
+    calls = collections.OrderedDict()
+
+    def on_call_event(kind, call, extension):
+        calls.setdefault(call.linkedid, call)
+        crm.on_call_event(kind, call, extension)
+
+    replay_capture(capture, CallTracker(rules, on_call_event))
+    for req in outbox.listing(("pending",)):
+        # what the sender would do, with the portal's answers made up
+        try:
+            params = sender.prepared(req)
+        except (Unresolved, NotReady) as exc:
+            hooks.journal.append((req.method, None, "not sent here: %s" % exc, {"linkedid": req.linkedid}))
+            continue
+        except HookSkipped:
+            continue
+        facts = sender.facts(records.get(req.linkedid), req.linkedid)
+        if req.kind == "register":
+            answer = {"CALL_ID": "<CALL_ID of %s>" % req.linkedid, "CRM_ENTITY_TYPE": "", "CRM_ENTITY_ID": None,
+                      "CRM_CREATED_ENTITIES": []}
+            records.update(req.linkedid, call_id=answer["CALL_ID"])
+            hooks.follow_ups("post_registration", answer, facts)
+        elif req.kind == "finish":
+            hooks.follow_ups("post_finish", dict(params, CRM_ACTIVITY_ID=None), facts)
+        elif req.kind == "record":
+            spec = req.params["FILENAME"]
+            name = spec.get("name") or recordings.find_for_call(spec.get("uniqueids") or [], spec.get("started_at"))
+            found = recordings.locate(name, spec.get("started_at")) if name else None
+            hooks.call("process_record_file_path", found, (found, facts), sender.a_recording)
+    for linkedid, call in calls.items():
+        # routing and click-to-call do not happen in a capture: asked as they would be
+        mark = len(hooks.journal)
+        number = crm.client_number(call) if call.direction in ("inbound", "outbound") else None
+        if call.direction == "inbound":
+            lookup.customized(lookup.answer("NOT_FOUND", number or ""), call.did)
+        elif call.direction == "outbound" and call.placer and number:
+            click.originate_params("<CALL_ID>", users.user_for(call.placer) or default_user, call.placer, number,
+                                   "a click (made up)")
+        hooks.journal[mark:] = [(n, b, a, {"linkedid": linkedid}) for n, b, a, _c in hooks.journal[mark:]]
+    out = sys.stdout
+    by_call = collections.OrderedDict((lid, []) for lid in calls)
+    for name, before, after, context in hooks.journal:
+        linkedid = context.get("linkedid") if isinstance(context, dict) else None
+        by_call.setdefault(linkedid, []).append((name, before, after))
+    for linkedid, changes in by_call.items():
+        call = calls.get(linkedid)
+        title = "call %s" % linkedid if call is None else "call %s: %s %s%s" % (
+            linkedid, call.direction, rules.number_plan.normalize(call.external_number) or "-",
+            " to %s" % call.did if call.did and call.direction == "inbound" else "")
+        out.write(title + "\n")
+        for name, before, after in changes:
+            if name == "need_registration":
+                text = "the call is not reported"
+            else:
+                text = after if before is None else describe_change(before, after)
+            out.write("  %s: %s\n" % (name, text))
+        if not changes:
+            out.write("  no hook changed anything\n")
+    for name, count in sorted(hooks.errors.items()):
+        out.write("hook %s failed %d time(s); see the log lines above\n" % (name, count))
+    return EXIT_FAILURE if hooks.errors else EXIT_OK
+
+
 def cmd_record_ami(args):
     config = _load_config(args, required=True)
     ami = config.section("ami")
@@ -10035,6 +10842,9 @@ COMMANDS = (
      [_arg("capture", help="a capture directory (with ami.log) or an ami.log file"),
       _arg("--include-internal", action="store_true", help="also print internal calls"),
       _arg("--dry-run", action="store_true", help="after each call, print the Bitrix24 requests that would be sent")]),
+    ("hooks", "replay a capture through the hooks file and print what each hook changed", "cmd_hooks",
+     [_arg("action", choices=["test"]), _arg("capture", help="a capture directory (with ami.log) or an ami.log file"),
+      _arg("--hooks", default="", help="the hooks file (default: [hooks] file)")]),
     ("outbox", "show or retry the requests waiting for Bitrix24", "cmd_outbox",
      [_arg("action", choices=["list", "retry"]), _arg("--id", type=int, help="retry only this request")]),
     ("oauth-code", "get the local application's first tokens from an authorization code", "cmd_oauth_code",

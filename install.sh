@@ -175,6 +175,11 @@ fetch_program() {
     "$PYTHON" "$OPT_DIR/bx24ast.py.new" --version >/dev/null 2>&1 \
         || fail "the new bx24ast.py does not run under $PYTHON" "download it again"
     mv -f "$OPT_DIR/bx24ast.py.new" "$OPT_DIR/bx24ast.py"
+    if [ -f "$HERE/hooks.example.py" ]; then
+        # the worked examples of every hook, to copy into /etc/bx24ast/hooks.py
+        install -m 0644 "$HERE/hooks.example.py" "$OPT_DIR/hooks.example.py" \
+            && say "hooks: examples in $OPT_DIR/hooks.example.py"
+    fi
     write_launcher
 }
 

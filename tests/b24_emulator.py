@@ -15,6 +15,8 @@ import re
 import socketserver
 import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from urllib.parse import parse_qsl, urlencode, urlsplit, unquote_plus
@@ -128,6 +130,8 @@ class Bitrix24Emulator(object):
         self.activities = []
         self.records = {}
         self.record_uploads = {}      # CALL_ID -> how many files were uploaded for it
+        self.record_urls = {}         # CALL_ID -> the RECORD_URL the file was fetched from
+        self.comments = collections.OrderedDict()
         self.tasks = collections.OrderedDict()
         self.lines = collections.OrderedDict()
         self.sources = ["CALL", "EMAIL", "WEB", "ADVERTISING", "PARTNER", "RECOMMENDATION", "TRADE_SHOW",
@@ -652,6 +656,8 @@ class Bitrix24Emulator(object):
                   "CALL_FAILED_CODE": status, "ADD_TO_CHAT": truthy_php(p.get("ADD_TO_CHAT")),
                   "CRM_ACTIVITY_ID": None, "RECORD_FILE_ID": None, "shown_at_finish": sorted(call["shown"]),
                   "call": call}
+        if p.get("VOTE") not in (None, ""):
+            record["CALL_VOTE"] = int(p["VOTE"])
         if entity_id:
             activity = {"ID": len(self.activities) + 1, "OWNER_TYPE": entity_type, "OWNER_ID": entity_id,
                         "ORIGIN_ID": "VI_" + call_id, "RESPONSIBLE_ID": uid, "DURATION": duration,
@@ -689,6 +695,19 @@ class Bitrix24Emulator(object):
             raise core("Required parameters are not set. Request should contain or URL or FILENAME parameter")
         if call_id not in self.stats:
             raise core("Call is not found in the statistic table. Looks like it is not finished yet.")
+        if p.get("RECORD_URL"):
+            # the portal downloads the file once, inside the request (doc 7.6, mode 1)
+            url = p["RECORD_URL"]
+            try:
+                with urllib.request.urlopen(url, timeout=10) as reply:
+                    content = reply.read()
+            except urllib.error.HTTPError as exc:
+                raise core("Server returns HTTP error code %d" % exc.code)
+            except (urllib.error.URLError, OSError) as exc:
+                raise core("SERVER_NOT_AVAILABLE: %s" % exc)
+            self.record_urls[call_id] = url
+            name = p.get("FILENAME") or url.rstrip("/").rsplit("/", 1)[-1]
+            return {"FILE_ID": self._store_record(call_id, name, content)}
         if "FILE_CONTENT" not in p:
             token = uuid.uuid4().hex
             self.uploads[token] = call_id
@@ -717,6 +736,37 @@ class Bitrix24Emulator(object):
 
     def m_telephony_externalline_get(self, p):
         return list(self.lines.values())
+
+    def _fields(self, p):
+        fields = p.get("fields")
+        if not isinstance(fields, dict):
+            raise Fail(400, "", "Parameter 'fields' must be array.")
+        return fields
+
+    def m_crm_contact_add(self, p):
+        fields = self._fields(p)
+        cid = self._id()
+        self.contacts[cid] = dict(fields, ID=str(cid), ASSIGNED_BY_ID=str(fields.get("ASSIGNED_BY_ID") or 1),
+                                  PHONE=list(fields.get("PHONE") or []))
+        return cid
+
+    def m_crm_deal_add(self, p):
+        fields = self._fields(p)
+        did = self._id()
+        category = int(fields.get("CATEGORY_ID") or 0)
+        stage = fields.get("STAGE_ID") or ("NEW" if not category else "C%d:NEW" % category)
+        self.deals[did] = dict(fields, ID=str(did), CATEGORY_ID=str(category), STAGE_ID=stage,
+                               ASSIGNED_BY_ID=str(fields.get("ASSIGNED_BY_ID") or 1))
+        return did
+
+    def m_crm_timeline_comment_add(self, p):
+        fields = self._fields(p)
+        if not fields.get("ENTITY_ID") or str(fields.get("ENTITY_TYPE", "")).lower() not in (
+                "lead", "deal", "contact", "company", "order"):
+            raise Fail(400, "", "ENTITY_ID and ENTITY_TYPE are required")
+        cid = self._id()
+        self.comments[cid] = dict(fields, ID=cid)
+        return cid
 
     def m_crm_status_list(self, p):
         return [{"ID": str(i + 1), "ENTITY_ID": "SOURCE", "STATUS_ID": s, "NAME": s.title()}

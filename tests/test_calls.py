@@ -122,6 +122,52 @@ def test_number_plan_other_countries():
     assert us.normalize("12125550100") == "+12125550100"
 
 
+OFFICE_RULES = """
+[numbers]
+outside_line = ^9(8\\d{10}|\\+\\d{11,14}|810\\d{8,})$ => \\1
+plus_eight = ^\\+8(\\d{10})$ => +7\\1
+city = ^([1-9]\\d{6})$ => 8495\\1
+branch = ^(2\\d{3})$ => +7495777\\1
+"""
+
+
+# Numbers as real trunks and CRM cards write them, with an office's [numbers] rules.
+@pytest.mark.parametrize("raw, want", [
+    ("8 (495) 123-45-67", "+74951234567"), ("+7 495 123-45-67", "+74951234567"),
+    ("00 7 495 123 45 67", "+74951234567"), ("810 7 495 1234567", "+74951234567"),
+    ("7 495 123 45 67", "+74951234567"), ("(495) 123-45-67", "+74951234567"),
+    ("4951234567", "+74951234567"), ("+8 495 123-45-67", "+74951234567"),   # +8: a trunk's mistake
+    ("9 8 495 123-45-67", "+74951234567"), ("9+74951234567", "+74951234567"),   # outside-line 9 left in
+    ("98104930123456", "+4930123456"), ("123-45-67", "+74951234567"),           # a city number of 7 digits
+    ("2345", "+74957772345"),                                                    # a branch's short number
+    ("112", "112"), ("0123456", "0123456"),   # not city numbers: the rules leave them alone
+    ("+44 20 7946 0000", "+442079460000"), ("anonymous", None), ("", None),
+])
+def test_number_rules_table(raw, want):
+    config = bx24ast.Config.from_text(OFFICE_RULES)
+    plan = bx24ast.PbxRules.from_config(config).number_plan
+    assert plan.normalize(raw) == want
+
+
+def test_number_rules_apply_in_order_first_match_wins():
+    config = bx24ast.Config.from_text("[numbers]\nfirst = ^5(\\d+)$ => 1\\1\nsecond = ^5(\\d+)$ => 2\\1\n")
+    assert bx24ast.PbxRules.from_config(config).number_plan.normalize("5555") == "1555"
+
+
+@pytest.mark.parametrize("line, words", [
+    ("x = ^9(\\d+)$", ["[numbers] x", "PATTERN => REPLACEMENT"]),
+    ("x = ^9(\\d+$ => \\1", ["[numbers] x", "valid pattern"]),
+    ("x = ^9(\\d+)$ => \\2", ["[numbers] x", "invalid group reference"]),
+    ("x = ^9(\\d+)$ => abc", ["[numbers] x", "digits, + and groups"]),
+    ("x = ^9(\\d+)$ =>", ["[numbers] x", "PATTERN => REPLACEMENT"]),
+])
+def test_number_rules_refused_with_the_rule_named(line, words):
+    with pytest.raises(bx24ast.ConfigError) as err:
+        bx24ast.Config.from_text("[numbers]\n%s\n" % line)
+    for word in words:
+        assert word in str(err.value)
+
+
 @pytest.mark.parametrize("name, ext", [
     ("PJSIP/101-0000001a", "101"), ("SIP/102-00000003", "102"), ("IAX2/103-12345", "103"),
     ("Local/101@from-queue-00000004;1", "101"), ("Local/101#@from-internal-00000004;2", "101"),

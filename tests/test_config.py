@@ -37,6 +37,8 @@ def test_example_config_documents_every_key_and_matches_the_schema():
     for section, key, default, _conv, doc in bx24ast.CONFIG_SCHEMA:
         assert "[%s]" % section in text and "\n%s =" % key in text and doc in text
         assert config.get(section, key) == bx24ast.Config.defaults().get(section, key)
+    for key, default, _conv, doc in bx24ast.LINE_SCHEMA:
+        assert ("# %s = %s" % (key, default) if default else "# %s =" % key) in text and doc in text
 
 
 @pytest.mark.parametrize("text, words", [
@@ -89,3 +91,63 @@ def test_good_file_checks_ok(tmp_path):
 def test_webhook_url_gets_its_trailing_slash():
     config = bx24ast.Config.from_text("[bitrix24]\nwebhook_url = https://a.bitrix24.ru/rest/1/abc\n")
     assert config.get("bitrix24", "webhook_url") == "https://a.bitrix24.ru/rest/1/abc/"
+
+
+# -- named sections: [line:DID], several PBXs, [users] with mobiles ----------------------------
+
+def test_line_sections_with_lines_map_merged():
+    config = bx24ast.Config.from_text(
+        "[lines]\n74951234567 = ADVERTISING\n74957654321 = PARTNER\n"
+        "[line:74951234567]\nresponsible = 7\ncreate = deal\ndeal_category = 2\ndeal_stage = C2:NEW\n"
+        "hours = mon-fri 09:00-18:00; sat 10:00-15:00\n"
+        "[line:+74959990000]\nsource = WEB\n")
+    lines = config.line_settings()
+    assert lines["74951234567"]["source"] == "ADVERTISING"   # from [lines]
+    assert lines["74951234567"]["responsible"] == 7 and lines["74951234567"]["create"] == "deal"
+    assert lines["74951234567"]["deal_stage"] == "C2:NEW" and lines["74951234567"]["deal_category"] == 2
+    assert lines["74951234567"]["hours"].is_open(1796558400) in (True, False)
+    assert lines["74957654321"] == {"source": "PARTNER", "responsible": 0, "create": "lead",
+                                    "deal_category": 0, "deal_stage": "", "hours": None}
+    assert lines["+74959990000"]["source"] == "WEB"
+
+
+def test_pbx_sections_inherit_pbx_and_default_cel_off():
+    config = bx24ast.Config.from_text(
+        "[pbx]\ncountry_code = 7\nextension_pattern = 1[0-9]{2}\n"
+        "[ami:branch]\nhost = 10.0.2.5\nusername = bx24\n"
+        "[pbx:branch]\nextension_pattern = 2[0-9]{2}\n")
+    assert config.names("ami") == ["branch"] and config.names("cel") == []
+    assert config.get("ami:branch", "host") == "10.0.2.5" and config.get("ami:branch", "port") == 5038
+    assert config.get("pbx:branch", "extension_pattern").match("201")
+    assert config.get("pbx:branch", "country_code") == "7"
+    config = bx24ast.Config.from_text("[ami:branch]\nhost = 10.0.2.5\n[cel:branch]\nmysql_host = 10.0.2.5\n")
+    assert config.get("cel:branch", "backend") == "off" and config.get("cel", "backend") == "auto"
+
+
+@pytest.mark.parametrize("text, words", [
+    ("[line:749512345x7!]\nsource = WEB\n", ["[line:749512345x7!]", "[line:74951234567]"]),
+    ("[line:74951234567]\ncolour = red\n", ["unknown key 'colour' in [line:74951234567]", "responsible"]),
+    ("[line:74951234567]\ncreate = company\n", ["[line:74951234567] create", "lead, deal, none"]),
+    ("[line:74951234567]\nhours = mon-fri 9-18\n", ["[line:74951234567] hours", "HH:MM-HH:MM"]),
+    ("[line:74951234567]\nhours = someday 09:00-18:00\n", ["[line:74951234567] hours", "'someday'"]),
+    ("[routing]\nhours = mon 25:00-26:00\n", ["[routing] hours", "span of time"]),
+    ("[ami:bad name]\nhost = x\n", ["[ami:bad name]", "letters, digits"]),
+    ("[ami:branch]\nport = 0\n", ["[ami:branch] port", "1 to 65535"]),
+    ("[pbx:branch]\ncountry_code = 7\n", ["[pbx:branch]", "no [ami:branch]"]),
+    ("[users]\n101 = 7, 12\n", ["[users] 101", "mobile number"]),
+    ("[users]\n101 = seven\n", ["[users] 101", "Bitrix24 user ID"]),
+])
+def test_named_sections_refused_with_the_section_named(text, words):
+    with pytest.raises(bx24ast.ConfigError) as err:
+        bx24ast.Config.from_text(text)
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_users_with_mobiles():
+    config = bx24ast.Config.from_text("[users]\n101 = 7, +7 916 123-45-67, 89031112233\n102 = 9\n")
+    entry = config.maps["users"]["101"]
+    assert entry.user_id == 7 and entry.mobiles == ("+79161234567", "89031112233")
+    assert str(entry) == "7, +79161234567, 89031112233"
+    users = bx24ast.UserDirectory(None, config.maps["users"])
+    assert users.user_for("101") == 7 and users.user_for("102") == 9

@@ -45,6 +45,8 @@ def test_install_creates_every_piece_with_the_right_modes(tmp_path):
     assert mode(tree / "opt" / "bx24ast" / "bx24ast.py") == 0o755
     with open(str(tree / "opt" / "bx24ast" / "bx24ast.py")) as a, open(os.path.join(ROOT, "bx24ast.py")) as b:
         assert a.read() == b.read()
+    assert mode(tree / "opt" / "bx24ast" / "hooks.example.py") == 0o644
+    assert "hooks: examples in" in out
     config = bx24ast.Config.load(str(conf))
     # --root: every path of the configuration is inside the tree, the wizard looks there
     assert config.get("storage", "state_dir") == str(tree / "var" / "lib" / "bx24ast")
