@@ -22,6 +22,7 @@ Sections, in the order data flows:
                      EventListener (port mode), OfflineEventPoller (no-port mode)
     Web wizard       hash_password, the setup wizard at /config/master
     Captures         record-ami / replay: AMI byte streams with their timing sidecar
+    Metrics          GET /metrics (Prometheus text): calls, card latency, outbox, REST, AMI, CEL, hooks
     Service          the daemon: threads, signals, SIGHUP reload, heartbeat, lock
     Checks           run_checks: daemon, AMI, Bitrix24, outbox, CEL (`check`, wizard)
     Command line     main()
@@ -1365,7 +1366,7 @@ class Outbox(object):
 
     # Not idempotent: once one of these has left, the portal may carry it out however
     # the answer fares, so it is not sent again before the first could still be running.
-    UNCERTAIN_KINDS = frozenset(("register", "finish", "record", "task"))
+    UNCERTAIN_KINDS = frozenset(("register", "finish", "record", "task", "contact", "deal"))
 
     def mark_sending(self, requests, settle=0.0):
         """Counted before the bytes leave: after a crash, attempts > 0 says the
@@ -1434,6 +1435,11 @@ class Outbox(object):
         rows = self.store.query("SELECT state, COUNT(*) AS n FROM outbox GROUP BY state")
         return dict((r["state"], r["n"]) for r in rows)
 
+    def oldest_pending(self):
+        """When the oldest request still waiting was added (wall time), or None."""
+        rows = self.store.query("SELECT MIN(created_at) AS t FROM outbox WHERE state = 'pending'")
+        return rows[0]["t"] if rows else None
+
     def listing(self, states=("pending", "parked")):
         marks = ",".join("?" for _ in states)
         rows = self.store.query("SELECT * FROM outbox WHERE state IN (%s) ORDER BY id" % marks, states)
@@ -1489,15 +1495,29 @@ class CallRecords(object):
         return bool(self.store.query("SELECT 1 FROM calls WHERE linkedid = ? AND source IS NOT NULL",
                                      (linkedid,)))
 
-    def unended(self):
+    def unended(self, pbx=None):
         """Calls reported to Bitrix24 whose end was never reported: in progress, or
-        lost in a gap of the live view (a restart, an AMI disconnect)."""
+        lost in a gap of the live view (a restart, an AMI disconnect); of one PBX
+        ("" for [ami], whose linkedids have no name in front) when pbx is given."""
+        where = ""
+        args = ()
+        if pbx == "":
+            where = " AND linkedid NOT LIKE '%:%'"
+        elif pbx:
+            where, args = " AND linkedid LIKE ?", (pbx.replace("%", "").replace("_", "") + ":%",)
         return [dict(r) for r in self.store.query(
-            "SELECT * FROM calls WHERE source IS NOT NULL AND ended_at IS NULL ORDER BY started_at")]
+            "SELECT * FROM calls WHERE source IS NOT NULL AND ended_at IS NULL%s ORDER BY started_at" % where, args)]
 
     def uncertain_since(self, since):
         return [dict(r) for r in self.store.query(
             "SELECT * FROM calls WHERE uncertain IS NOT NULL AND updated_at >= ? ORDER BY ended_at", (since,))]
+
+    def last_talker(self, number, since):
+        """The extension that last talked with number, in a call ended since then."""
+        rows = self.store.query("SELECT talker FROM calls WHERE external_number = ? AND answered = 1 "
+                                "AND talker IS NOT NULL AND ended_at >= ? ORDER BY ended_at DESC LIMIT 1",
+                                (number, since))
+        return rows[0]["talker"] if rows else None
 
     def answered_since(self, number, since, exclude):
         """Whether the client got through (either way) after a missed call."""
@@ -1935,8 +1955,6 @@ class AmiConnection(object):
         self.stream = AmiStream(on_event, self.parser)
         self._sock = None
         self._send_lock = threading.Lock()
-        self._ids = 0
-        self._id_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = None
         self._reader_ident = None
@@ -1948,10 +1966,15 @@ class AmiConnection(object):
         self.last_error = None
 
     # -- actions ------------------------------------------------------------
+    # One count for every connection of the process: the ActionIDs of two PBXs' connections
+    # never meet (click-to-call matches OriginateResponse by it).
+    _action_ids = [0]
+    _action_ids_lock = threading.Lock()
+
     def next_action_id(self):
-        with self._id_lock:
-            self._ids += 1
-            return "bx24ast-%d-%d" % (os.getpid(), self._ids)
+        with self._action_ids_lock:
+            self._action_ids[0] += 1
+            return "bx24ast-%d-%d" % (os.getpid(), self._action_ids[0])
 
     def send(self, action, headers=(), callback=None):
         """Send without waiting; callback(pending) runs in the reader thread."""
@@ -2306,7 +2329,8 @@ class PbxRules(object):
                  extension_pattern=None, external_min_length=6, extension_variables=("AMPUSER",),
                  did_variables=("FROM_DID",), recording_variables=("MIXMONITOR_FILENAME", "CALLFILENAME"),
                  recording_format="wav", number_plan=None, ignore_numbers=None,
-                 call_max_seconds=12 * 3600, call_id_variable="BX24_CALL_ID"):
+                 call_max_seconds=12 * 3600, call_id_variable="BX24_CALL_ID", mobiles=None,
+                 mobile_dial_out="outbound"):
         self.inbound_contexts = inbound_contexts
         self.internal_contexts = internal_contexts
         self.trunk_channels = trunk_channels
@@ -2320,13 +2344,20 @@ class PbxRules(object):
         self.ignore_numbers = ignore_numbers
         self.call_max_seconds = call_max_seconds
         self.call_id_variable = call_id_variable
+        # the employees' own mobiles ([users] 101 = 7, +7916...): +79161234567 -> "101",
+        # matched whole, so that a client's number is never taken for an employee's
+        self.mobiles = {}
+        for ext, numbers in (mobiles or {}).items():
+            for number in numbers:
+                self.mobiles[self.number_plan.normalize(number)] = ext
+        self.mobile_dial_out = mobile_dial_out
         # 'SIP/trunk-operator' -> 'trunk' or 'phone', as Asterisk itself lists them
         # (PbxDiscovery); empty until learned, and [pbx] trunk_channels still wins.
         self.endpoints = {}
 
     @classmethod
-    def from_config(cls, config):
-        pbx = config.section("pbx")
+    def from_config(cls, config, section="pbx"):
+        pbx = config.section(section)
         return cls(
             inbound_contexts=pbx["inbound_contexts"],
             internal_contexts=pbx["internal_contexts"],
@@ -2341,7 +2372,10 @@ class PbxRules(object):
                                    pbx["national_number_length"], pbx["international_prefix"],
                                    config.maps.get("numbers", {}).values()),
             ignore_numbers=pbx["ignore_numbers"],
-            call_max_seconds=pbx["call_max_hours"] * 3600)
+            call_max_seconds=pbx["call_max_hours"] * 3600,
+            mobiles=dict((ext, entry.mobiles) for ext, entry in config.maps.get("users", {}).items()
+                         if isinstance(entry, Employee) and entry.mobiles),
+            mobile_dial_out=pbx["mobile_dial_out"])
 
     @classmethod
     def defaults(cls):
@@ -2390,7 +2424,8 @@ class PbxRules(object):
             return False
         local = local_channel_parts(name)
         if local is not None:
-            return self.is_external_number(local[0])
+            # FreePBX rings a ring group's outside member as Local/89161234567#@from-internal
+            return self.is_external_number(local[0].rstrip("#"))
         return "/" in name
 
     def dialled_number(self, *candidates):
@@ -2414,6 +2449,12 @@ class PbxRules(object):
         if variable != "MIXMONITOR_FILENAME" and not _RECORDING_EXT.search(name):
             name = "%s.%s" % (name, self.recording_format)
         return name
+
+    def employee_of_number(self, number):
+        """The extension of the employee whose mobile number is, or None."""
+        if not self.mobiles or not number:
+            return None
+        return self.mobiles.get(self.number_plan.normalize(number))
 
     def is_ignored_number(self, number, normalized=None):
         if self.ignore_numbers is None:
@@ -2490,6 +2531,7 @@ class Call(object):
         self._recording_rank = None
         self.call_id = None         # Bitrix24 CALL_ID carried in by click-to-call
         self.callback = False       # started by the CRM callback form (registered as TYPE 4)
+        self.from_mobile = None     # the extension whose employee called in from their mobile
         self.channels = {}
         self.dial_statuses = []
         self.notified_ringing = set()
@@ -2722,6 +2764,14 @@ class CallTracker(object):
             chan.extension = None
             call.direction = "inbound"
             call.external_number = self._cid(chan.cid)
+            employee = rules.employee_of_number(call.external_number)
+            if employee is not None:
+                # an employee calling in from their mobile: to a colleague it is an
+                # internal call; put through to a client, their own outbound call
+                call.direction, call.placer, call.from_mobile = "internal", employee, employee
+                call.external_number = None
+                chan.extension = employee
+                return
             # Adopted mid-call, the trunk leg's extension is where the dialplan is now:
             # the line only while it is still in the context calls come in at, not once
             # it went on to a ring group or a phone.
@@ -2901,13 +2951,18 @@ class CallTracker(object):
         if src is not None and src.extension is not None and self.rules.is_external_leg(dest.name):
             dest.external_leg = True
             if call.direction in (None, "internal") and call.answered_at is None:
-                src_is_origin = src.origin == "phone" or call.originated
-                if src_is_origin or call.direction is None:
+                src_is_origin = src.origin == "phone" or call.originated or (
+                    call.from_mobile is not None and src.origin == "trunk" and self.rules.mobile_dial_out == "outbound")
+                number = self.rules.dialled_number(msg.get("DialString"), src.exten, msg.get("Exten"),
+                                                   msg.get("DestExten"), msg.get("DestCallerIDNum"))
+                if self.rules.employee_of_number(number) is not None:
+                    # a colleague's mobile: no client on this call
+                    call.direction = "internal"
+                    if call.placer is None:
+                        call.placer = src.extension
+                elif src_is_origin or call.direction is None:
                     call.direction = "outbound"
                     call.placer = src.extension
-                    number = self.rules.dialled_number(msg.get("DialString"), src.exten,
-                                                       msg.get("Exten"), msg.get("DestExten"),
-                                                       msg.get("DestCallerIDNum"))
                     call.external_number = number
                     for c in call.channels.values():
                         c.party = False
@@ -2923,7 +2978,8 @@ class CallTracker(object):
         extension it was routed to, the one who had it) stands on the outside leg, so
         that the mobile answering is that employee answering."""
         exten = msg.get("Exten")
-        ext = src.on_behalf or (exten if self.rules.is_extension(exten) else None) or \
+        owner = self.rules.employee_of_number(self.rules.dialled_number(msg.get("DialString"), dest.name))
+        ext = owner or src.on_behalf or (exten if self.rules.is_extension(exten) else None) or \
             call.talking_with or (call.rang[-1] if call.rang else None)
         if ext is None:
             return
@@ -3626,6 +3682,7 @@ class BitrixClient(object):
         self._refresh_lock = threading.Lock()
         self.may_refresh = True
         self.requests_sent = 0
+        self.answers = collections.Counter()   # (method, "200" or the error code) -> answers (metrics)
         self.last_error = None
         self.last_answer_at = None   # wall time of the last request the portal carried out
         self._saved_level = None
@@ -3820,13 +3877,19 @@ class BitrixClient(object):
             if delay > 0:
                 self.sleep(delay)
             self.requests_sent += 1
-            status, answer = self._http("POST", url, json.dumps(body).encode("utf-8"),
-                                        "application/json", method)
+            try:
+                status, answer = self._http("POST", url, json.dumps(body).encode("utf-8"),
+                                            "application/json", method)
+            except BitrixUnavailable:
+                self.answers[(method, "unreachable")] += 1
+                raise
             if status == 200 and isinstance(answer, dict) and "result" in answer and "error" not in answer:
                 self.last_error = None
                 self.last_answer_at = time.time()
+                self.answers[(method, "200")] += 1
                 return answer["result"]
             error = classify_error(status, answer, method)
+            self.answers[(method, error.code or "HTTP %s" % status)] += 1
             if isinstance(error, BitrixAuthExpired) and self.uses_oauth and attempt == 1 and self.may_refresh:
                 self.refresh(token)
                 continue
@@ -3844,7 +3907,15 @@ class BitrixClient(object):
         result = self.call("batch", {"halt": 1 if halt else 0, "cmd": cmd})
         results = result.get("result") if isinstance(result, dict) else None
         errors = result.get("result_error") if isinstance(result, dict) else None
-        return (results if isinstance(results, dict) else {}), (errors if isinstance(errors, dict) else {})
+        results = results if isinstance(results, dict) else {}
+        errors = errors if isinstance(errors, dict) else {}
+        for key, method, _params in commands:
+            if key in errors:
+                error = errors[key]
+                self.answers[(method, str(error.get("error") or "error") if isinstance(error, dict) else "error")] += 1
+            elif key in results:
+                self.answers[(method, "200")] += 1
+        return results, errors
 
     def upload(self, url, field, filename, content):
         """The second step of attachRecord: a multipart POST of the raw file."""
@@ -4305,6 +4376,54 @@ class RecordingFiles(object):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+class Lines(object):
+    """The lines clients dial ([line:DID] sections, [lines]) and their settings. A line
+    written 8 (495) 123-45-67, +74951234567 or 74951234567 is one line, whichever way
+    the trunk presents the DID."""
+
+    def __init__(self, settings, number_plan, default_hours=None):
+        self.number_plan = number_plan
+        self.default_hours = default_hours
+        self._by_key = dict((self.key(did), s) for did, s in settings.items())
+
+    @classmethod
+    def from_config(cls, config, rules):
+        return cls(config.line_settings(), rules.number_plan, config.get("routing", "hours"))
+
+    def key(self, did):
+        number = clean_phone_number(did)
+        return (self.number_plan.normalize(number) if number else None) or did
+
+    def get(self, did):
+        """The line's settings, or None when it has none of its own."""
+        return self._by_key.get(self.key(did)) if did else None
+
+    def hours(self, did):
+        """When the line is open: its own hours, else [routing] hours; None is always."""
+        settings = self.get(did)
+        return (settings and settings["hours"]) or self.default_hours
+
+    def responsible(self, did):
+        settings = self.get(did)
+        return (settings and settings["responsible"]) or None
+
+
+class PbxCall(object):
+    """A call of a named PBX ([ami:NAME]) as the CRM side keys it: its linkedid carries
+    the PBX's name, so that two Asterisks' linkedids never meet in the state database
+    (each counts from its own start time)."""
+
+    def __init__(self, call, pbx):
+        self.__dict__["call"] = call
+        self.__dict__["linkedid"] = "%s:%s" % (pbx, call.linkedid)
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["call"], name)
+
+    def __setattr__(self, name, value):
+        setattr(self.__dict__["call"], name, value)
+
+
 class CrmFlows(object):
     """Lifecycle events of external calls -> Bitrix24 requests in the outbox.
 
@@ -4321,7 +4440,7 @@ class CrmFlows(object):
         self.pbx = pbx
         # a line written 8 (495) 123-45-67, +74951234567 or 74951234567 is one line,
         # whichever way the trunk presents the DID
-        self.lines = dict((self._line_key(did), settings) for did, settings in config.line_settings().items())
+        self.lines = Lines.from_config(config, rules)
         # what hooks said of a call, asked once per call (bounded: a call's events come
         # within hours, and a restarted daemon asks again)
         self._decided = BoundedCache(5000)
@@ -4339,7 +4458,12 @@ class CrmFlows(object):
         self._lock = threading.Lock()
 
     # -- entry points -----------------------------------------------------------------
+    def _keyed(self, call):
+        """The call as this side keys it: a named PBX's linkedids carry its name."""
+        return PbxCall(call, self.pbx) if self.pbx else call
+
     def on_call_event(self, kind, call, extension):
+        call = self._keyed(call)
         if not is_reportable(call, self.rules) or not self._wanted(call, extension):
             return
         with self._lock:
@@ -4407,6 +4531,7 @@ class CrmFlows(object):
         """A whole call at once, as Asterisk recorded it (CEL): reported late when the
         live path never saw it; finished when it was registered and never finished
         (the daemon stopped, AMI was away) or its end waits for the ledger."""
+        call = self._keyed(call)
         with self._lock, self.records.store.transaction():
             row = self.records.get(call.linkedid)
             if row is None or row.get("source") is None:
@@ -4454,8 +4579,10 @@ class CrmFlows(object):
         longer has. With a ledger they wait for CEL (ledger_wait); without, they are
         closed at once with what was kept of them, marked uncertain."""
         closed = 0
+        if self.pbx:
+            tracked = set("%s:%s" % (self.pbx, lid) for lid in tracked)
         with self._lock:
-            for row in self.records.unended():
+            for row in self.records.unended(self.pbx):
                 linkedid = row["linkedid"]
                 if linkedid in tracked or linkedid in self._awaiting or linkedid in self._live:
                     continue
@@ -4470,6 +4597,26 @@ class CrmFlows(object):
                                                     "and CEL is off: end time and answer are guesses")
                         closed += 1
         return closed
+
+    def _contact_and_deal(self, call, owner):
+        """[line:DID] create = deal: a contact and a deal of bx24ast's own for an unknown
+        number, sent after the register (which found nobody; the sender skips both when
+        it found someone) and before the finish, which then finds the new contact by its
+        number and binds the call to it and its deal."""
+        number, line = self.client_number(call), self._line(call)
+        source = line["source"] or "CALL"
+        self.outbox.add(call.linkedid, "contact", "crm.contact.add", {"fields": collections.OrderedDict([
+            ("NAME", number), ("OPENED", "Y"), ("ASSIGNED_BY_ID", owner), ("SOURCE_ID", source),
+            ("SOURCE_DESCRIPTION", "bx24ast: call to %s" % call.did),
+            ("PHONE", [{"VALUE": number, "VALUE_TYPE": "WORK"}])]), "check": {"number": number}},
+            PRIORITY_FINISH)
+        fields = collections.OrderedDict([
+            ("TITLE", "%s: call from %s" % (call.did, number)), ("CONTACT_ID", {"$": "created", "type": "CONTACT"}),
+            ("CATEGORY_ID", line["deal_category"]), ("OPENED", "Y"), ("ASSIGNED_BY_ID", owner),
+            ("SOURCE_ID", source)])
+        if line["deal_stage"]:
+            fields["STAGE_ID"] = line["deal_stage"]
+        self.outbox.add(call.linkedid, "deal", "crm.deal.add", {"fields": fields}, PRIORITY_FINISH)
 
     # -- the ledger -------------------------------------------------------------------------
     def _await_ledger(self, call):
@@ -4557,11 +4704,19 @@ class CrmFlows(object):
         """The call's line settings ([line:DID], [lines]), or None."""
         if call.direction != "inbound" or not call.did:
             return None
-        return self.lines.get(self._line_key(call.did))
+        return self.lines.get(call.did)
 
     def _withheld(self, call):
         """No number a portal could store: anonymous, empty, <unknown>, a SIP URI."""
         return self.client_number(call) is None
+
+    def _creates(self, call):
+        """What an unknown number creates on this call's line: lead (the portal's own
+        CRM_CREATE), deal (a contact and a deal bx24ast adds), or none."""
+        if not self.crm["create"] or self._withheld(call):
+            return "none"
+        line = self._line(call)
+        return line["create"] if line else "lead"
 
     def _register_params(self, call, ext, show):
         withheld = self._withheld(call)
@@ -4570,7 +4725,7 @@ class CrmFlows(object):
             ("PHONE_NUMBER", self.crm["withheld_number"] if withheld else self.client_number(call)),
             ("TYPE", 2 if call.direction == "inbound" else 4 if call.callback else 1),
             ("CALL_START_DATE", bitrix_time(call.started_at or time.time())),
-            ("CRM_CREATE", 1 if self.crm["create"] and not withheld else 0),
+            ("CRM_CREATE", 1 if self._creates(call) == "lead" else 0),
             ("SHOW", 1 if show and self.crm["show_card"] else 0),
             ("EXTERNAL_CALL_ID", call.linkedid),
         ])
@@ -4580,12 +4735,6 @@ class CrmFlows(object):
             if line and line["source"]:
                 params["CRM_SOURCE"] = line["source"]
         return params
-
-    def _line_key(self, did):
-        if not did:
-            return did
-        number = clean_phone_number(did)
-        return (self.rules.number_plan.normalize(number) if number else None) or did
 
     def _registered(self, call):
         return call.call_id is not None or self.records.registered(call.linkedid)
@@ -4678,6 +4827,8 @@ class CrmFlows(object):
             if missed_inbound and not self._withheld(call):
                 self.outbox.add(linkedid, "owner", "telephony.externalCall.searchCrmEntities",
                                 {"PHONE_NUMBER": self.client_number(call)}, PRIORITY_FINISH)
+        if self._creates(call) == "deal":
+            self._contact_and_deal(call, finisher)
         shown = [e for e in (hide if hide is not None else self._shown.get(linkedid, [])) if e != talker]
         if shown and not late:
             self.outbox.add(linkedid, "hide", "telephony.externalcall.hide",
@@ -4700,6 +4851,9 @@ class CrmFlows(object):
                             {"CALL_ID": {"$": "call_id"}, "FILENAME": spec}, PRIORITY_LATER)
         if missed_inbound and self.crm["missed_task"]:
             when = call.ended_at or time.time()
+            hours = self.lines.hours(call.did)
+            # missed while the office was closed: due after it opens again
+            due_from = hours.next_opening(when) if hours is not None else when
             fields = {"number": self.client_number(call) or self.crm["withheld_label"],
                       "did": call.did or "", "line": call.did or "",
                       "time": time.strftime("%Y-%m-%d %H:%M", time.localtime(when)), "linkedid": linkedid}
@@ -4707,7 +4861,7 @@ class CrmFlows(object):
                 ("TITLE", self.crm["missed_task_title"].format(**fields)),
                 ("DESCRIPTION", self.crm["missed_task_description"].format(**fields)),
                 ("RESPONSIBLE_ID", self._responsible_ref(call, last_rang)),
-                ("DEADLINE", bitrix_time(when + self.crm["missed_task_deadline_minutes"] * 60)),
+                ("DEADLINE", bitrix_time(due_from + self.crm["missed_task_deadline_minutes"] * 60)),
                 ("UF_CRM_TASK", {"$": "crm_binding"}),
             ]), "check": {"number": self.client_number(call), "since": when}},
                 # from the wall clock's now at the latest: call times follow the steady
@@ -4824,6 +4978,7 @@ class OutboxSender(object):
         self._thread = None
         self.sent_batches = 0
         self.sent_single = 0
+        self.card_latency = Histogram()   # a ringing phone -> its card's request on the wire
         self._housekept = 0.0
         self._housekept_at_done = 0
         self._riders = []
@@ -4911,6 +5066,12 @@ class OutboxSender(object):
                 return binding
             if kind == "recording":
                 return value["name"]
+            if kind == "created":
+                row = self.records.get(request.linkedid) or {}
+                for entity in json.loads(row.get("created_entities") or "[]"):
+                    if entity.get("ENTITY_TYPE") == value["type"]:
+                        return entity["ENTITY_ID"]
+                raise Unresolved("no %s was created for the call" % value["type"])
             raise Unresolved("unknown placeholder %r" % kind)
         if isinstance(value, list):
             out = []
@@ -5064,6 +5225,8 @@ class OutboxSender(object):
             if row.get("created_entities") not in (None, "[]", "null") or not row.get("crm_entity_id"):
                 self.outbox.done(req, note="no existing CRM entity: nothing to look up")
                 return False
+        if req.kind in ("contact", "deal"):
+            return self._deal_flow_needed(req, row)
         if req.kind == "task":
             check = req.params.get("check") or {}
             if self.records.answered_since(check.get("number"), check.get("since", 0), req.linkedid):
@@ -5129,6 +5292,43 @@ class OutboxSender(object):
             return False
         return True
 
+    def _deal_flow_needed(self, req, row):
+        """A contact only for a number the register found no one for; a deal only for the
+        contact just made. A contact whose answer was lost is looked for by its number."""
+        created = [e.get("ENTITY_TYPE") for e in json.loads(row.get("created_entities") or "[]")]
+        if req.kind == "deal":
+            if "CONTACT" not in created:
+                self.outbox.done(req, note="no new contact: no deal")
+                return False
+            return True
+        if row.get("crm_entity_id"):
+            self.outbox.done(req, note="the client is in the CRM (%s %s): no new contact"
+                             % (row.get("crm_entity_type"), row.get("crm_entity_id")))
+            return False
+        if self._uncertain(req):
+            number = req.params["check"]["number"]
+            try:
+                found = self.client.call("crm.duplicate.findbycomm",
+                                         {"type": "PHONE", "values": [number], "entity_type": "CONTACT"})
+            except BitrixError as exc:
+                self.outbox.retry(req, self._backoff(req), "no answer: looking for the contact: %s" % exc)
+                return False
+            ids = (found or {}).get("CONTACT") if isinstance(found, dict) else None
+            if ids:
+                self._created(req.linkedid, "CONTACT", int(ids[0]))
+                self.outbox.done(req, note="the contact was created by an earlier attempt")
+                return False
+        return True
+
+    def _created(self, linkedid, entity_type, entity_id):
+        row = self.records.get(linkedid) or {}
+        created = json.loads(row.get("created_entities") or "[]")
+        created.append({"ENTITY_TYPE": entity_type, "ENTITY_ID": entity_id})
+        fields = {"created_entities": json.dumps(created)}
+        if entity_type == "CONTACT":
+            fields.update(crm_entity_type="CONTACT", crm_entity_id=entity_id)
+        self.records.update(linkedid, **fields)
+
     def _not_in_bitrix24_yet(self, req):
         """A call recovered from CEL that this state knows nothing of: when the portal's
         statistics already hold it (by EXTERNAL_CALL_ID) it was reported before the state
@@ -5180,11 +5380,18 @@ class OutboxSender(object):
             log.info("call %s: %s not sent (%s said so)", req.linkedid, req.method, HOOKED_REQUESTS[req.kind])
         return None
 
+    def _leaving(self, requests):
+        now = time.time()
+        for req in requests:
+            if req.attempts == 0 and req.priority == PRIORITY_CARD and req.kind in ("register", "show"):
+                self.card_latency.observe(max(0.0, now - req.created_at))
+        self.outbox.mark_sending(requests, self.unanswered_retry)
+
     def _send_single(self, req):
         params = self._params(req)
         if params is None:
             return
-        self.outbox.mark_sending([req], self.unanswered_retry)
+        self._leaving([req])
         self.sent_single += 1
         try:
             result = self.client.call(req.method, params)
@@ -5226,7 +5433,7 @@ class OutboxSender(object):
             return
         for n, ride in enumerate(riders):
             commands.append(("x%d" % n, ride.method, ride.params))
-        self.outbox.mark_sending([m[1] for m in members], self.unanswered_retry)
+        self._leaving([m[1] for m in members])
         self.sent_batches += 1
         try:
             results, errors = self.client.batch(commands)
@@ -5296,7 +5503,7 @@ class OutboxSender(object):
             log.warning("call %s: recording not attached: %s", req.linkedid, exc)
             self.outbox.done(req, note=str(exc))
             return
-        self.outbox.mark_sending([req], self.unanswered_retry)
+        self._leaving([req])
         try:
             if len(data) <= self.recordings.inline_max_bytes:
                 self.client.call(req.method, {"CALL_ID": call_id, "FILENAME": name,
@@ -5328,7 +5535,7 @@ class OutboxSender(object):
 
     def _send_record_url(self, req, call_id, url):
         """attachRecord with RECORD_URL: the portal fetches the file itself."""
-        self.outbox.mark_sending([req], self.unanswered_retry)
+        self._leaving([req])
         try:
             self.client.call(req.method, {"CALL_ID": call_id, "RECORD_URL": url,
                                           "FILENAME": url.rstrip("/").rsplit("/", 1)[-1].split("?")[0]})
@@ -5390,6 +5597,9 @@ class OutboxSender(object):
             log.info("call %s: missed-call task %s created", linkedid, task.get("id"))
         elif req.kind == "hook":
             log.info("call %s: %s (queued by a hook) done", linkedid, req.method)
+        elif req.kind in ("contact", "deal") and is_digits(str(result)):
+            self._created(linkedid, req.kind.upper(), int(result))
+            log.info("call %s: %s %s created for the line", linkedid, req.kind, result)
         follow = {"register": "post_registration", "finish": "post_finish"}.get(req.kind)
         if follow is not None and self.hooks.has(follow):
             for method, params in self.hooks.follow_ups(follow, result, self.facts(self.records.get(linkedid), linkedid)):
@@ -5865,17 +6075,18 @@ class CelRecovery(object):
     next pass, and the checkpoint never moves past their first row.
     """
 
-    CHECKPOINT = "cel.checkpoint"
-
-    def __init__(self, source, store, rules, crm=None, recordings=None):
+    def __init__(self, source, store, rules, crm=None, recordings=None, pbx=""):
         self.source = source
         self.store = store
         self.rules = rules
         self.crm = crm
         self.recordings = recordings
+        # each PBX reads its own CEL from its own place
+        self.checkpoint_key = "cel.checkpoint" + (":" + pbx if pbx else "")
+        self.recovered = collections.Counter()   # "late" / "finished" -> calls (metrics)
 
     def checkpoint(self):
-        return self.store.get_setting(self.CHECKPOINT)
+        return self.store.get_setting(self.checkpoint_key)
 
     def start_from_now(self, hours=24.0, now=None):
         """No checkpoint (a first start, or the state database was lost): CEL is read from
@@ -5891,7 +6102,7 @@ class CelRecovery(object):
             log.warning("CEL: no checkpoint in the state database (a new or lost state): calls of the last "
                         "%g h are read from CEL and reported unless Bitrix24 already has them "
                         "([cel] recover_hours_without_state)", hours)
-        self.store.set_setting(self.CHECKPOINT, start)
+        self.store.set_setting(self.checkpoint_key, start)
 
     @staticmethod
     def _from_its_start(group):
@@ -5926,6 +6137,8 @@ class CelRecovery(object):
                         report(call)
                     if not dry_run and self.crm is not None:
                         done = self.crm.report_finished(call)
+                        if done:
+                            self.recovered[done] += 1
                         if done == "late":
                             log.info("call %s: found in CEL, reported late (%s, %s)", call.linkedid,
                                      call.direction, call.disposition)
@@ -5935,7 +6148,7 @@ class CelRecovery(object):
         if since is None and not dry_run:
             first_open = groups.first_open_id()
             new = (first_open - 1) if first_open is not None else last_id
-            self.store.set_setting(self.CHECKPOINT, max(start, new))
+            self.store.set_setting(self.checkpoint_key, max(start, new))
         return found
 
 
@@ -6186,9 +6399,10 @@ def describe_detection(found, warnings):
     return lines
 
 
-def open_cel_source(config, root="/"):
-    """The CEL reader the configuration asks for; None when CEL is off or not found."""
-    cel = config.section("cel")
+def open_cel_source(config, root="/", section="cel"):
+    """The CEL reader the configuration asks for ([cel], or [cel:NAME] of another PBX);
+    None when CEL is off or not found."""
+    cel = config.section(section)
     backend = cel["backend"]
     settings = dict(cel)
     if backend == "off":
@@ -6413,12 +6627,18 @@ class ResponsibleLookup(object):
     MISS_SECONDS = 60.0
 
     def __init__(self, client, users, rules, ami=None, budget=0.5, cache_seconds=600.0,
-                 check_state=True, hint_context="from-internal", clock=monotonic, hooks=None):
+                 check_state=True, hint_context="from-internal", clock=monotonic, hooks=None,
+                 ami_for=None, records=None, sticky_days=0.0, lines=None, wall=time.time):
         self.client = client
         self.hooks = hooks or Hooks()
         self.users = users
         self.rules = rules
         self.ami = ami
+        self.ami_for = ami_for          # extension -> the AMI of its PBX, when there are several
+        self.records = records          # who talked with a number lately (sticky routing)
+        self.sticky_days = sticky_days
+        self.lines = lines or Lines({}, rules.number_plan)
+        self.wall = wall
         self.budget = budget
         self.cache_seconds = cache_seconds
         self.check_state = check_state
@@ -6431,17 +6651,48 @@ class ResponsibleLookup(object):
         self.cache_hits = 0
 
     @classmethod
-    def from_config(cls, config, client, users, rules, ami=None, hooks=None):
+    def from_config(cls, config, client, users, rules, ami=None, hooks=None, ami_for=None, records=None):
         r = config.section("routing")
         return cls(client, users, rules, ami, r["budget_ms"] / 1000.0, r["cache_minutes"] * 60,
-                   r["check_extension_state"], r["hint_context"], hooks=hooks)
+                   r["check_extension_state"], r["hint_context"], hooks=hooks, ami_for=ami_for,
+                   records=records, sticky_days=r["sticky_days"], lines=Lines.from_config(config, rules))
 
     ANSWER_KEYS = ("status", "number", "extension", "user_id", "crm_entity", "name")
+    # When the CRM gives no reachable owner, these may still route the caller.
+    NO_OWNER = frozenset(("NOT_FOUND", "NO_EXTENSION", "UNAVAILABLE", "TIMEOUT", "LIMITED", "ERROR"))
 
     def lookup(self, number, line=None):
         """{"status", "number", "extension", "user_id", "crm_entity", "name"}; status is
-        FOUND, NOT_FOUND, NO_EXTENSION, UNAVAILABLE, TIMEOUT, LIMITED, ERROR or INVALID."""
-        return self.customized(self._lookup(number), line)
+        FOUND (the CRM's owner), STICKY (who talked with the caller last), LINE (the line's
+        responsible), CLOSED (outside the line's working hours), NOT_FOUND, NO_EXTENSION,
+        UNAVAILABLE, TIMEOUT, LIMITED, ERROR or INVALID."""
+        started = self.clock()
+        hours = self.lines.hours(line)
+        if hours is not None and not hours.is_open(self.wall()):
+            key = self.rules.number_plan.normalize(clean_phone_number(number or "") or "")
+            return self.customized(self.answer("CLOSED", key or number), line)
+        found = self._lookup(number)
+        if found["status"] in self.NO_OWNER:
+            found = self._no_owner(found, line, started + self.budget) or found
+        return self.customized(found, line)
+
+    def _no_owner(self, found, line, deadline):
+        """The employee who talked with the caller last (within sticky_days), else the
+        line's responsible; each only while their phone is reachable."""
+        candidates = []
+        if self.sticky_days and self.records is not None and found["number"]:
+            talker = self.records.last_talker(found["number"], self.wall() - self.sticky_days * 86400)
+            if talker and self.rules.is_extension(talker):
+                candidates.append(("STICKY", talker, self.users.user_for(talker)))
+        user = self.lines.responsible(line)
+        if user:
+            ext = self.users.extension_of(user)
+            if ext and self.rules.is_extension(ext):
+                candidates.append(("LINE", ext, user))
+        for status, ext, user in candidates:
+            if not self.check_state or self._reachable(ext, deadline):
+                return dict(found, status=status, extension=ext, user_id=str(user or ""))
+        return None
 
     def customized(self, found, line):
         """The answer as customize_autodistribution leaves it."""
@@ -6487,7 +6738,7 @@ class ResponsibleLookup(object):
             if not pending[0].wait(max(0.0, deadline - self.clock())):
                 return self.answer("TIMEOUT", key)
             found = dict(pending[1])
-        if found["status"] == "FOUND" and self.check_state and self.ami is not None:
+        if found["status"] == "FOUND" and self.check_state:
             if not self._reachable(found["extension"], deadline):
                 found["status"], found["extension"] = "UNAVAILABLE", ""
         return found
@@ -6556,9 +6807,12 @@ class ResponsibleLookup(object):
         remaining = deadline - self.clock()
         if remaining <= 0.005:
             return True
+        ami = self.ami_for(ext) if self.ami_for is not None else self.ami
+        if ami is None:
+            return True
         try:
-            pending = self.ami.action("ExtensionState", [("Exten", ext), ("Context", self.hint_context)],
-                                      timeout=remaining)
+            pending = ami.action("ExtensionState", [("Exten", ext), ("Context", self.hint_context)],
+                                 timeout=remaining)
         except AmiError as exc:
             log.debug("routing: ExtensionState %s@%s: %s", ext, self.hint_context, exc)
             return True
@@ -6628,7 +6882,7 @@ class FastAgiServer(Listener):
                 return
             number = env.get("agi_arg_1") or env.get("agi_callerid") or ""
             started = monotonic()
-            found = self.lookup.lookup(number)
+            found = self.lookup.lookup(number, self._line(env))
             log.info("routing: AGI %s -> %s %s (%.0f ms)", _agi_text(number, 30), found["status"],
                      found["extension"] or "-", (monotonic() - started) * 1000)
             commands = [("BX24_RESPONSIBLE_EXT", found["extension"]), ("BX24_RESPONSIBLE_USER", found["user_id"]),
@@ -6641,6 +6895,15 @@ class FastAgiServer(Listener):
                     return
         except (OSError, socket.timeout) as exc:
             log.info("AGI from %s: connection lost: %s", peer[0], exc)
+
+    @staticmethod
+    def _line(env):
+        """The line the caller dialled: the AGI's second argument (${FROM_DID} in the
+        wizard's dialplan), else the extension a _X. pattern matched, else the DNID."""
+        for value in (env.get("agi_arg_2"), env.get("agi_extension"), env.get("agi_dnid")):
+            if value and clean_phone_number(value) and len(value.lstrip("+")) >= 4:
+                return value
+        return None
 
     def _command(self, rfile, wfile, command):
         """Send one command; False when the channel hung up or the session is over."""
@@ -6890,7 +7153,7 @@ class LookupHttpServer(Listener):
                 query = dict(urllib.parse.parse_qsl(url.query))
                 if not query.get("number"):
                     return _json_reply(self, 400, {"error": "the number parameter is missing"})
-                return _json_reply(self, 200, owner.lookup.lookup(query["number"]))
+                return _json_reply(self, 200, owner.lookup.lookup(query["number"], query.get("line")))
 
         # the dialplan's CURL() of every call, all from the PBX itself
         self.server = bounded(listener_classes().ThreadingHTTPServer((host, port), Handler), "routing http", 256, 256, 10.0)
@@ -6909,8 +7172,9 @@ class ClickToCall(object):
     """OnExternalCallStart -> one AMI Originate: the employee's phone first, then the
     client through the outbound routes, under Bitrix24's own CALL_ID."""
 
-    def __init__(self, ami, users, store, outbox, rules, settings, clock=time.time, hooks=None):
+    def __init__(self, ami, users, store, outbox, rules, settings, clock=time.time, hooks=None, ami_for=None):
         self.ami = ami
+        self.ami_for = ami_for   # extension -> the AMI of its PBX (several PBXs)
         self.hooks = hooks or Hooks()
         self.users = users
         self.store = store
@@ -6987,7 +7251,8 @@ class ClickToCall(object):
         params = self.originate_params(call_id, user, ext, number, source)
         channel, dial = params["Channel"], params["Exten"]
         try:
-            pending = self.ami.originate(
+            ami = self.ami_for(ext) if self.ami_for is not None else self.ami
+            pending = ami.originate(
                 channel, params["Context"], dial, caller_id=params["CallerID"],
                 variables={"__" + self.rules.call_id_variable: call_id},
                 timeout_ms=params["Timeout"], callback=self._queued)
@@ -7080,7 +7345,8 @@ class ClickToCall(object):
         dial = self.dial_string(number)
         channel = self.settings["phone_channel"].format(extension=group)
         try:
-            self.ami.originate(channel, self.settings["outbound_context"], dial,
+            ami = self.ami_for(group) if self.ami_for is not None else self.ami
+            ami.originate(channel, self.settings["outbound_context"], dial,
                                caller_id='"Callback %s" <%s>' % (number, dial),
                                variables={"__" + CALLBACK_VARIABLE: "1"},
                                timeout_ms=self.settings["ring_timeout"] * 1000)
@@ -8376,7 +8642,7 @@ def routing_dialplan(agi, fallback, dial_context="from-internal"):
     if host in ("0.0.0.0", "::", ""):
         host = "127.0.0.1"
     return ("[bx24-responsible]\n"
-            "exten => s,1,AGI(agi://%s:%d/responsible)\n"
+            "exten => s,1,AGI(agi://%s:%d/responsible,${CALLERID(num)},${FROM_DID})\n"
             " same => n,GotoIf($[\"${BX24_RESPONSIBLE_EXT}\" = \"\"]?normal)\n"
             " same => n,Dial(Local/${BX24_RESPONSIBLE_EXT}@%s,20)\n"
             " same => n(normal),Goto(%s)" % (host, port, dial_context, fallback))
@@ -8627,7 +8893,7 @@ class WizardServer(Listener):
     _lock = threading.Lock()
 
     def __init__(self, wizard, user, password_hash, host="0.0.0.0", port=8078, cert="", key="", language="en",
-                 check_config=None, live_status=None, status_token="", state_dir=None):
+                 check_config=None, live_status=None, status_token="", state_dir=None, metrics=None, metrics_token=""):
         if not password_hash:
             raise ConfigError("[wizard] password_hash is empty: set a login with bx24ast.py set-password "
                               "(the installer does)", section="wizard", key="password_hash", value="")
@@ -8639,6 +8905,8 @@ class WizardServer(Listener):
         self.live_status = live_status     # () -> the running daemon's status, when it serves the wizard
         self.status_token = status_token
         self.state_dir = state_dir
+        self.metrics = metrics
+        self.metrics_token = metrics_token
         self.secure = bool(cert)
         # Kept by the class: a save reloads the service, which makes a new server,
         # and the admin must stay logged in to see the results.
@@ -8752,6 +9020,8 @@ class WizardServer(Listener):
         peer = req.client_address[0]
         if path == "/status" and verb == "GET":
             return self._status_json(req, peer)
+        if path == "/metrics" and verb == "GET":
+            return self._metrics(req, peer)
         if not path.startswith(self.PREFIX):
             return self._redirect(req, self.PREFIX)
         if path == self.PREFIX + "/login":
@@ -9176,6 +9446,19 @@ class WizardServer(Listener):
             return None
         return _json_reply(req, 200, self._status(WizardLanguage("en")))
 
+    def _metrics(self, req, peer):
+        """GET /metrics with Authorization: Bearer <[metrics] token>; not served here
+        without a token (a public port must not tell call counts to anyone)."""
+        if not self.metrics_token or self.metrics is None:
+            return _json_reply(req, 404, {"error": "/metrics is not served here: set [metrics] token, "
+                                                   "or [metrics] listen for a local port"})
+        scheme, _, credentials = (req.headers.get("Authorization") or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(credentials.strip().encode(),
+                                                                  self.metrics_token.encode()):
+            REFUSALS.log(logging.WARNING, "metrics: refused", "metrics: refused a request from %s", peer)
+            return _json_reply(req, 401, {"error": "Authorization: Bearer <[metrics] token> is needed"})
+        return metrics_reply(req, self.metrics)
+
     def _status_page(self, req, session):
         t = WizardLanguage(session["lang"])
         st = self._status(t)
@@ -9576,6 +9859,159 @@ def is_reportable(call, rules, include_internal=False):
 
 
 ###############################################################################
+# Metrics #####################################################################
+###############################################################################
+# GET /metrics in Prometheus's text format, for the graphs and alerts of an office's
+# monitoring: calls by direction and outcome, how fast cards reach the portal, the
+# outbox backlog, REST answers by method and code, AMI reconnects, CEL recoveries,
+# hook errors. Counted where they happen; read from the parts at each scrape.
+
+class Histogram(object):
+    """A Prometheus histogram: cumulative counts per upper bound, the sum and count."""
+
+    BOUNDS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+    def __init__(self, bounds=BOUNDS):
+        self.bounds = bounds
+        self.counts = [0] * len(bounds)
+        self.sum = 0.0
+        self.count = 0
+        self._lock = threading.Lock()
+
+    def observe(self, value):
+        with self._lock:
+            self.sum += value
+            self.count += 1
+            for i, bound in enumerate(self.bounds):
+                if value <= bound:
+                    self.counts[i] += 1
+
+    def samples(self, name, labels=""):
+        with self._lock:
+            counts, total, count = list(self.counts), self.sum, self.count
+        sep = "," if labels else ""
+        out = ['%s_bucket{%s%sle="%g"} %d' % (name, labels, sep, bound, n) for bound, n in zip(self.bounds, counts)]
+        out.append('%s_bucket{%s%sle="+Inf"} %d' % (name, labels, sep, count))
+        out.append("%s_sum%s %.6f" % (name, "{%s}" % labels if labels else "", total))
+        out.append("%s_count%s %d" % (name, "{%s}" % labels if labels else "", count))
+        return out
+
+
+def _label(value):
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _labels(**pairs):
+    return ",".join('%s="%s"' % (k, _label(v)) for k, v in sorted(pairs.items()))
+
+
+OUTCOMES = {"ANSWERED": "answered", "NO ANSWER": "missed", "BUSY": "busy", "FAILED": "failed"}
+
+
+class Metrics(object):
+    """What /metrics shows for a running daemon."""
+
+    def __init__(self, daemon):
+        self.daemon = daemon
+        self.started = time.time()
+        self.calls = collections.Counter()   # (pbx, direction, outcome) -> calls ended
+        self._lock = threading.Lock()
+
+    def counter(self, pbx):
+        """The call-event handler of one PBX: counts each reported call once, at its end."""
+        def on_call_event(kind, call, extension):
+            if kind == "ended" and call.direction in ("inbound", "outbound"):
+                with self._lock:
+                    self.calls[(pbx, call.direction, OUTCOMES.get(call.disposition, "failed"))] += 1
+        return on_call_event
+
+    def render(self):
+        out = []
+
+        def family(name, kind, text, samples):
+            out.append("# HELP %s %s" % (name, text))
+            out.append("# TYPE %s %s" % (name, kind))
+            out.extend(samples)
+
+        d = self.daemon
+        family("bx24ast_up", "gauge", "1 while the daemon runs.", ["bx24ast_up 1"])
+        family("bx24ast_start_time_seconds", "gauge", "When the daemon started (Unix time).",
+               ["bx24ast_start_time_seconds %d" % self.started])
+        with self._lock:
+            calls = sorted(self.calls.items())
+        family("bx24ast_calls_total", "counter", "External calls ended, by PBX, direction and outcome.",
+               ["bx24ast_calls_total{%s} %d" % (_labels(pbx=p, direction=dr, outcome=o), n)
+                for (p, dr, o), n in calls])
+        pbxs = d.pbx_list()
+        family("bx24ast_calls_in_progress", "gauge", "Calls Asterisk has up now, by PBX.",
+               ["bx24ast_calls_in_progress{%s} %d" % (_labels(pbx=p.name), p.calls_in_progress()) for p in pbxs])
+        family("bx24ast_ami_connected", "gauge", "1 while the AMI connection is up, by PBX.",
+               ["bx24ast_ami_connected{%s} %d" % (_labels(pbx=p.name), p.ami.connected.is_set()) for p in pbxs])
+        family("bx24ast_ami_connects_total", "counter", "AMI logins since start (reconnects are the ones after "
+               "the first), by PBX.", ["bx24ast_ami_connects_total{%s} %d" % (_labels(pbx=p.name), p.ami.connects)
+                                       for p in pbxs])
+        family("bx24ast_cel_recovered_calls_total", "counter", "Calls reported or finished from CEL, by PBX and how.",
+               ["bx24ast_cel_recovered_calls_total{%s} %d" % (_labels(pbx=p.name, how=how), n)
+                for p in pbxs for how, n in sorted(p.cel_recovered().items())])
+        bridge = d.bridge
+        if bridge is not None:
+            counts = bridge.outbox.counts()
+            family("bx24ast_outbox_requests", "gauge", "Requests in the outbox by state (pending: waiting to be "
+                   "sent; parked: given up, see outbox list).",
+                   ["bx24ast_outbox_requests{%s} %d" % (_labels(state=s), counts.get(s, 0))
+                    for s in ("pending", "parked")])
+            oldest = bridge.outbox.oldest_pending()
+            family("bx24ast_outbox_oldest_pending_seconds", "gauge", "Age of the oldest request waiting to be sent.",
+                   ["bx24ast_outbox_oldest_pending_seconds %.3f" % (max(0.0, time.time() - oldest) if oldest else 0)])
+            family("bx24ast_card_latency_seconds", "histogram", "From the phone ringing to its card's request "
+                   "on the wire (register or show).", bridge.sender.card_latency.samples("bx24ast_card_latency_seconds"))
+            family("bx24ast_rest_requests_total", "counter", "Bitrix24 REST answers by method and code (200, an "
+                   "error code such as QUERY_LIMIT_EXCEEDED, or unreachable); a batch's commands each count.",
+                   ["bx24ast_rest_requests_total{%s} %d" % (_labels(method=m, code=c), n)
+                    for (m, c), n in sorted(bridge.client.answers.items())])
+            hooks = bridge.hooks
+            family("bx24ast_hook_errors_total", "counter", "Hooks that raised, timed out or returned what "
+                   "bx24ast cannot use, by hook.",
+                   ["bx24ast_hook_errors_total{%s} %d" % (_labels(hook=h), n) for h, n in sorted(hooks.errors.items())])
+            family("bx24ast_hook_calls_total", "counter", "Hook calls, by hook.",
+                   ["bx24ast_hook_calls_total{%s} %d" % (_labels(hook=h), n) for h, n in sorted(hooks.calls.items())])
+        return "\n".join(out) + "\n"
+
+
+def metrics_reply(handler, metrics):
+    body = metrics.render().encode("utf-8")
+    handler.send_response(200)
+    handler.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
+class MetricsHttpServer(Listener):
+    """GET /metrics on [metrics] listen, for local clients only (a Prometheus agent or
+    node_exporter's proxy on the PBX)."""
+
+    thread_name = "metrics"
+
+    def __init__(self, metrics, host="127.0.0.1", port=9178):
+        owner = self
+
+        class Handler(listener_classes().QuietRequestHandler):
+            def do_GET(self):
+                if not _is_loopback(self.client_address[0]):
+                    return _json_reply(self, 403, {"error": "/metrics answers only local clients"})
+                if urllib.parse.urlsplit(self.path).path.rstrip("/") != "/metrics":
+                    return _json_reply(self, 404, {"error": "only /metrics is served here"})
+                return metrics_reply(self, owner.metrics)
+
+        self.metrics = metrics
+        self.server = bounded(listener_classes().ThreadingHTTPServer((host, port), Handler), "metrics", 16, 16, 10.0)
+
+    def describe(self):
+        return "metrics: http://%s:%d/metrics" % self.address
+
+
+###############################################################################
 # Service #####################################################################
 ###############################################################################
 
@@ -9596,10 +10032,11 @@ def setup_logging(level="info", path=""):
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
 
 
-def describe_call_event(kind, call, extension, rules):
-    """One log line for a lifecycle event, always with the linkedid."""
+def describe_call_event(kind, call, extension, rules, pbx=""):
+    """One log line for a lifecycle event, always with the linkedid (and the PBX's name
+    when the daemon reports several)."""
     number = rules.number_plan.normalize(call.external_number) if call.direction != "internal" else None
-    parts = ["call %s %s" % (call.linkedid, kind), "direction=%s" % call.direction]
+    parts = ["call %s%s %s" % ("%s:" % pbx if pbx else "", call.linkedid, kind), "direction=%s" % call.direction]
     if number:
         parts.append("number=%s" % number)
     if call.did and call.direction == "inbound":
@@ -9619,7 +10056,8 @@ def describe_call_event(kind, call, extension, rules):
 
 class Bridge(object):
     """The Bitrix24 side assembled from the configuration: store, outbox, client,
-    users, CRM flows and the sender thread."""
+    users, hooks and the sender thread, shared by every PBX; CRM flows and a CEL
+    watcher of each PBX's own (the [ami] one built here, [ami:NAME] ones by attach)."""
 
     def __init__(self, config, rules, store=None, client=None):
         self.config = config
@@ -9631,13 +10069,7 @@ class Bridge(object):
         crm = config.section("crm")
         self.users = UserDirectory(self.client, config.maps["users"], crm["default_user_id"],
                                    config.get("bitrix24", "users_refresh_minutes") * 60)
-        try:
-            source = open_cel_source(config)
-        except CelError as exc:
-            log.warning("CEL: %s", exc)
-            source = None
         self.hooks = Hooks.from_config(config)
-        self.crm = CrmFlows(config, self.outbox, self.records, rules, ledger=source is not None, hooks=self.hooks)
         rec = config.section("recordings")
         self.recordings = RecordingFiles(rec["path"], rec["settle_seconds"],
                                          int(rec["inline_max_mb"] * 1024 * 1024))
@@ -9645,12 +10077,27 @@ class Bridge(object):
                                    crm["default_user_id"],
                                    unanswered_retry=config.get("bitrix24", "unanswered_retry_seconds"),
                                    hooks=self.hooks)
-        self.cel = None
+        self.flows = collections.OrderedDict()   # PBX name -> (CrmFlows, CelWatcher or None)
+        self.crm, self.cel = self.attach("", rules)
+
+    def attach(self, pbx, rules):
+        """The CRM flows and CEL watcher of one PBX ("" is [ami]); its CEL is [cel:NAME]."""
+        section = "cel:%s" % pbx if pbx else "cel"
+        try:
+            source = open_cel_source(self.config, section=section)
+        except CelError as exc:
+            log.warning("CEL%s: %s", " of " + pbx if pbx else "", exc)
+            source = None
+        crm = CrmFlows(self.config, self.outbox, self.records, rules, ledger=source is not None,
+                       hooks=self.hooks, pbx=pbx)
+        cel = None
         if source is not None:
-            recovery = CelRecovery(source, self.store, rules, self.crm, self.recordings)
-            self.cel = CelWatcher(recovery, config.get("cel", "recover_interval_minutes") * 60,
-                                  config.get("cel", "recover_hours_without_state"))
-            self.crm.on_awaiting = self.cel.kick
+            recovery = CelRecovery(source, self.store, rules, crm, self.recordings, pbx=pbx)
+            cel = CelWatcher(recovery, self.config.get(section, "recover_interval_minutes") * 60,
+                             self.config.get(section, "recover_hours_without_state"))
+            crm.on_awaiting = cel.kick
+        self.flows[pbx] = (crm, cel)
+        return crm, cel
 
     def maintain(self):
         """Every few seconds from the daemon's loop: the disk reserve, events a failed
@@ -9662,31 +10109,39 @@ class Bridge(object):
             pass    # the store said so; the level is saved again next time
         if self.store.error is not None:
             self.store.checkpoint()     # a full WAL gives its pages back first
-        if self.crm.unsaved():
-            self.crm.retry_unsaved()
+        for crm, _cel in self.flows.values():
+            if crm.unsaved():
+                crm.retry_unsaved()
         now = monotonic()
         if now - self._checkpointed >= 600:
             self._checkpointed = now
             self.store.checkpoint()
 
     def storage_status(self):
-        return dict(self.store.health(), unsaved_events=self.crm.unsaved(), **self.reserve.status())
+        return dict(self.store.health(), unsaved_events=sum(crm.unsaved() for crm, _c in self.flows.values()),
+                    **self.reserve.status())
 
     def start(self):
         self._checkpointed = monotonic()
         self.reserve.check()
         self.sender.start()
-        if self.cel is not None:
-            log.info("CEL: recovering missed calls from %s", self.cel.recovery.source.describe())
-            self.cel.start()
-        elif self.config.get("cel", "backend") == "off":
-            log.warning("CEL: recovery is off ([cel] backend = off): calls made while bx24ast is down are lost")
-        else:
-            log.warning("CEL: no CEL store found (bx24ast.py detect); calls made while bx24ast is down are lost")
+        for pbx, (_crm, cel) in self.flows.items():
+            section = "cel:%s" % pbx if pbx else "cel"
+            whose = " of %s" % pbx if pbx else ""
+            if cel is not None:
+                log.info("CEL%s: recovering missed calls from %s", whose, cel.recovery.source.describe())
+                cel.start()
+            elif self.config.get(section, "backend") == "off":
+                log.warning("CEL%s: recovery is off ([%s] backend = off): calls made while bx24ast is down are lost",
+                            whose, section)
+            else:
+                log.warning("CEL%s: no CEL store found (bx24ast.py detect); calls made while bx24ast is down are lost",
+                            whose)
 
     def stop(self):
-        if self.cel is not None:
-            self.cel.stop()
+        for _crm, cel in self.flows.values():
+            if cel is not None:
+                cel.stop()
         self.sender.stop()
         try:
             self.client.save_bucket()
@@ -9694,26 +10149,23 @@ class Bridge(object):
             pass
 
 
-class Daemon(object):
-    """The running service: AMI connection -> CallTracker -> lifecycle handlers,
-    and the Bitrix24 bridge when [bitrix24] is configured."""
+class Pbx(object):
+    """One Asterisk the daemon reports: its AMI connection, call engine and PBX
+    discovery, and with Bitrix24 its CRM flows and CEL watcher. [ami] is the PBX named
+    ""; each [ami:NAME] (with [pbx:NAME], [cel:NAME]) is one more."""
 
-    def __init__(self, config, on_call_event=None, bridge=None):
+    def __init__(self, name, config, bridge=None, handlers=(), on_originate_response=None):
+        self.name = name
         self.config = config
-        self.rules = PbxRules.from_config(config)
-        if RECENT_WARNINGS not in log.handlers:
-            log.addHandler(RECENT_WARNINGS)   # the status page's last warnings
-        self._lock = threading.Lock()
-        self._handlers = [self._log_call_event]
-        self.bridge = bridge
-        if self.bridge is None and BitrixClient.configured(config):
-            self.bridge = Bridge(config, self.rules)
-        if self.bridge is not None:
-            self._handlers.append(self.bridge.crm.on_call_event)
-        if on_call_event is not None:
-            self._handlers.append(on_call_event)
+        self.rules = PbxRules.from_config(config, self.section("pbx"))
+        self.lock = threading.Lock()
+        self.crm = self.cel = None
+        if bridge is not None:
+            self.crm, self.cel = bridge.attach(name, self.rules) if name else (bridge.crm, bridge.cel)
+        self._handlers = [self._log_call_event] + ([self.crm.on_call_event] if self.crm else []) + list(handlers)
+        self.on_originate_response = on_originate_response
         self.tracker = CallTracker(self.rules, self._call_event)
-        ami = config.section("ami")
+        ami = config.section(self.section("ami"))
         self.ami = AmiConnection(
             ami["host"], ami["port"], ami["username"], ami["secret"], self._on_event,
             auth=ami["auth"], connect_timeout=ami["connect_timeout"],
@@ -9722,38 +10174,192 @@ class Daemon(object):
             wanted_events=CallTracker.WANTED_EVENTS | frozenset([b"OriginateResponse"]),
             wanted_variables=self.tracker.wanted_variables(),
             on_connect=self._on_connect)
-        minutes = config.get("pbx", "discovery_minutes")
+        minutes = config.get(self.section("pbx"), "discovery_minutes")
         self.discovery = PbxDiscovery(self.ami, self.rules, minutes * 60) if minutes else None
-        self.stop_event = threading.Event()
         self.resyncs = 0
+        self.last_seen_alive = time.time()
+
+    def section(self, kind):
+        return "%s:%s" % (kind, self.name) if self.name else kind
+
+    def label(self):
+        return "AMI %s" % self.name if self.name else "AMI"
+
+    # -- events -------------------------------------------------------------------------
+    def _call_event(self, kind, call, extension):
+        if kind != "ended" and call.direction == "internal":
+            return
+        for handler in self._handlers:
+            try:
+                handler(kind, call, extension)
+            except Exception:
+                log.exception("call %s: handling %s failed", call.linkedid, kind)
+
+    def _log_call_event(self, kind, call, extension):
+        if is_reportable(call, self.rules, include_internal=True):
+            log.info("%s", describe_call_event(kind, call, extension, self.rules, self.name))
+
+    def _on_event(self, msg):
+        if msg.name == "FullyBooted":
+            log.info("%s: Asterisk is fully booted (uptime %s s)", self.label(), msg.get("Uptime", "?"))
+            return
+        if msg.name == "OriginateResponse" and self.on_originate_response is not None:
+            self.on_originate_response(msg)
+        if msg.name == "Shutdown":
+            log.warning("%s: Asterisk is shutting down (%s, restart=%s)", self.label(),
+                        msg.get("Shutdown", "?"), msg.get("Restart", "?"))
+            return
+        with self.lock:
+            self.tracker.handle(msg)
+
+    def _on_connect(self, conn):
+        disconnected_at = conn.disconnected_at
+
+        def done(pending):
+            if pending.error is not None or pending.response is None or not pending.response.success:
+                log.warning("%s: CoreShowChannels failed; calls in progress are not resynchronised", self.label())
+                return
+            with self.lock:
+                before = len(self.tracker.calls)
+                self.tracker.resync(pending.events, STEADY.now(), disconnected_at)
+                self.resyncs += 1
+                log.info("%s: resynchronised: %d channels up, %d calls tracked (was %d)", self.label(),
+                         len(pending.events), len(self.tracker.calls), before)
+                if self.crm is not None:
+                    # registered calls Asterisk no longer has ended while nobody watched
+                    self.crm.close_orphans(set(self.tracker.calls), disconnected_at or self.last_seen_alive)
+        conn.core_show_channels(done)
+        if self.discovery is not None:
+            self.discovery.kick()
+
+    # -- what the daemon asks of it ----------------------------------------------------------
+    def start(self):
+        if self.ami.username:
+            self.ami.start()
+            if self.discovery is not None:
+                self.discovery.start()
+        elif self.name:
+            log.warning("[ami:%s] username is empty: that PBX is not connected", self.name)
+
+    def stop(self):
+        if self.discovery is not None:
+            self.discovery.stop()
+        self.ami.stop()
+
+    def tick(self, now):
+        with self.lock:
+            self.tracker.expire(now)
+
+    def calls_in_progress(self):
+        return len(self.tracker.calls)
+
+    def cel_recovered(self):
+        return dict(self.cel.recovery.recovered) if self.cel is not None else {}
+
+    def has_phone(self, extension):
+        """Whether Asterisk lists extension among this PBX's phones (PBX discovery)."""
+        return any(kind == "phone" and device.partition("/")[2] == extension
+                   for device, kind in list(self.rules.endpoints.items()))
+
+    def status(self):
+        return {"name": self.name, "host": self.ami.host, "port": self.ami.port,
+                "connected": self.ami.connected.is_set(), "disconnected_at": self.ami.disconnected_at,
+                "last_error": self.ami.last_error or (None if self.ami.username else
+                                                      "not configured yet ([%s] username)" % self.section("ami")),
+                "calls_in_progress": len(self.tracker.calls)}
+
+
+class Daemon(object):
+    """The running service: one Pbx per [ami] / [ami:NAME] (AMI connection ->
+    CallTracker -> lifecycle handlers), the Bitrix24 bridge they share when [bitrix24]
+    is configured, the listeners (routing, click-to-call, wizard, metrics)."""
+
+    def __init__(self, config, on_call_event=None, bridge=None):
+        self.config = config
+        if RECENT_WARNINGS not in log.handlers:
+            log.addHandler(RECENT_WARNINGS)   # the status page's last warnings
+        rules = PbxRules.from_config(config)
+        self.bridge = bridge
+        if self.bridge is None and BitrixClient.configured(config):
+            self.bridge = Bridge(config, rules)
+        self.metrics = Metrics(self)
         self.lookup = self.click = None
+        self.pbxs = []
+        for name in [""] + config.names("ami"):
+            handlers = [self.metrics.counter(name)] + ([on_call_event] if on_call_event is not None else [])
+            self.pbxs.append(Pbx(name, config, self.bridge, handlers, self._on_originate_response))
+        self.stop_event = threading.Event()
         self.listeners = []      # (label, server): FastAGI, HTTP lookup, event listener; started by run()
         self.listener_errors = []
         self.poller = None
         self.started_at = time.time()
         beat = Heartbeat(config.get("storage", "state_dir")).read() or {}
         # the previous life's last sign: calls it left registered ended after it
-        self.last_seen_alive = beat.get("stopped_at") or beat.get("time") or self.started_at
+        for pbx in self.pbxs:
+            pbx.last_seen_alive = beat.get("stopped_at") or beat.get("time") or self.started_at
         self.reload_requested = False
         self.next_config = None
         self.config_loader = None   # set by `run`: reads the file again on SIGHUP
         if self.bridge is not None:
             self._build_features()
 
+    # The PBX of [ami], as one-PBX code and tests know it.
+    @property
+    def ami(self):
+        return self.pbxs[0].ami
+
+    @property
+    def tracker(self):
+        return self.pbxs[0].tracker
+
+    @property
+    def rules(self):
+        return self.pbxs[0].rules
+
+    @property
+    def discovery(self):
+        return self.pbxs[0].discovery
+
+    @property
+    def resyncs(self):
+        return sum(p.resyncs for p in self.pbxs)
+
+    def pbx_list(self):
+        return list(self.pbxs)
+
+    def pbx_for_extension(self, extension):
+        """The PBX an employee's phone is on: the one whose Asterisk lists it as a phone,
+        else the first whose [pbx] extension_pattern fits, else [ami]'s."""
+        for pbx in self.pbxs:
+            if pbx.has_phone(extension):
+                return pbx
+        for pbx in self.pbxs:
+            if pbx.rules.is_extension(extension):
+                return pbx
+        return self.pbxs[0]
+
+    def _ami_for(self, extension):
+        return self.pbx_for_extension(extension).ami
+
+    def _on_originate_response(self, msg):
+        if self.click is not None:
+            self.click.on_originate_response(msg)
+
     def _build_features(self):
         """Responsible routing and click-to-call, as configured (they need Bitrix24)."""
         config, bridge = self.config, self.bridge
         routing = config.section("routing")
+        ami_for = self._ami_for if len(self.pbxs) > 1 else None
         if routing["agi_listen"] or routing["http_listen"]:
             self.lookup = ResponsibleLookup.from_config(config, bridge.client, bridge.users, self.rules, self.ami,
-                                                        hooks=bridge.hooks)
+                                                        hooks=bridge.hooks, ami_for=ami_for, records=bridge.records)
         c2c = config.section("click_to_call")
         if c2c["mode"] == "port" and not bridge.client.uses_oauth:
             config.require("click_to_call", "application_token",
                            "port mode refuses every event without it (copy it from the outbound webhook)")
         if c2c["mode"] != "off":
             self.click = ClickToCall(self.ami, bridge.users, bridge.store, bridge.outbox, self.rules, c2c,
-                                     hooks=bridge.hooks)
+                                     hooks=bridge.hooks, ami_for=ami_for)
         if c2c["mode"] == "offline":
             self.poller = OfflineEventPoller(bridge.client, self.click, bridge.store, bridge.sender,
                                              c2c["poll_interval"])
@@ -9776,12 +10382,17 @@ class Daemon(object):
                                self.click, c2c["application_token"], host, port, c2c["tls_cert"], c2c["tls_key"],
                                self.bridge.client if self.bridge.client.uses_oauth else None)))
         wizard = self.config.section("wizard")
+        metrics = self.config.section("metrics")
         if wizard["listen"]:
             wanted.append(("wizard ([wizard] listen)", wizard["listen"], lambda host, port: WizardServer(
                 SetupWizard(self.config.path, root=wizard["pbx_root"] or "/", on_saved=self.request_reload),
                 wizard["user"], wizard["password_hash"], host, port, wizard["tls_cert"], wizard["tls_key"],
                 wizard["language"], live_status=self.status, status_token=wizard["status_token"],
-                state_dir=self.config.get("storage", "state_dir"))))
+                state_dir=self.config.get("storage", "state_dir"), metrics=self.metrics,
+                metrics_token=metrics["token"])))
+        if metrics["listen"]:
+            wanted.append(("metrics ([metrics] listen)", metrics["listen"],
+                           lambda host, port: MetricsHttpServer(self.metrics, host, port)))
         for label, (host, port), build in wanted:
             try:
                 server = build(host, port)
@@ -9797,69 +10408,20 @@ class Daemon(object):
             server.start()
             self.listeners.append((label, server))
 
-    def _call_event(self, kind, call, extension):
-        if kind != "ended" and call.direction == "internal":
-            return
-        for handler in self._handlers:
-            try:
-                handler(kind, call, extension)
-            except Exception:
-                log.exception("call %s: handling %s failed", call.linkedid, kind)
-
-    def _log_call_event(self, kind, call, extension):
-        if is_reportable(call, self.rules, include_internal=True):
-            log.info("%s", describe_call_event(kind, call, extension, self.rules))
-
-    def _on_event(self, msg):
-        if msg.name == "FullyBooted":
-            log.info("AMI: Asterisk is fully booted (uptime %s s)", msg.get("Uptime", "?"))
-            return
-        if msg.name == "OriginateResponse":
-            if self.click is not None:
-                self.click.on_originate_response(msg)
-        if msg.name == "Shutdown":
-            log.warning("AMI: Asterisk is shutting down (%s, restart=%s)",
-                        msg.get("Shutdown", "?"), msg.get("Restart", "?"))
-            return
-        with self._lock:
-            self.tracker.handle(msg)
-
-    def _on_connect(self, conn):
-        disconnected_at = conn.disconnected_at
-
-        def done(pending):
-            if pending.error is not None or pending.response is None or not pending.response.success:
-                log.warning("AMI: CoreShowChannels failed; calls in progress are not resynchronised")
-                return
-            with self._lock:
-                before = len(self.tracker.calls)
-                self.tracker.resync(pending.events, STEADY.now(), disconnected_at)
-                self.resyncs += 1
-                log.info("AMI: resynchronised: %d channels up, %d calls tracked (was %d)",
-                         len(pending.events), len(self.tracker.calls), before)
-                if self.bridge is not None:
-                    # registered calls Asterisk no longer has ended while nobody watched
-                    self.bridge.crm.close_orphans(set(self.tracker.calls),
-                                                  disconnected_at or self.last_seen_alive)
-        conn.core_show_channels(done)
-        if self.discovery is not None:
-            self.discovery.kick()
-
     def run(self):
-        log.info("bx24ast %s starting; AMI %s:%s", __version__, self.ami.host, self.ami.port)
+        log.info("bx24ast %s starting; %s", __version__, ", ".join(
+            "%s %s:%s" % (p.label(), p.ami.host, p.ami.port) for p in self.pbxs))
         if self.bridge is not None:
             log.info("Bitrix24: %s; outbox %s", self.bridge.client.describe(), self.bridge.outbox.counts())
             self.bridge.start()
         else:
             log.warning("Bitrix24 is not configured ([bitrix24] webhook_url or portal_url + client_id): "
                         "calls are only logged")
-        if self.ami.username:
-            self.ami.start()
-            if self.discovery is not None:
-                self.discovery.start()
-        else:
+        if not self.ami.username:
             # A fresh install: the wizard runs so that the admin can set AMI up.
             log.warning("AMI is not configured yet ([ami] username): only the setup wizard runs")
+        for pbx in self.pbxs:
+            pbx.start()
         self._start_listeners()
         if self.poller is not None:
             self.poller.start()
@@ -9870,9 +10432,9 @@ class Daemon(object):
             clock = ClockWatch()
             while not self.stop_event.wait(1.0):
                 now = STEADY.now()
-                with self._lock:
-                    self.tracker.expire(now)
-                    self._follow_the_clock(clock.step())
+                for pbx in self.pbxs:
+                    pbx.tick(now)
+                self._follow_the_clock(clock.step())
                 if self.bridge is not None and monotonic() - maintained >= 5.0:
                     maintained = monotonic()
                     self.bridge.maintain()
@@ -9888,9 +10450,8 @@ class Daemon(object):
                 server.stop()
             if self.poller is not None:
                 self.poller.stop()
-            if self.discovery is not None:
-                self.discovery.stop()
-            self.ami.stop()
+            for pbx in self.pbxs:
+                pbx.stop()
             if self.bridge is not None:
                 self.bridge.stop()
             if self.next_config is None:
@@ -9906,7 +10467,7 @@ class Daemon(object):
                         "requests waiting for a time are moved with it", step)
             if self.bridge is not None:
                 self.bridge.outbox.shift(step)
-        if not self.tracker.calls and abs(STEADY.drift()) >= 1.0:
+        if not any(p.tracker.calls for p in self.pbxs) and abs(STEADY.drift()) >= 1.0:
             STEADY.resync()
 
     def _reload(self):
@@ -9933,22 +10494,27 @@ class Daemon(object):
 
     def status(self):
         """What the heartbeat file tells `check` and the wizard."""
+        pbx_status = [p.status() for p in self.pbxs]
+        calls = []
+        for pbx in self.pbxs:
+            calls.extend({"linkedid": c.linkedid, "pbx": pbx.name, "direction": c.direction,
+                          "number": c.external_number,
+                          "extension": c.talking_with or c.placer or (c.rang[-1] if c.rang else None),
+                          "since": c.started_at, "answered": c.answered_at is not None}
+                         for c in list(pbx.tracker.calls.values())[:200])
+        default = pbx_status[0]
         out = collections.OrderedDict([
             ("pid", os.getpid()), ("time", time.time()), ("started_at", self.started_at), ("version", __version__),
-            ("ami", {"host": self.ami.host, "port": self.ami.port, "connected": self.ami.connected.is_set(),
-                     "disconnected_at": self.ami.disconnected_at,
-                     "last_error": self.ami.last_error or (None if self.ami.username else
-                                                           "not configured yet ([ami] username; the wizard)")}),
+            ("ami", dict((k, v) for k, v in default.items() if k not in ("name", "calls_in_progress"))),
+            ("pbxs", pbx_status),
             ("listeners", [{"name": label, "address": "%s:%d" % tuple(server.address[:2])}
                            for label, server in self.listeners]),
             ("listener_errors", self.listener_errors),
-            ("calls_in_progress", len(self.tracker.calls)),
-            ("calls", [{"linkedid": c.linkedid, "direction": c.direction, "number": c.external_number,
-                        "extension": c.talking_with or c.placer or (c.rang[-1] if c.rang else None),
-                        "since": c.started_at, "answered": c.answered_at is not None}
-                       for c in list(self.tracker.calls.values())[:200]]),
+            ("calls_in_progress", sum(p["calls_in_progress"] for p in pbx_status)),
+            ("calls", calls[:200]),
             ("warnings", RECENT_WARNINGS.as_list()),
-            ("endpoints", [e.as_dict() for e in self.discovery.learned] if self.discovery else []),
+            ("endpoints", [dict(e.as_dict(), pbx=p.name) for p in self.pbxs if p.discovery
+                           for e in p.discovery.learned]),
         ])
         if self.bridge is not None:
             client = self.bridge.client
@@ -9959,6 +10525,7 @@ class Daemon(object):
                                "outage": self.bridge.sender.outage.status()}
             out["storage"] = self.bridge.storage_status()
             out["users"] = self.bridge.users.status()
+            out["hooks"] = self.bridge.hooks.status()
         if self.poller is not None:
             out["offline_events"] = {"bound": self.poller.bound, "polls": self.poller.polls}
         return out

@@ -546,3 +546,100 @@ def test_a_root_channel_that_dials_without_ringing_in_still_starts_the_call():
     assert (row["direction"], row["external_number"], row["answered_by"], row["billsec"]) == \
         ("inbound", "+79161234567", "101", 5)
     assert ("ringing", "6.0", "101") in [(k, l, e) for k, l, e, _ in pbx.events]
+
+
+# -- employees' mobiles ([users] 102 = 7, +79162223344) ------------------------------------------
+
+def mobile_rules(**pbx):
+    text = "[users]\n101 = 5\n102 = 7, 8 (916) 222-33-44\n[pbx]\n%s" % "".join(
+        "%s = %s\n" % kv for kv in pbx.items())
+    return bx24ast.PbxRules.from_config(bx24ast.Config.from_text(text))
+
+
+def test_a_ring_group_that_rings_a_mobile_gives_the_call_to_its_employee():
+    pbx = Pbx(mobile_rules())
+    pbx.new("1.0", "PJSIP/trunk-00000001", "1.0", "from-trunk", "74951234567", "+79160000001", 4)
+    pbx.new("1.1", "PJSIP/101-00000002", "1.0")
+    pbx.new("1.2", "Local/89162223344#@from-internal-00000003;1", "1.0")
+    pbx.dial("1.0", "1.1", "PJSIP/101")
+    pbx.dial("1.0", "1.2", "Local/89162223344#@from-internal")
+    pbx.at(3).dialend("1.0", "1.2", "ANSWER")
+    pbx.dialend("1.0", "1.1", "CANCEL")
+    pbx.hangup("1.1")
+    pbx.enter("1.2", "B1")
+    pbx.enter("1.0", "B1")
+    pbx.at(13).hangup("1.2")
+    pbx.hangup("1.0")
+    row = pbx.ended()["1.0"]
+    assert (row["direction"], row["external_number"], row["rang"]) == ("inbound", "+79160000001", ["101", "102"])
+    assert (row["answered_by"], row["ended_with"], row["billsec"]) == ("102", "102", 10)
+    assert [(k, e) for k, _lid, e, _c in pbx.events if k != "ended"][:3] == [
+        ("ringing", "101"), ("ringing", "102"), ("answered", "102")]
+
+
+def test_the_forward_capture_goes_to_the_mobiles_owner():
+    # 103 forwards to a mobile the configuration says is 102's: the mobile's owner answered
+    path = os.path.join(ROOT, "tests", "fixtures", "asterisk-22.10.1-live", "forward_to_mobile")
+    [row] = replay(path, rules=mobile_rules())
+    assert (row["answered_by"], row["ended_with"]) == ("102", "102") and "102" in row["rang"]
+    [row] = replay(path)   # without it: the employee who forwarded (AMPUSER)
+    assert (row["answered_by"], row["ended_with"]) == ("103", "103")
+
+
+def _from_mobile(pbx, dial_out=None):
+    pbx.new("2.0", "PJSIP/trunk-00000001", "2.0", "from-trunk", "74951234567", "+7 916 222 33 44", 4)
+    if dial_out is None:
+        pbx.new("2.1", "PJSIP/101-00000002", "2.0")
+        pbx.dial("2.0", "2.1", "PJSIP/101")
+    else:   # DISA: the PBX puts the mobile through to a client
+        pbx.new("2.1", "PJSIP/trunk-00000002", "2.0", "from-internal", dial_out)
+        pbx.dial("2.0", "2.1", "PJSIP/%s@trunk" % dial_out)
+    pbx.at(2).dialend("2.0", "2.1", "ANSWER")
+    pbx.enter("2.1", "B2")
+    pbx.enter("2.0", "B2")
+    pbx.at(9).hangup("2.1")
+    pbx.hangup("2.0")
+    return [c for k, _lid, _e, c in pbx.events if k == "ended"][0]
+
+
+def test_an_employee_calling_in_from_a_mobile_is_the_employee():
+    rules = mobile_rules()
+    call = _from_mobile(Pbx(rules))
+    assert call.direction == "internal" and call.placer == "102" and call.external_number is None
+    assert not bx24ast.is_reportable(call, rules)
+    call = _from_mobile(Pbx(rules), dial_out="89165556677")
+    row = call.as_dict(rules.number_plan)
+    assert (row["direction"], row["external_number"], row["answered_by"], row["billsec"]) == \
+        ("outbound", "+79165556677", "102", 7)
+    rules = mobile_rules(mobile_dial_out="internal")
+    call = _from_mobile(Pbx(rules), dial_out="89165556677")
+    assert call.direction == "internal" and not bx24ast.is_reportable(call, rules)
+
+
+@pytest.mark.parametrize("number", ["89162223345", "+79162223343", "2223344", "62223344", "+89162223344"])
+def test_a_client_sharing_digits_with_a_mobile_is_a_client(number):
+    rules = mobile_rules()
+    pbx = Pbx(rules)
+    pbx.new("3.0", "PJSIP/trunk-00000001", "3.0", "from-trunk", "74951234567", number, 4)
+    pbx.new("3.1", "PJSIP/101-00000002", "3.0")
+    pbx.dial("3.0", "3.1", "PJSIP/101")
+    pbx.at(5).dialend("3.0", "3.1", "NOANSWER")
+    pbx.hangup("3.1")
+    pbx.hangup("3.0")
+    row = pbx.ended()["3.0"]
+    assert row["direction"] == "inbound" and row["external_number"] == rules.number_plan.normalize(number)
+
+
+def test_a_desk_phone_calling_a_colleagues_mobile_is_internal():
+    rules = mobile_rules()
+    pbx = Pbx(rules)
+    pbx.new("4.0", "PJSIP/101-00000001", "4.0", "from-internal", "89162223344", "101", 4)
+    pbx.new("4.1", "PJSIP/trunk-00000002", "4.0", "from-internal", "89162223344")
+    pbx.dial("4.0", "4.1", "PJSIP/89162223344@trunk")
+    pbx.at(2).dialend("4.0", "4.1", "ANSWER")
+    pbx.enter("4.1", "B4")
+    pbx.enter("4.0", "B4")
+    pbx.at(5).hangup("4.1")
+    pbx.hangup("4.0")
+    call = [c for k, _lid, _e, c in pbx.events if k == "ended"][0]
+    assert call.direction == "internal" and not bx24ast.is_reportable(call, rules)

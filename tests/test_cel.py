@@ -110,7 +110,7 @@ def test_recovery_reports_exactly_the_calls_missed_while_down(tmp_path):
             assert checkpoint == max(r.id for r in bx24ast.SqliteCel(db).rows())
             # a second pass finds nothing new; a lost checkpoint duplicates nothing either
             assert recovery.run_once() == 0
-            h.bridge.store.set_setting(recovery.CHECKPOINT, 0)
+            h.bridge.store.set_setting(recovery.checkpoint_key, 0)
             recovery.run_once()
             h.wait_idle()
             assert len(emu.stats) == 25 and not emu.active_calls

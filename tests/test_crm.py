@@ -686,7 +686,7 @@ def test_a_line_matches_its_lead_source_whichever_way_the_number_is_written():
                              bx24ast.PbxRules.from_config(config))
     for did, source in (("74951234567", "ADVERTISING"), ("+74951234567", "ADVERTISING"), ("84951234567", "ADVERTISING"),
                         ("+74957654321", "PARTNER"), ("4957654321", "PARTNER"), ("74990000000", None), ("s", "IGNORED"), (None, None)):
-        assert (flows.lines.get(flows._line_key(did)) or {}).get("source") == source, did
+        assert (flows.lines.get(did) or {}).get("source") == source, did
     store.close()
 
 
