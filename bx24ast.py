@@ -785,8 +785,8 @@ class Config(object):
                 raw = parser.get(section, key)
             raw = overrides.get((section, key), raw)
             values[(section, key)] = cls._convert(path, section, key, raw, convert)
-        for kind in PBX_SECTIONS:
-            for name in names[kind]:
+        for name in names["ami"]:
+            for kind in PBX_SECTIONS:   # every PBX has all three, written out or not
                 section = "%s:%s" % (kind, name)
                 for key, (default, convert) in known[kind].items():
                     if parser.has_option(section, key):

@@ -747,3 +747,107 @@ def test_while_the_budget_is_low_a_finish_waits_briefly_for_a_cards_request(tmp_
             _add_now(h, "c3", "profile", bx24ast.PRIORITY_FINISH)
             assert wait_for(lambda: len(_requests(emu, first)) == 2, 10)
             assert time.time() - started < bx24ast.OutboxSender.HOLD_SECONDS + 1.5
+
+
+# -- per-line settings: who answers for the line, contact + deal, working hours ----------------------
+
+DEAL_LINE = {"line:74951234567": {"create": "deal", "deal_category": 3, "deal_stage": "C3:NEW"}}
+
+
+def test_a_deal_line_makes_a_contact_and_a_deal_in_its_pipeline(tmp_path):
+    path = os.path.join(PJSIP, "inbound_answered")
+    with Bitrix24Emulator() as emu:
+        with Harness(tmp_path, emu, DEAL_LINE, recordings=os.path.join(path, "recordings")) as h:
+            h.replay(path)
+            h.wait_idle()
+            [register] = [e for e in emu.journal if e["method"] == "telephony.externalcall.register"]
+            assert str(register["params"]["CRM_CREATE"]) == "0" and not emu.leads
+            [(cid, contact)] = emu.contacts.items()
+            [(did, deal)] = emu.deals.items()
+            assert contact["PHONE"][0]["VALUE"] == "+79161234567" and contact["SOURCE_ID"] == "ADVERTISING"
+            assert (deal["CATEGORY_ID"], deal["STAGE_ID"], str(deal["CONTACT_ID"])) == ("3", "C3:NEW", str(cid))
+            assert contact["ASSIGNED_BY_ID"] == deal["ASSIGNED_BY_ID"] == str(USERS["102"])   # who answered
+            # the finish came after them and found the new contact by its number
+            [rec] = emu.stats.values()
+            assert (rec["CRM_ENTITY_TYPE"], rec["CRM_ENTITY_ID"]) == ("CONTACT", cid)
+            methods = [e["method"] for e in emu.journal if e["method"] in (
+                "crm.contact.add", "crm.deal.add", "telephony.externalcall.finish")]
+            assert methods == ["crm.contact.add", "crm.deal.add", "telephony.externalcall.finish"]
+
+
+def test_a_deal_line_missed_call_task_binds_both_and_a_known_client_gets_no_new_ones(tmp_path):
+    path = os.path.join(PJSIP, "inbound_missed")
+    settings = dict(DEAL_LINE, crm={"callback_window_minutes": 0})
+    settings["line:74951234567"] = dict(DEAL_LINE["line:74951234567"], responsible=9)
+    with Bitrix24Emulator() as emu:
+        with Harness(tmp_path, emu, settings) as h:
+            h.replay(path)
+            h.wait_idle()
+            [cid], [did] = list(emu.contacts), list(emu.deals)
+            [task] = emu.tasks.values()
+            assert task["ufCrmTask"] == ["C_%d" % cid, "D_%d" % did]
+            assert task["responsibleId"] == "9"                 # the line's responsible
+            assert emu.contacts[cid]["ASSIGNED_BY_ID"] == "9"
+    with Bitrix24Emulator() as emu:
+        known = emu.add_contact("+79161234567", assigned=5)
+        with Harness(tmp_path / "again", emu, settings) as h:
+            h.replay(path)
+            h.wait_idle()
+            assert list(emu.contacts) == [known] and not emu.deals
+            notes = [r.last_error for r in h.bridge.outbox.requests_of("1795667015.3") if r.kind == "contact"]
+            assert notes and "the client is in the CRM" in notes[0]
+
+
+def test_a_line_responsible_takes_missed_calls_and_a_closed_line_due_after_opening(tmp_path):
+    path = os.path.join(PJSIP, "inbound_missed")
+    # the capture's call came on a Thursday (in any time zone a Wednesday to a Friday): the line
+    # opens on Saturday
+    settings = {"line:74951234567": {"responsible": 9, "hours": "sat 09:00-18:00"},
+                "crm": {"callback_window_minutes": 0, "missed_task_deadline_minutes": 30}}
+    with Bitrix24Emulator() as emu:
+        with Harness(tmp_path, emu, settings) as h:
+            h.replay(path)
+            h.wait_idle()
+            [rec] = emu.stats.values()
+            assert rec["PORTAL_USER_ID"] == 9
+            [task] = emu.tasks.values()
+            assert task["responsibleId"] == "9"
+            ended = h.bridge.records.get("1795667015.3")["ended_at"]
+            hours = bx24ast.WorkingHours.parse("sat 09:00-18:00")
+            assert not hours.is_open(ended)
+            want = hours.next_opening(ended) + 30 * 60
+            assert task["deadline"] == bx24ast.bitrix_time(want) and want > ended + 86400
+
+
+def test_an_employees_mobile_on_a_ring_group_is_that_employee_in_bitrix24(tmp_path):
+    with Bitrix24Emulator() as emu:
+        with Harness(tmp_path, emu, {"users": {"102": "7, +79162223344"}}) as h:
+            pbx = Pbx(h.rules, base=time.time() - 100)
+            pbx.tracker = h.tracker
+            pbx.new("5.0", "PJSIP/trunk-00000001", "5.0", "from-trunk", "74951234567", "+79160000041", 4)
+            pbx.new("5.1", "PJSIP/101-00000002", "5.0")
+            pbx.new("5.2", "Local/89162223344#@from-internal-00000003;1", "5.0")
+            pbx.dial("5.0", "5.1", "PJSIP/101")
+            pbx.dial("5.0", "5.2", "Local/89162223344#@from-internal")
+            pbx.at(3).dialend("5.0", "5.2", "ANSWER")
+            pbx.dialend("5.0", "5.1", "CANCEL")
+            pbx.hangup("5.1")
+            pbx.enter("5.2", "B5")
+            pbx.enter("5.0", "B5")
+            pbx.at(9).hangup("5.2")
+            pbx.hangup("5.0")
+            # the employee calling in from the mobile: no lead, no card
+            pbx.at(20).new("6.0", "PJSIP/trunk-00000004", "6.0", "from-trunk", "74951234567", "89162223344", 4)
+            pbx.new("6.1", "PJSIP/101-00000005", "6.0")
+            pbx.dial("6.0", "6.1", "PJSIP/101")
+            pbx.at(22).dialend("6.0", "6.1", "ANSWER")
+            pbx.hangup("6.1")
+            pbx.hangup("6.0")
+            h.wait_idle()
+            [rec] = emu.stats.values()
+            assert rec["EXTERNAL_CALL_ID"] == "5.0" and rec["PORTAL_USER_ID"] == 7 and rec["CALL_DURATION"] == 6
+            shown = set()
+            for _action, users in rec["call"]["card_log"]:
+                shown.update(users)
+            assert shown >= {5, 7} and rec["shown_at_finish"] == []
+            assert all(e["params"].get("PHONE_NUMBER") != "+79162223344" for e in emu.journal)

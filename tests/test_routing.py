@@ -65,7 +65,7 @@ def variables(commands):
 class Routing(object):
     """ResponsibleLookup + FastAGI + HTTP lookup against the emulator (and a fake AMI)."""
 
-    def __init__(self, emu, ami_server=None, budget=0.5, set_callerid_name=False, cache_seconds=600):
+    def __init__(self, emu, ami_server=None, budget=0.5, set_callerid_name=False, cache_seconds=600, **lookup):
         self.emu = emu
         self.rules = bx24ast.PbxRules.defaults()
         self.client = bx24ast.BitrixClient(webhook_url=emu.webhook_url, timeout=10, rate=emu.rate,
@@ -78,7 +78,7 @@ class Routing(object):
             self.ami.start()
             assert self.ami.connected.wait(5)
         self.lookup = bx24ast.ResponsibleLookup(self.client, self.users, self.rules, self.ami, budget=budget,
-                                                cache_seconds=cache_seconds)
+                                                cache_seconds=cache_seconds, **lookup)
         self.agi = bx24ast.FastAgiServer(self.lookup, "127.0.0.1", 0, set_callerid_name)
         self.http = bx24ast.LookupHttpServer(self.lookup, "127.0.0.1", 0)
 
@@ -174,6 +174,78 @@ def test_an_unavailable_phone_is_not_chosen():
             assert r.ask("89162222222")["BX24_RESPONSIBLE_EXT"] == "101"
             asked = [a for a in ami.actions if a.get("Action") == "ExtensionState"]
             assert [(a["Exten"], a["Context"]) for a in asked] == [("102", "from-internal"), ("101", "from-internal")]
+
+
+def _talked(records, lid, number, ext, ended_at):
+    records.update(lid, external_number=number, answered=1, talker=ext, ended_at=ended_at, source="live")
+
+
+def _office_lines(rules):
+    config = bx24ast.Config.from_text(
+        "[routing]\nhours = mon-sun 00:00-24:00\n"
+        "[line:74951234567]\nresponsible = 7\nhours = mon-fri 09:00-18:00; sat 10:00-15:00\n"
+        "[line:74957654321]\nresponsible = 5\n")
+    return bx24ast.Lines.from_config(config, rules)
+
+
+def test_sticky_routing_line_default_and_working_hours_over_fastagi(tmp_path):
+    friday_noon = time.mktime((2026, 12, 4, 12, 0, 0, 0, 0, -1))
+    saturday_night = time.mktime((2026, 12, 5, 22, 0, 0, 0, 0, -1))
+    clock = [friday_noon]
+    store = bx24ast.StateStore(str(tmp_path / "state.db"))
+    records = bx24ast.CallRecords(store)
+    _talked(records, "1.1", "+79160000031", "103", friday_noon - 2 * 86400)       # Oleg, two days ago
+    _talked(records, "1.2", "+79160000031", "101", friday_noon - 20 * 86400)      # Ivan, long ago
+    _talked(records, "1.3", "+79160000032", "101", friday_noon - 20 * 86400)      # only long ago
+    with Bitrix24Emulator() as emu, FakeAmiServer(extension_states={"103": "0", "102": "0", "101": "4"}) as ami:
+        emu.add_contact("+79160000033", "Owned Client", assigned=5)
+        rules = bx24ast.PbxRules.defaults()
+        with Routing(emu, ami, records=records, sticky_days=7, lines=_office_lines(rules),
+                     wall=lambda: clock[0]) as r:
+            def ask(number, line):
+                return variables(agi_session(r.agi.address[1], agi_env(number, args=[number, line])))
+
+            # no owner in the CRM: the last one who talked with the caller this week
+            found = ask("89160000031", "74951234567")
+            assert (found["BX24_RESPONSIBLE_EXT"], found["BX24_RESPONSIBLE_STATUS"]) == ("103", "STICKY")
+            assert found["BX24_RESPONSIBLE_USER"] == "9"
+            # too long ago: the line's responsible (user 7 = 102)
+            found = ask("89160000032", "74951234567")
+            assert (found["BX24_RESPONSIBLE_EXT"], found["BX24_RESPONSIBLE_STATUS"]) == ("102", "LINE")
+            # the CRM's owner comes first, but his phone (101) is unavailable: the line's responsible
+            # takes the call; on the second line the responsible is that same 101, and nobody is left
+            found = ask("89160000033", "74951234567")
+            assert (found["BX24_RESPONSIBLE_EXT"], found["BX24_RESPONSIBLE_STATUS"]) == ("102", "LINE")
+            found = ask("89160000033", "74957654321")
+            assert (found["BX24_RESPONSIBLE_EXT"], found["BX24_RESPONSIBLE_STATUS"]) == ("", "UNAVAILABLE")
+            # the line written another way by the trunk is the same line
+            assert ask("89160000032", "+7 (495) 123-45-67")["BX24_RESPONSIBLE_STATUS"] == "LINE"
+            # Saturday night the first line is closed; the second follows [routing] hours (always)
+            clock[0] = saturday_night
+            found = ask("89160000031", "74951234567")
+            assert (found["BX24_RESPONSIBLE_EXT"], found["BX24_RESPONSIBLE_STATUS"]) == ("", "CLOSED")
+            assert ask("89160000031", "74957654321")["BX24_RESPONSIBLE_STATUS"] == "STICKY"
+            # the line from the dialplan's extension when no argument names it
+            env = agi_env("89160000031").replace(b"agi_extension: s", b"agi_extension: 74951234567")
+            assert variables(agi_session(r.agi.address[1], env))["BX24_RESPONSIBLE_STATUS"] == "CLOSED"
+            # and over HTTP
+            status, body = r.get("/responsible?number=89160000032&line=74951234567")
+            assert status == 200 and body["status"] == "CLOSED"
+    store.close()
+
+
+@pytest.mark.parametrize("text, open_at, closed_at", [
+    ("mon-fri 09:00-18:00", (2026, 12, 4, 17, 59), (2026, 12, 4, 18, 0)),
+    ("пн-пт 09:00-13:00, 14:00-18:00", (2026, 12, 7, 14, 0), (2026, 12, 7, 13, 30)),
+    ("fri-mon 22:00-06:00", (2026, 12, 7, 5, 59), (2026, 12, 9, 5, 59)),     # Mon 05:59 after Sun night
+    ("sat,sun 10:00-24:00", (2026, 12, 6, 23, 59), (2026, 12, 7, 0, 0)),
+])
+def test_working_hours(text, open_at, closed_at):
+    hours = bx24ast.WorkingHours.parse(text)
+    at = lambda t: time.mktime(t + (0, 0, 0, -1))
+    assert hours.is_open(at(open_at)) and not hours.is_open(at(closed_at))
+    opening = hours.next_opening(at(closed_at))
+    assert opening > at(closed_at) and hours.is_open(opening) and not hours.is_open(opening - 60)
 
 
 def test_callerid_name_is_set_and_cannot_break_the_agi_command():

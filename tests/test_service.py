@@ -304,3 +304,100 @@ def test_service_mode_can_log_to_syslog():
         for handler in saved:
             root.addHandler(handler)
         root.setLevel(level)
+
+
+# -- several PBXs in one daemon ------------------------------------------------------------------
+
+def _parse_metrics(text):
+    """{(name, frozenset(labels)): value} from the Prometheus text format, checking its shape."""
+    import re
+    out, typed = {}, set()
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ")
+            assert kind in ("counter", "gauge", "histogram"), line
+            typed.add(name)
+            continue
+        if line.startswith("# HELP ") or not line:
+            continue
+        m = re.match(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (-?[0-9.e+]+|\+Inf)$', line)
+        assert m, line
+        name, labels, value = m.groups()
+        pairs = frozenset(re.findall(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"', labels or ""))
+        assert re.sub(r"_(bucket|sum|count)$", "", name) in typed, line
+        out[(name, pairs)] = float(value)
+    return out
+
+
+def test_two_pbxs_share_one_outbox_and_the_portals_limit(tmp_path):
+    """The same burst capture on two Asterisks at once: their linkedids are the same, their
+    calls are not. One emulator at the cloud's 2 req/s, bucket 50."""
+    import threading
+    import urllib.request
+    import bx24ast
+    from b24_emulator import Bitrix24Emulator
+    from test_discovery import ev
+    burst = os.path.join(PJSIP, "concurrent_burst")
+    branch_phones = {"PJSIPShowEndpoints": [ev("EndpointList", ObjectName="201", Auths="201-auth", OutboundAuths="",
+                                               Contacts="", Aor="201")]}
+    expected = load_expected(burst)["calls"]
+    with Bitrix24Emulator() as emu, FakeAmiServer([burst], speed=4.0) as office, \
+            FakeAmiServer([burst], speed=4.0, seed=7, lists=branch_phones) as branch:
+        emu.add_user(11, "Branch Manager", "201")
+        text = ("[ami]\nhost = 127.0.0.1\nport = %d\nusername = bx24\nsecret = s3cret\n"
+                "[ami:branch]\nhost = 127.0.0.1\nport = %d\nusername = bx24\nsecret = s3cret\n"
+                "[pbx:branch]\ndiscovery_minutes = 1\n"
+                "[bitrix24]\nwebhook_url = %s\n[cel]\nbackend = off\n[routing]\nagi_listen =\nhttp_listen =\n"
+                "[click_to_call]\nmode = port\nlisten = 127.0.0.1:0\napplication_token = tok\n"
+                "[metrics]\nlisten = 127.0.0.1:0\n[storage]\nstate_dir = %s\n[recordings]\npath = %s\n"
+                "settle_seconds = 0\n[crm]\nmissed_task = no\n"
+                % (office.port, branch.port, emu.webhook_url, tmp_path, os.path.join(burst, "recordings")))
+        daemon = bx24ast.Daemon(bx24ast.Config.from_text(text))
+        thread = threading.Thread(target=daemon.run)
+        thread.start()
+        try:
+            assert [p.name for p in daemon.pbxs] == ["", "branch"]
+            assert wait_for(lambda: len(emu.stats) == 2 * len(expected) and not daemon.bridge.outbox.counts().get(
+                "pending"), 120), (len(emu.stats), daemon.bridge.outbox.counts())
+            stats = dict((r["EXTERNAL_CALL_ID"], r) for r in emu.stats.values())
+            for call in expected:
+                mine, theirs = stats[call["linkedid"]], stats["branch:" + call["linkedid"]]
+                assert mine["CALL_ID"] != theirs["CALL_ID"]
+                for rec in (mine, theirs):
+                    assert rec["CALL_FAILED_CODE"] == ("200" if call["disposition"] == "ANSWERED" else "304")
+            finishes = [e for e in emu.journal if e["method"] == "telephony.externalcall.finish"]
+            assert len(finishes) == len(set(e["params"]["CALL_ID"] for e in finishes)) == 2 * len(expected)
+            assert emu.rejected_503 == 0 and emu.max_level <= emu.burst
+            # click-to-call rings the employee's phone on the PBX that has it
+            assert wait_for(lambda: daemon.pbxs[1].has_phone("201"), 10)
+            assert daemon.click.start({"CALL_ID": "externalCall.b.1", "USER_ID": "11", "PHONE_NUMBER": "89160000051"},
+                                      "test")[0]
+            assert daemon.click.start({"CALL_ID": "externalCall.o.1", "USER_ID": "5", "PHONE_NUMBER": "89160000052"},
+                                      "test")[0]
+            def originated(ami):
+                return [a["Channel"] for a in ami.actions if a.get("Action") == "Originate"]
+            assert wait_for(lambda: originated(branch) and originated(office), 10)
+            assert originated(branch) == ["Local/201@from-internal"] and originated(office) == ["Local/101@from-internal"]
+            # the status and /metrics tell the PBXs apart
+            status = daemon.status()
+            assert [(p["name"], p["connected"]) for p in status["pbxs"]] == [("", True), ("branch", True)]
+            port = [s.address[1] for label, s in daemon.listeners if label.startswith("metrics")][0]
+            with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % port, timeout=10) as reply:
+                assert reply.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+                metrics = _parse_metrics(reply.read().decode())
+            answered = sum(1 for c in expected if c["disposition"] == "ANSWERED")
+            for pbx in ("", "branch"):
+                calls = dict((dict(k[1])["outcome"], v) for k, v in metrics.items()
+                             if k[0] == "bx24ast_calls_total" and dict(k[1])["pbx"] == pbx)
+                assert calls == dict(answered=answered, missed=len(expected) - answered) if answered < len(expected) \
+                    else calls == {"answered": answered}
+                assert metrics[("bx24ast_ami_connected", frozenset([("pbx", pbx)]))] == 1
+            assert metrics[("bx24ast_card_latency_seconds_count", frozenset())] >= 2 * len(expected)
+            assert metrics[("bx24ast_outbox_requests", frozenset([("state", "pending")]))] == 0
+            rest = dict((dict(k[1])["method"], v) for k, v in metrics.items()
+                        if k[0] == "bx24ast_rest_requests_total" and dict(k[1])["code"] == "200")
+            assert rest["telephony.externalcall.finish"] == 2 * len(expected)
+        finally:
+            daemon.stop()
+            thread.join(20)
+            daemon.bridge.store.close()
