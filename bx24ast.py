@@ -8099,7 +8099,7 @@ WIZARD_TEXT = {
             "cel.conf: enable is not 'yes': Asterisk writes no CEL": "cel.conf: enable не «yes», Asterisk не пишет CEL",
             "cel.conf: events %s are off; recovery needs them (events=ALL)":
                 "cel.conf: события %s выключены, а они нужны для восстановления (events=ALL)",
-            "fix [cel] (bx24ast.py detect shows what was found)": "исправьте [cel] (bx24ast.py detect покажет, что найдено)",
+            "fix [%s] (bx24ast.py detect shows what was found)": "исправьте [%s] (bx24ast.py detect покажет, что найдено)",
             "off ([cel] backend = off)": "выключено ([cel] backend = off)", "no CEL store found": "CEL не найден",
             "recovery %s: calls made while bx24ast is down are lost":
                 "восстановление: %s; звонки, сделанные пока bx24ast не работает, теряются",
@@ -8168,9 +8168,10 @@ WIZARD_TEXT = {
             "running (pid %s, up %s, heartbeat %s ago)": "работает (процесс %s, %s без перезапуска, heartbeat %s назад)",
             "the daemon is not running": "служба не работает",
             "connected to %s": "подключено к %s", "not connected to %s: %s": "нет подключения к %s: %s",
+            "%s: %s": "%s: %s",
             "connecting": "подключается",
-            "check [ami] host/port/username/secret and manager.conf (bx24ast.py run -f shows the login)":
-                "проверьте [ami] host/port/username/secret и manager.conf (bx24ast.py run -f покажет вход)",
+            "check [%s] host/port/username/secret and manager.conf (bx24ast.py run -f shows the login)":
+                "проверьте [%s] host/port/username/secret и manager.conf (bx24ast.py run -f покажет вход)",
             "set [bitrix24] webhook_url, or portal_url + client_id + client_secret":
                 "задайте [bitrix24] webhook_url или portal_url + client_id + client_secret",
             "reachable (%s); the access token is due for a refresh": "доступен (%s); токен доступа пора обновить",
@@ -8842,6 +8843,7 @@ class StatusReport(object):
         out["pid"] = beat.get("pid")
         out["up_seconds"] = now - beat["started_at"] if beat.get("started_at") and running else None
         out["ami"] = beat.get("ami") or {}
+        out["pbxs"] = beat.get("pbxs") or []
         out["bitrix24"] = beat.get("bitrix24") or {}
         out["calls_in_progress"] = beat.get("calls") or [] if running else []
         users = beat.get("users") or {}
@@ -9474,10 +9476,14 @@ class WizardServer(Listener):
 
         rows = [line(t["st_daemon"], t.html(st["daemon"]))]
         if st["running"]:
-            rows.append(line(t["st_ami"], "%s <span class=v>%s:%s</span>%s" % (
-                _h(t["st_connected"] if ami.get("connected") else t["st_disconnected"]), _h(ami.get("host")),
-                _h(ami.get("port")), "" if ami.get("connected") or not ami.get("last_error") else
-                " &mdash; %s" % t.html(ami.get("last_error")))))
+            # one row per PBX: [ami], then each [ami:NAME] by its name
+            for pbx in [dict(ami, name="")] + st["pbxs"][1:]:
+                rows.append(line(t["st_ami"] + (" %s" % pbx["name"] if pbx["name"] else ""),
+                                 "%s <span class=v>%s:%s</span>%s" % (
+                                     _h(t["st_connected"] if pbx.get("connected") else t["st_disconnected"]),
+                                     _h(pbx.get("host")), _h(pbx.get("port")),
+                                     "" if pbx.get("connected") or not pbx.get("last_error") else
+                                     " &mdash; %s" % t.html(pbx.get("last_error")))))
             portal = _h(t["st_answers"]) if not outage.get("failing_since") else _h(
                 t["st_failing"] % t.span(now - outage["failing_since"]))
             if b24.get("alert"):
@@ -9502,7 +9508,8 @@ class WizardServer(Listener):
                 _h(t["st_direction"]), _h(t["st_number"]), _h(t["st_ext"]), _h(t["st_since"]), "".join(
                     "<tr><td>%s</td><td class=v>%s</td><td class=v>%s</td><td>%s</td></tr>" % (
                         _h(t.get("dir_%s" % c.get("direction"), c.get("direction"))), _h(c.get("number") or ""),
-                        _h(c.get("extension") or ""), _h(t.span(now - (c.get("since") or now)))) for c in calls)))
+                        _h(c.get("extension") or "") + (" (%s)" % _h(c["pbx"]) if c.get("pbx") else ""),
+                        _h(t.span(now - (c.get("since") or now)))) for c in calls)))
         users = st["users"]
         age = _h(t["st_users_age"] % t.span(now - users["loaded_at"])) if users.get("loaded_at") else \
             _h(t["st_users_never"])
@@ -10672,15 +10679,20 @@ def check_daemon(state_dir, now=None, stale_after=60.0):
                                             beat.get("pid"), Span(up), Span(age))), beat, False
 
 
-def check_ami(beat):
+def check_ami(beat, pbx=None):
+    """The AMI connection of [ami], or of the [ami:NAME] whose heartbeat entry pbx is."""
     if beat is None or beat.get("stopped_at"):
         return CheckResult("UNKNOWN", "ami", say("the daemon is not running"))
-    ami = beat.get("ami") or {}
+    ami = pbx if pbx is not None else (beat.get("ami") or {})
     where = "%s:%s" % (ami.get("host"), ami.get("port"))
+    section = "ami:%s" % pbx["name"] if pbx is not None else "ami"
+    if pbx is not None:
+        where = "%s (%s)" % (where, pbx["name"])
     if ami.get("connected"):
         return CheckResult("OK", "ami", say("connected to %s", where))
     return CheckResult("CRITICAL", "ami", say("not connected to %s: %s", where, ami.get("last_error") or say("connecting")),
-                       say("check [ami] host/port/username/secret and manager.conf (bx24ast.py run -f shows the login)"))
+                       say("check [%s] host/port/username/secret and manager.conf (bx24ast.py run -f shows the login)",
+                           section))
 
 
 def check_bitrix24(config, beat, timeout=3.0, probe=True, now=None):
@@ -10824,17 +10836,22 @@ def check_storage(beat, now=None):
     return CheckResult("OK", "storage", say("state database writable%s", free))
 
 
-def check_cel(config, now=None):
+def check_cel(config, now=None, pbx=""):
+    """CEL of [cel], or [cel:NAME] of another PBX."""
+    section = "cel:%s" % pbx if pbx else "cel"
     try:
-        source = open_cel_source(config)
+        source = open_cel_source(config, section=section)
     except CelError as exc:
-        return CheckResult("CRITICAL", "cel", said_of(exc), say("fix [cel] (bx24ast.py detect shows what was found)"))
+        return CheckResult("CRITICAL", "cel", said_of(exc), say("fix [%s] (bx24ast.py detect shows what was found)",
+                                                                 section))
     if source is None:
-        why = say("off ([cel] backend = off)") if config.get("cel", "backend") == "off" else say("no CEL store found")
+        why = say("off ([cel] backend = off)") if config.get(section, "backend") == "off" else say("no CEL store found")
         return CheckResult("WARNING", "cel", say("recovery %s: calls made while bx24ast is down are lost", why),
                            say("enable CEL in cel.conf (cel_sqlite3_custom or FreePBX's MySQL), then bx24ast.py detect"))
     level, message = cel_health(source, now)[0]
     advice = "" if level == "OK" else say("is cel.conf enabled with events=ALL? bx24ast.py detect")
+    if pbx:
+        message = say("%s: %s", pbx, message)
     return CheckResult(level, "cel", message, advice)
 
 
@@ -10858,8 +10875,12 @@ def run_checks(config, now=None, timeout=3.0, probe=True):
     the portal of its own."""
     state_dir = config.get("storage", "state_dir")
     daemon, beat, _dead = check_daemon(state_dir, now)
-    results = [daemon, check_ami(beat), check_bitrix24(config, beat, timeout, probe=probe, now=now),
-               check_outbox(config, now, beat=beat), check_cel(config, now)]
+    results = [daemon, check_ami(beat)]
+    results.extend(check_ami(beat, pbx) for pbx in ((beat or {}).get("pbxs") or [])[1:])
+    results.extend([check_bitrix24(config, beat, timeout, probe=probe, now=now),
+                    check_outbox(config, now, beat=beat), check_cel(config, now)])
+    results.extend(check_cel(config, now, name) for name in config.names("ami")
+                   if config.get("cel:%s" % name, "backend") != "off")
     storage = check_storage(beat, now)
     if storage is not None:
         results.append(storage)

@@ -230,3 +230,30 @@ def test_storage_check_reports_failed_writes_and_a_full_disk():
                                              "low_since": now, "reserve_mb": 4}}, now)
     assert low.level == "CRITICAL" and "almost full" in low.message
     assert bx24ast.check_storage({"stopped_at": now, "storage": {}}, now) is None
+
+
+def test_check_lists_every_pbx_and_its_cel(tmp_path):
+    with Bitrix24Emulator() as emu, FakeAmiServer() as office, FakeAmiServer() as branch:
+        config = write_config(tmp_path, emu, office, fresh_cel(tmp_path))
+        with open(config, "a") as f:
+            # the branch's CEL is a copy too, its newest event an hour and a half old
+            f.write("[ami:branch]\nhost = 127.0.0.1\nport = %d\nusername = bx24\nsecret = s3cret\n"
+                    "[cel:branch]\nbackend = sqlite\nsqlite_path = %s\n"
+                    % (branch.port, fresh_cel(tmp_path / "..", age=5400)))
+        with Running(config) as running:
+            state = running.daemon.config.get("storage", "state_dir")
+            assert wait_for(lambda: all(p["connected"] for p in
+                                        (bx24ast.Heartbeat(state).read() or {}).get("pbxs", [{}, {}])), 15)
+            code, out = check(config)
+            lines = out.splitlines()
+            assert code == 1, out      # the branch's CEL is old
+            assert [l.split(":")[0] for l in lines[1:]] == ["OK daemon", "OK ami", "OK ami", "OK bitrix24",
+                                                            "OK outbox", "OK cel", "WARNING cel", "OK storage"]
+            assert "connected to 127.0.0.1:%d (branch)" % branch.port in lines[3]
+            assert lines[7].startswith("WARNING cel: branch: ")
+            branch.stop()
+            assert wait_for(lambda: not (bx24ast.Heartbeat(state).read() or {}).get("pbxs", [{}, {"connected": 1}])[1]
+                            .get("connected"), 20)
+            code, out = check(config)
+            assert code == 2 and "CRITICAL ami: not connected to 127.0.0.1:%d (branch)" % branch.port in out
+            assert "check [ami:branch] host/port/username/secret" in out

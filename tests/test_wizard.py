@@ -483,3 +483,32 @@ def test_the_ami_help_names_the_rights_create_gives(wizard_env):
     b.login()
     text = plain(b.get("/config/master/ami")[1])
     assert "read = %s and write = %s" % (bx24ast.AMI_USER_READ, bx24ast.AMI_USER_WRITE) in text
+
+
+def test_the_status_page_names_each_pbx_and_its_calls(tmp_path):
+    import time
+    conf = str(tmp_path / "bx24ast.conf")
+    hashed = bx24ast.hash_password(PASSWORD)
+    bx24ast.update_config_file(conf, {("wizard", "password_hash"): hashed, ("storage", "state_dir"): str(tmp_path)})
+    now = time.time()
+    office = {"host": "127.0.0.1", "port": 5038, "connected": True}
+    live = {"pid": 1, "started_at": now - 60, "ami": office,
+            "pbxs": [dict(office, name=""), {"name": "branch", "host": "10.0.2.5", "port": 5038, "connected": False,
+                                             "last_error": "connection refused"}],
+            "calls": [{"linkedid": "9.9", "pbx": "branch", "direction": "inbound", "number": "+79161234567",
+                       "extension": "201", "since": now - 42, "answered": True}]}
+    server = bx24ast.WizardServer(bx24ast.SetupWizard(conf), "admin", hashed, "127.0.0.1", 0,
+                                  live_status=lambda: live)
+    server.start()
+    try:
+        bx24ast.WizardServer.failures.clear()
+        b = Browser(server.address[1])
+        b.login()
+        status, text, _ = b.get("/config/master/status")
+        words = plain(text)
+        assert status == 200
+        assert "Asterisk (AMI)connected 127.0.0.1:5038" in words
+        assert "Asterisk (AMI) branchnot connected 10.0.2.5:5038 — connection refused" in words
+        assert "201 (branch)" in words
+    finally:
+        server.stop()
