@@ -36,11 +36,9 @@ import configparser
 import fcntl
 import importlib
 import json
-import logging
 import os
 import re
 import signal
-import socket
 import sqlite3
 import stat
 import sys
@@ -62,7 +60,26 @@ class _OnFirstUse(object):
         return getattr(module, attr)
 
 
+class LazyPattern(object):
+    """re.compile(pattern) at the first match: the ~30 patterns of the module cost
+    `check` from cron a few milliseconds it never needed. Its methods are then the
+    compiled pattern's own, kept on the instance."""
+
+    METHODS = ("match", "fullmatch", "search", "sub", "subn", "findall", "finditer", "split", "pattern", "groups")
+
+    def __init__(self, pattern, flags=0):
+        self._source = (pattern, flags)
+
+    def __getattr__(self, name):
+        compiled = re.compile(*self._source)
+        for method in self.METHODS:
+            setattr(self, method, getattr(compiled, method))
+        return getattr(compiled, name)
+
+
 base64 = _OnFirstUse("base64")
+logging = _OnFirstUse("logging")   # with traceback, linecache, tokenize: ~9 ms that cron's check need not pay
+socket = _OnFirstUse("socket")
 binascii = _OnFirstUse("binascii")
 calendar = _OnFirstUse("calendar")
 hashlib = _OnFirstUse("hashlib")
@@ -74,7 +91,22 @@ subprocess = _OnFirstUse("subprocess")
 
 __version__ = "0.1.0"
 
-log = logging.getLogger("bx24ast")
+
+class _Logger(object):
+    """bx24ast's logger, made at its first use; until main() has set the log up, that
+    first use sets it up as main() would have (`check` logs nothing at all)."""
+
+    level = None   # what main() asked for, used at the first log line
+
+    def __getattr__(self, attr):
+        logger = logging.getLogger("bx24ast")
+        globals()["log"] = logger
+        if _Logger.level is not None and not logging.getLogger().handlers:
+            setup_logging(_Logger.level)
+        return getattr(logger, attr)
+
+
+log = _Logger()
 
 
 ###############################################################################
@@ -127,7 +159,7 @@ class ClockWatch(object):
 
 STEADY = SteadyClock()
 
-_ASCII_DIGITS = re.compile(r"[0-9]+\Z")
+_ASCII_DIGITS = LazyPattern(r"[0-9]+\Z")
 
 
 def is_digits(text):
@@ -392,7 +424,7 @@ def _as_host(text):
 
 def _as_matching(pattern, expected, allow_empty=False, finish=None):
     """A converter that accepts text matching pattern (and, if allowed, nothing)."""
-    compiled = re.compile(pattern)
+    compiled = LazyPattern(pattern)
 
     def convert(text):
         text = text.strip()
@@ -676,7 +708,7 @@ LINE_SCHEMA = [
 # Several PBXs in one daemon: [ami:NAME] (and [pbx:NAME], [cel:NAME]) describe one more
 # PBX each. [pbx:NAME] keys left out are those of [pbx]; [cel:NAME] is off unless set.
 PBX_SECTIONS = ("ami", "pbx", "cel")
-_SECTION_NAME = re.compile(r"^[A-Za-z0-9_\-]{1,32}$")
+_SECTION_NAME = LazyPattern(r"^[A-Za-z0-9_\-]{1,32}$")
 
 
 class Config(object):
@@ -1025,6 +1057,9 @@ class StateStore(object):
                 # NORMAL is durable against a crash of this process (kill -9); only a
                 # power cut can lose the last commits, and fsync per call is costly.
                 self.db.execute("PRAGMA synchronous=NORMAL")
+                # 256 kB of page cache, not 2 MB: the sender reads the heads of the
+                # outbox and a call's row, which stay cached; RSS is what a PBX host counts
+                self.db.execute("PRAGMA cache_size=-256")
                 # The WAL is folded back every ~400 kB (not the default 4 MB) and
                 # truncated after that, not kept at its largest: on a small disk it
                 # grew to fill it and every write failed from then on.
@@ -1564,7 +1599,7 @@ class AmiInjectionError(AmiError, ValueError):
     """A header name or value would break the AMI framing (CR, LF, or a bad name)."""
 
 
-_HEADER_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_()\-]*\Z")
+_HEADER_NAME = LazyPattern(r"^[A-Za-z][A-Za-z0-9_()\-]*\Z")
 
 
 def build_action(action, action_id, headers=()):
@@ -2226,7 +2261,7 @@ class AmiConnection(object):
 class NumberPlan(object):
     """Writes a client's number one way: +79161234567 for 89161234567 and 79161234567."""
 
-    _FORMATTING = re.compile(r"[\s\-().]")
+    _FORMATTING = LazyPattern(r"[\s\-().]")
 
     def __init__(self, country_code="7", national_prefix="8", national_number_length=10,
                  international_prefix="810|00", rewrites=()):
@@ -2278,9 +2313,9 @@ class NumberPlan(object):
         return text
 
 
-_CHANNEL_SUFFIX = re.compile(r"-[0-9a-fA-F]+$")
-_NUMBER_RUN = re.compile(r"\+?\d+")
-_RECORDING_EXT = re.compile(r"\.(wav|WAV|mp3|MP3|gsm|GSM|ogg|wav49|WAV49|g722|sln\d*)$")
+_CHANNEL_SUFFIX = LazyPattern(r"-[0-9a-fA-F]+$")
+_NUMBER_RUN = LazyPattern(r"\+?\d+")
+_RECORDING_EXT = LazyPattern(r"\.(wav|WAV|mp3|MP3|gsm|GSM|ogg|wav49|WAV49|g722|sln\d*)$")
 
 
 def local_channel_parts(name):
@@ -2596,6 +2631,8 @@ class CallTracker(object):
         "BridgeLeave", "BridgeMerge", "BlindTransfer", "AttendedTransfer", "Hangup", "Rename",
         "Newstate", "Pickup", "OriginateResponse"))
 
+    GONE_KEPT = 4096
+
     def __init__(self, rules=None, on_call_event=None):
         self.rules = rules or PbxRules()
         self.on_call_event = on_call_event or (lambda kind, call, extension: None)
@@ -2603,8 +2640,11 @@ class CallTracker(object):
         self.channels = {}
         self.bridges = {}
         self.local_pairs = {}
-        # Channels hung up recently: a late event about one must not bring it back.
-        self._gone = collections.OrderedDict()
+        # Channels hung up recently: a late event about one must not bring it back. Late
+        # events come within a second; the last GONE_KEPT are remembered (a set and its
+        # order: a third of an OrderedDict's memory).
+        self._gone = set()
+        self._gone_order = collections.deque()
         # Originated calls whose phone never answered, waiting for their OriginateResponse
         # (before or after the Hangups): channel name without its suffix -> (call, number, when).
         self._unanswered_originates = collections.OrderedDict()
@@ -3179,9 +3219,10 @@ class CallTracker(object):
 
     def _hangup_channel(self, chan, when):
         chan.hungup_at = when
-        self._gone[chan.uniqueid] = True
-        if len(self._gone) > 10000:
-            self._gone.popitem(last=False)
+        self._gone.add(chan.uniqueid)
+        self._gone_order.append(chan.uniqueid)
+        if len(self._gone_order) > self.GONE_KEPT:
+            self._gone.discard(self._gone_order.popleft())
         self._leave(chan)
         self.channels.pop(chan.uniqueid, None)
         if chan.pair_key is not None:
@@ -5804,7 +5845,7 @@ _HANGUP_CAUSE_STATUS = {17: "BUSY", 21: "BUSY", 18: "NOANSWER", 19: "NOANSWER", 
                         34: "CONGESTION", 38: "CONGESTION", 42: "CONGESTION"}
 
 
-_BRIDGE_ID = re.compile(r'"bridge_id"\s*:\s*"([^"]*)"')
+_BRIDGE_ID = LazyPattern(r'"bridge_id"\s*:\s*"([^"]*)"')
 
 
 def _cel_extra(extra):
@@ -6502,8 +6543,8 @@ def php_form(text):
     return out
 
 
-_CLICK_NUMBER_FORMATTING = re.compile(r"[ \t\-().]")
-_CLICK_NUMBER = re.compile(r"^\+?[0-9]{3,20}\Z")
+_CLICK_NUMBER_FORMATTING = LazyPattern(r"[ \t\-().]")
+_CLICK_NUMBER = LazyPattern(r"^\+?[0-9]{3,20}\Z")
 
 
 def clean_phone_number(text):
@@ -6524,7 +6565,7 @@ class WorkingHours(object):
     DAYS = {"mon": 0, "tue": 1, "wed": 2, "thu": 3, "fri": 4, "sat": 5, "sun": 6,
             "пн": 0, "вт": 1, "ср": 2, "чт": 3, "пт": 4, "сб": 5, "вс": 6}
     WEEK = 7 * 1440
-    _TIME = re.compile(r"^(\d{1,2}):(\d{2})-(\d{1,2}):(\d{2})$")
+    _TIME = LazyPattern(r"^(\d{1,2}):(\d{2})-(\d{1,2}):(\d{2})$")
 
     def __init__(self, intervals, text=""):
         self.intervals = intervals   # (start, end) minutes from Monday 00:00; end may pass the week
@@ -8748,7 +8789,7 @@ class WizardLanguage(object):
     inside a message (paths, numbers, what Asterisk or the portal answered) are set
     apart (class v): they are the admin's data, not words to translate."""
 
-    _PLACEHOLDER = re.compile(r"%(?:[-+ #0]*\d*(?:\.\d+)?[sdrfgx]|%)")
+    _PLACEHOLDER = LazyPattern(r"%(?:[-+ #0]*\d*(?:\.\d+)?[sdrfgx]|%)")
 
     def __init__(self, lang):
         self.lang = lang if lang in WIZARD_TEXT else "en"
@@ -10283,8 +10324,8 @@ class Daemon(object):
 
     def __init__(self, config, on_call_event=None, bridge=None):
         self.config = config
-        if RECENT_WARNINGS not in log.handlers:
-            log.addHandler(RECENT_WARNINGS)   # the status page's last warnings
+        if recent_warnings() not in log.handlers:
+            log.addHandler(recent_warnings())   # the status page's last warnings
         rules = PbxRules.from_config(config)
         self.bridge = bridge
         if self.bridge is None and BitrixClient.configured(config):
@@ -10519,7 +10560,7 @@ class Daemon(object):
             ("listener_errors", self.listener_errors),
             ("calls_in_progress", sum(p["calls_in_progress"] for p in pbx_status)),
             ("calls", calls[:200]),
-            ("warnings", RECENT_WARNINGS.as_list()),
+            ("warnings", recent_warnings().as_list()),
             ("endpoints", [dict(e.as_dict(), pbx=p.name) for p in self.pbxs if p.discovery
                            for e in p.discovery.learned]),
         ])
@@ -10541,25 +10582,30 @@ class Daemon(object):
         self.stop_event.set()
 
 
-class RecentWarnings(logging.Handler):
-    """The last warnings and errors of the log, for the status page."""
-
-    def __init__(self, size=20):
-        logging.Handler.__init__(self, logging.WARNING)
-        self.records = collections.deque(maxlen=size)
-
-    def emit(self, record):
-        try:
-            self.records.append({"time": record.created, "level": record.levelname,
-                                 "message": record.getMessage()[:500]})
-        except Exception:   # a bad log call must not break the one who logs
-            pass
-
-    def as_list(self):
-        return list(self.records)
+_RECENT_WARNINGS = []
 
 
-RECENT_WARNINGS = RecentWarnings()   # one for the process: it outlives a reload
+def recent_warnings():
+    """The last warnings and errors of the log, for the status page: one handler for
+    the process (it outlives a reload), made by the first daemon."""
+    if not _RECENT_WARNINGS:
+        class RecentWarnings(logging.Handler):
+            def __init__(self, size=20):
+                logging.Handler.__init__(self, logging.WARNING)
+                self.records = collections.deque(maxlen=size)
+
+            def emit(self, record):
+                try:
+                    self.records.append({"time": record.created, "level": record.levelname,
+                                         "message": record.getMessage()[:500]})
+                except Exception:   # a bad log call must not break the one who logs
+                    pass
+
+            def as_list(self):
+                return list(self.records)
+
+        _RECENT_WARNINGS.append(RecentWarnings())
+    return _RECENT_WARNINGS[0]
 
 
 class Heartbeat(object):
@@ -11246,7 +11292,7 @@ def cmd_check(args):
     except ConfigError as exc:
         sys.stdout.write("BX24AST UNKNOWN - configuration: %s\n" % exc)
         return CHECK_EXIT["UNKNOWN"]
-    logging.getLogger().setLevel(logging.ERROR)  # the lines below are the output
+    _Logger.level = "error"   # the lines below are the output
     results = run_checks(config, timeout=args.timeout, probe=not args.cron)
     worst, summary = summarize(results)
     actions = []
@@ -11521,8 +11567,7 @@ def main(argv=None):
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return EXIT_CONFIG
-    if not logging.getLogger().handlers:
-        setup_logging(args.log_level or "info")
+    _Logger.level = args.log_level or "info"   # set up at the first log line
     try:
         return args.func(args)
     except ConfigError as exc:
