@@ -329,7 +329,7 @@ def _parse_metrics(text):
     return out
 
 
-def test_two_pbxs_share_one_outbox_and_the_portals_limit(tmp_path):
+def test_two_pbxs_share_one_outbox_and_the_portals_limit(tmp_path, caplog):
     """The same burst capture on two Asterisks at once: their linkedids are the same, their
     calls are not. One emulator at the cloud's 2 req/s, bucket 50."""
     import threading
@@ -340,6 +340,8 @@ def test_two_pbxs_share_one_outbox_and_the_portals_limit(tmp_path):
     burst = os.path.join(PJSIP, "concurrent_burst")
     branch_phones = {"PJSIPShowEndpoints": [ev("EndpointList", ObjectName="201", Auths="201-auth", OutboundAuths="",
                                                Contacts="", Aor="201")]}
+    import logging
+    caplog.set_level(logging.INFO, logger="bx24ast")
     expected = load_expected(burst)["calls"]
     with Bitrix24Emulator() as emu, FakeAmiServer([burst], speed=4.0) as office, \
             FakeAmiServer([burst], speed=4.0, seed=7, lists=branch_phones) as branch:
@@ -397,7 +399,40 @@ def test_two_pbxs_share_one_outbox_and_the_portals_limit(tmp_path):
             rest = dict((dict(k[1])["method"], v) for k, v in metrics.items()
                         if k[0] == "bx24ast_rest_requests_total" and dict(k[1])["code"] == "200")
             assert rest["telephony.externalcall.finish"] == 2 * len(expected)
+            # log lines say which PBX a call is on
+            lines = [r.getMessage() for r in caplog.records]
+            first = expected[0]["linkedid"]
+            assert any(line.startswith("call branch:%s ended " % first) for line in lines)
+            assert any(line.startswith("call %s ended " % first) for line in lines)
         finally:
             daemon.stop()
             thread.join(20)
             daemon.bridge.store.close()
+
+
+def test_sighup_loads_the_hooks_file_again(tmp_path):
+    from b24_emulator import Bitrix24Emulator
+    hooks = tmp_path / "hooks.py"
+    hooks.write_text("def need_registration(call):\n    return True\n")
+    with FakeAmiServer() as server, Bitrix24Emulator() as emu:
+        config = _config(tmp_path, server)
+        with open(config, "a") as f:
+            f.write("[bitrix24]\nwebhook_url = %s\n[hooks]\nfile = %s\n[cel]\nbackend = off\n"
+                    "[routing]\nagi_listen =\nhttp_listen =\n" % (emu.webhook_url, hooks))
+        proc = _start(config)
+        try:
+            assert wait_for(lambda: ((_heartbeat(tmp_path) or {}).get("hooks") or {}).get("loaded")
+                            == ["need_registration"], 20)
+            hooks.write_text("def process_final_params(params, call):\n    return params\n"
+                             "def post_finish(result, call):\n    return []\n")
+            proc.send_signal(signal.SIGHUP)
+            assert wait_for(lambda: ((_heartbeat(tmp_path) or {}).get("hooks") or {}).get("loaded")
+                            == ["post_finish", "process_final_params"], 20)
+            hooks.write_text("def process_final_params(params, call):\n    return (\n")
+            proc.send_signal(signal.SIGHUP)
+            assert wait_for(lambda: ((_heartbeat(tmp_path) or {}).get("hooks") or {}).get("load_error"), 20)
+            assert proc.poll() is None
+        finally:
+            _out, err = _stop(proc)
+    assert err.count("hooks: %s loaded" % hooks) == 2
+    assert "cannot be loaded, running without hooks: SyntaxError" in err
