@@ -4024,6 +4024,7 @@ class Hooks(object):
         self.calls = collections.Counter()
         self.journal = None                   # a list to note every change in (hooks test)
         self._told = set()
+        self._stuck = {}   # hook name -> the thread of a call that never came back
         self._lock = threading.Lock()
         if path:
             self._load(path)
@@ -4038,14 +4039,14 @@ class Hooks(object):
                 source = f.read()
             namespace = {"__name__": "bx24ast_hooks", "__file__": path, "log": logging.getLogger("bx24ast.hooks")}
             exec(compile(source, path, "exec"), namespace)
-        except Exception as exc:   # a SyntaxError as much as an import that fails
+        except (Exception, SystemExit) as exc:   # a SyntaxError as much as an import that fails
             self.load_error = "%s: %s" % (type(exc).__name__, exc)
             log.error("hooks: %s cannot be loaded, running without hooks: %s", path, self.load_error)
             return
         self.functions = dict((name, fn) for name, fn in namespace.items()
                               if name in HOOK_POINTS and callable(fn))
         unknown = sorted(name for name, fn in namespace.items()
-                         if callable(fn) and not name.startswith("_") and name not in HOOK_POINTS
+                         if hasattr(fn, "__code__") and not name.startswith("_") and name not in HOOK_POINTS
                          and getattr(fn, "__module__", None) == "bx24ast_hooks")
         log.info("hooks: %s loaded: %s", path, ", ".join(sorted(self.functions)) or "no hook functions")
         if unknown:
@@ -4069,7 +4070,15 @@ class Hooks(object):
                   name, problem, detail)
 
     def _run(self, name, args):
-        """(ok, result) of the hook within the time limit."""
+        """(ok, result) of the hook within the time limit. A hook stuck for good (a
+        network call that never returns) keeps one thread; until it comes back the hook
+        is taken as absent, so that calls do not pile up threads behind it."""
+        stuck = self._stuck.get(name)
+        if stuck is not None:
+            if stuck.is_alive():
+                self._tell_once(name, "ran longer than [hooks] timeout_ms", "%.0f ms" % (self.timeout * 1000))
+                return False, None
+            del self._stuck[name]
         box = {}
 
         def target():
@@ -4082,6 +4091,7 @@ class Hooks(object):
         worker.start()
         worker.join(self.timeout)
         if worker.is_alive():
+            self._stuck[name] = worker
             self._tell_once(name, "ran longer than [hooks] timeout_ms", "%.0f ms" % (self.timeout * 1000))
             return False, None
         if "error" in box:

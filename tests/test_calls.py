@@ -556,20 +556,28 @@ def mobile_rules(**pbx):
     return bx24ast.PbxRules.from_config(bx24ast.Config.from_text(text))
 
 
+def ring_group_with_a_mobile(pbx, lid, number, talk=10):
+    """A ring group of 101 and 89162223344# (FreePBX rings an outside member as
+    Local/<number>#@from-internal); the mobile answers after 3 s."""
+    phone, mobile = lid + "1", lid + "2"
+    pbx.new(lid, "PJSIP/trunk-00000001", lid, "from-trunk", "74951234567", number, 4)
+    pbx.new(phone, "PJSIP/101-00000002", lid)
+    pbx.new(mobile, "Local/89162223344#@from-internal-00000003;1", lid)
+    pbx.dial(lid, phone, "PJSIP/101")
+    pbx.dial(lid, mobile, "Local/89162223344#@from-internal")
+    start = pbx.t - pbx.base
+    pbx.at(start + 3).dialend(lid, mobile, "ANSWER")
+    pbx.dialend(lid, phone, "CANCEL")
+    pbx.hangup(phone)
+    pbx.enter(mobile, "B" + lid)
+    pbx.enter(lid, "B" + lid)
+    pbx.at(start + 3 + talk).hangup(mobile)
+    pbx.hangup(lid)
+
+
 def test_a_ring_group_that_rings_a_mobile_gives_the_call_to_its_employee():
     pbx = Pbx(mobile_rules())
-    pbx.new("1.0", "PJSIP/trunk-00000001", "1.0", "from-trunk", "74951234567", "+79160000001", 4)
-    pbx.new("1.1", "PJSIP/101-00000002", "1.0")
-    pbx.new("1.2", "Local/89162223344#@from-internal-00000003;1", "1.0")
-    pbx.dial("1.0", "1.1", "PJSIP/101")
-    pbx.dial("1.0", "1.2", "Local/89162223344#@from-internal")
-    pbx.at(3).dialend("1.0", "1.2", "ANSWER")
-    pbx.dialend("1.0", "1.1", "CANCEL")
-    pbx.hangup("1.1")
-    pbx.enter("1.2", "B1")
-    pbx.enter("1.0", "B1")
-    pbx.at(13).hangup("1.2")
-    pbx.hangup("1.0")
+    ring_group_with_a_mobile(pbx, "1.0", "+79160000001")
     row = pbx.ended()["1.0"]
     assert (row["direction"], row["external_number"], row["rang"]) == ("inbound", "+79160000001", ["101", "102"])
     assert (row["answered_by"], row["ended_with"], row["billsec"]) == ("102", "102", 10)

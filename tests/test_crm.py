@@ -10,7 +10,7 @@ import pytest
 import bx24ast
 from b24_emulator import Bitrix24Emulator
 from conftest import FIXTURES, load_expected, wait_for
-from test_calls import Pbx
+from test_calls import Pbx, ring_group_with_a_mobile
 
 PJSIP = os.path.join(FIXTURES, "asterisk-22.10.1-pjsip")
 LOCAL = os.path.join(FIXTURES, "asterisk-22.10.1")
@@ -248,10 +248,10 @@ def test_portal_without_leads_creates_contact_and_deal(tmp_path):
             assert emu.contacts[contact_id]["ASSIGNED_BY_ID"] == str(USERS["102"])
 
 
-def _inbound(pbx, lid, number, ext="101", answer=True, t0=0.0, talk=5.0, ring=8.0):
+def _inbound(pbx, lid, number, ext="101", answer=True, t0=0.0, talk=5.0, ring=8.0, did="74951234567"):
     uid_trunk, uid_phone = lid, lid[:-2] + ".9"
     n = int(float(lid) * 10)
-    pbx.at(t0).new(uid_trunk, "PJSIP/trunk-%08x" % n, lid, "from-trunk", "74951234567", number, 4)
+    pbx.at(t0).new(uid_trunk, "PJSIP/trunk-%08x" % n, lid, "from-trunk", did, number, 4)
     pbx.new(uid_phone, "PJSIP/%s-%08x" % (ext, n + 1), lid)
     pbx.dial(uid_trunk, uid_phone, ext)
     if answer:
@@ -824,18 +824,7 @@ def test_an_employees_mobile_on_a_ring_group_is_that_employee_in_bitrix24(tmp_pa
         with Harness(tmp_path, emu, {"users": {"102": "7, +79162223344"}}) as h:
             pbx = Pbx(h.rules, base=time.time() - 100)
             pbx.tracker = h.tracker
-            pbx.new("5.0", "PJSIP/trunk-00000001", "5.0", "from-trunk", "74951234567", "+79160000041", 4)
-            pbx.new("5.1", "PJSIP/101-00000002", "5.0")
-            pbx.new("5.2", "Local/89162223344#@from-internal-00000003;1", "5.0")
-            pbx.dial("5.0", "5.1", "PJSIP/101")
-            pbx.dial("5.0", "5.2", "Local/89162223344#@from-internal")
-            pbx.at(3).dialend("5.0", "5.2", "ANSWER")
-            pbx.dialend("5.0", "5.1", "CANCEL")
-            pbx.hangup("5.1")
-            pbx.enter("5.2", "B5")
-            pbx.enter("5.0", "B5")
-            pbx.at(9).hangup("5.2")
-            pbx.hangup("5.0")
+            ring_group_with_a_mobile(pbx, "5.0", "+79160000041", talk=6)
             # the employee calling in from the mobile: no lead, no card
             pbx.at(20).new("6.0", "PJSIP/trunk-00000004", "6.0", "from-trunk", "74951234567", "89162223344", 4)
             pbx.new("6.1", "PJSIP/101-00000005", "6.0")

@@ -105,35 +105,6 @@ def registers(emu):
     return [e for e in emu.journal if e["method"] == "telephony.externalcall.register" and e.get("status") == 200]
 
 
-def play(h, calls):
-    pbx = Pbx(h.rules, base=time.time() - 100)
-    pbx.tracker = h.tracker
-    for n, (number, did, ext, answer) in enumerate(calls):
-        lid = "%d.1" % (800 + n)
-        _inbound(pbx, lid, number, ext=ext, answer=answer, t0=n * 20, ring=2, talk=3)
-        if did != "74951234567":
-            pass
-    return pbx
-
-
-def inbound(pbx, lid, number, did="74951234567", ext="101", answer=True, t0=0.0):
-    """An inbound call to a line (DID) ringing one phone."""
-    trunk, phone = lid, lid[:-2] + ".9"
-    n = int(float(lid) * 10)
-    pbx.at(t0).new(trunk, "PJSIP/trunk-%08x" % n, lid, "from-trunk", did, number, 4)
-    pbx.new(phone, "PJSIP/%s-%08x" % (ext, n + 1), lid)
-    pbx.dial(trunk, phone, ext)
-    if answer:
-        pbx.at(t0 + 1).dialend(trunk, phone, "ANSWER")
-        pbx.enter(phone, "B" + lid)
-        pbx.enter(trunk, "B" + lid)
-        pbx.at(t0 + 4)
-    else:
-        pbx.at(t0 + 2).dialend(trunk, phone, "CANCEL")
-    pbx.hangup(phone)
-    pbx.hangup(trunk)
-
-
 def office(h):
     pbx = Pbx(h.rules, base=time.time() - 1000)
     pbx.tracker = h.tracker
@@ -146,9 +117,9 @@ def test_need_registration_leaves_out_blocked_numbers_and_lines(tmp_path):
     with Bitrix24Emulator() as emu:
         with harness(tmp_path, emu, EVERY_HOOK, settings={"crm": {"callback_window_minutes": 0}}) as h:
             pbx = office(h)
-            inbound(pbx, "900.1", "+79990000001")                          # blocked number
-            inbound(pbx, "901.1", "+79160000001", did="74950000000")       # ignored line
-            inbound(pbx, "902.1", "+79160000002", t0=10)
+            _inbound(pbx, "900.1", "+79990000001")                          # blocked number
+            _inbound(pbx, "901.1", "+79160000001", did="74950000000")       # ignored line
+            _inbound(pbx, "902.1", "+79160000002", t0=10)
             h.wait_idle()
             assert [e["params"]["PHONE_NUMBER"] for e in registers(emu)] == ["+79160000002"]
             assert [r["EXTERNAL_CALL_ID"] for r in emu.stats.values()] == ["902.1"]
@@ -158,8 +129,8 @@ def test_client_phone_user_phone_and_register_params(tmp_path):
     with Bitrix24Emulator() as emu:
         with harness(tmp_path, emu, EVERY_HOOK) as h:
             pbx = office(h)
-            inbound(pbx, "910.1", "+79160000003", ext="104")
-            inbound(pbx, "911.1", "+79160000005", did="74957654321", t0=10)
+            _inbound(pbx, "910.1", "+79160000003", ext="104")
+            _inbound(pbx, "911.1", "+79160000005", did="74957654321", t0=10)
             h.wait_idle()
             first, second = registers(emu)
             assert first["params"]["PHONE_NUMBER"] == "+79160000004"     # process_client_phone
@@ -174,10 +145,10 @@ def test_show_card_final_params_task_and_missed_responsible(tmp_path):
     with Bitrix24Emulator() as emu:
         with harness(tmp_path, emu, EVERY_HOOK, settings={"crm": {"callback_window_minutes": 0}}) as h:
             pbx = office(h)
-            inbound(pbx, "920.1", "+79160000006", ext="102")                       # answered by Maria
-            inbound(pbx, "921.1", "+79160000007", did="74957654321", answer=False, t0=10)
-            inbound(pbx, "922.1", "+79160000009", answer=False, t0=20)
-            inbound(pbx, "923.1", "+79160000008", answer=True, t0=30)
+            _inbound(pbx, "920.1", "+79160000006", ext="102")                       # answered by Maria
+            _inbound(pbx, "921.1", "+79160000007", did="74957654321", answer=False, t0=10)
+            _inbound(pbx, "922.1", "+79160000009", answer=False, t0=20)
+            _inbound(pbx, "923.1", "+79160000008", answer=True, t0=30)
             h.wait_idle()
             by_ext = dict((r["EXTERNAL_CALL_ID"], r) for r in emu.stats.values())
             # Maria's card: registered without a popup for her, never shown later either
@@ -198,7 +169,7 @@ def test_post_registration_and_post_finish_queue_requests(tmp_path):
     with Bitrix24Emulator() as emu:
         with harness(tmp_path, emu, EVERY_HOOK) as h:
             pbx = office(h)
-            inbound(pbx, "930.1", "+79160000010")
+            _inbound(pbx, "930.1", "+79160000010")
             h.wait_idle()
             lead = registers(emu)[0]
             [record] = emu.stats.values()
@@ -319,8 +290,8 @@ def test_a_hook_that_raises_sleeps_or_returns_garbage_is_taken_as_absent(tmp_pat
                      recordings=os.path.join(path, "recordings")) as h:
             h.replay(path)
             pbx = office(h)
-            inbound(pbx, "940.1", "+79160000020", answer=True, t0=50)
-            inbound(pbx, "941.1", "+79160000021", answer=False, t0=60)
+            _inbound(pbx, "940.1", "+79160000020", answer=True, t0=50)
+            _inbound(pbx, "941.1", "+79160000021", answer=False, t0=60)
             h.wait_idle()
             # every call reported as if there were no hooks file at all
             stats = dict((r["EXTERNAL_CALL_ID"], r) for r in emu.stats.values())
@@ -401,3 +372,17 @@ def test_the_shipped_example_has_every_hook_and_runs(tmp_path):
         code, out, err = run_cli("hooks", "test", path, "--hooks", example)
         assert code == 0, err
         assert out.startswith("call ")
+
+
+def test_a_hook_stuck_for_good_keeps_one_thread_not_one_per_call(tmp_path):
+    import threading as _threading
+    hooks = bx24ast.Hooks(hooks_file(tmp_path, "import time\ndef process_client_phone(number, call):\n"
+                                               "    time.sleep(3)\n    return number\n"), timeout=0.05)
+    before = _threading.active_count()
+    started = time.time()
+    for _ in range(20):
+        assert hooks.client_phone("+79160000001", {}) == "+79160000001"
+    assert time.time() - started < 1.5          # one wait, then the hook is skipped while it is stuck
+    assert _threading.active_count() - before <= 1 and hooks.errors["process_client_phone"] == 20
+    hooks = bx24ast.Hooks(hooks_file(tmp_path, "import sys\nsys.exit(3)\n", "exits.py"))
+    assert hooks.load_error.startswith("SystemExit")
