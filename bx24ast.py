@@ -10142,7 +10142,8 @@ class Bridge(object):
         """The CRM flows and CEL watcher of one PBX ("" is [ami]); its CEL is [cel:NAME]."""
         section = "cel:%s" % pbx if pbx else "cel"
         try:
-            source = open_cel_source(self.config, section=section)
+            source = open_cel_source(self.config, section=section) if not pbx or pbx in self.config.names("ami") \
+                else None
         except CelError as exc:
             log.warning("CEL%s: %s", " of " + pbx if pbx else "", exc)
             source = None

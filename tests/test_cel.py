@@ -420,3 +420,24 @@ def test_mysql_server_stopped_mid_read_keeps_the_checkpoint(tmp_path):
         assert reported == ["1795667003.0"] and recovery.checkpoint() is None
     finally:
         db.stop()
+
+
+def test_each_pbx_recovers_its_own_cel_under_its_own_name(tmp_path):
+    """[cel:branch]: the branch's calls are read from its CEL, with a checkpoint of their
+    own, and stored under the branch's name (the same linkedids as the office's)."""
+    db = _combined_cel(tmp_path, ["inbound_answered", "outbound_answered"])
+    with Bitrix24Emulator() as emu:
+        with Harness(tmp_path, emu, {"cel": {"backend": "off"}, "crm": {"callback_window_minutes": 0}},
+                     recordings=_recordings_dir(tmp_path, ["inbound_answered", "outbound_answered"])) as h:
+            office = bx24ast.CelRecovery(bx24ast.SqliteCel(db), h.bridge.store, h.rules, h.bridge.crm)
+            branch_crm, _cel = h.bridge.attach("branch", h.rules)
+            branch = bx24ast.CelRecovery(bx24ast.SqliteCel(db), h.bridge.store, h.rules, branch_crm, pbx="branch")
+            assert branch.run_once() == 2
+            h.wait_idle()
+            assert sorted(r["EXTERNAL_CALL_ID"] for r in emu.stats.values()) == [
+                "branch:1795667003.0", "branch:1795667032.8"]
+            assert office.checkpoint() is None and branch.checkpoint() == max(r.id for r in bx24ast.SqliteCel(db).rows())
+            assert office.run_once() == 2 and branch.run_once() == 0
+            h.wait_idle()
+            assert len(emu.stats) == 4 and branch.recovered == {"late": 2} and office.recovered == {"late": 2}
+            assert h.bridge.records.get("branch:1795667003.0")["call_id"] != h.bridge.records.get("1795667003.0")["call_id"]
