@@ -35,6 +35,7 @@ import collections
 import configparser
 import fcntl
 import importlib
+import itertools
 import json
 import os
 import re
@@ -42,9 +43,7 @@ import signal
 import sqlite3
 import stat
 import sys
-import threading
 import time
-import urllib.parse
 
 
 class _OnFirstUse(object):
@@ -80,6 +79,19 @@ class LazyPattern(object):
 base64 = _OnFirstUse("base64")
 logging = _OnFirstUse("logging")   # with traceback, linecache, tokenize: ~9 ms that cron's check need not pay
 socket = _OnFirstUse("socket")
+threading = _OnFirstUse("threading")
+
+
+class _Urllib(object):
+    """urllib.parse, imported at the first urllib.parse.something."""
+
+    def __getattr__(self, attr):
+        import urllib.parse
+        globals()["urllib"] = urllib
+        return getattr(urllib, attr)
+
+
+urllib = _Urllib()
 binascii = _OnFirstUse("binascii")
 calendar = _OnFirstUse("calendar")
 hashlib = _OnFirstUse("hashlib")
@@ -2003,13 +2015,11 @@ class AmiConnection(object):
     # -- actions ------------------------------------------------------------
     # One count for every connection of the process: the ActionIDs of two PBXs' connections
     # never meet (click-to-call matches OriginateResponse by it).
-    _action_ids = [0]
-    _action_ids_lock = threading.Lock()
+    # (next() of an itertools.count is atomic: no lock.)
+    _action_ids = itertools.count(1)
 
     def next_action_id(self):
-        with self._action_ids_lock:
-            self._action_ids[0] += 1
-            return "bx24ast-%d-%d" % (os.getpid(), self._action_ids[0])
+        return "bx24ast-%d-%d" % (os.getpid(), next(self._action_ids))
 
     def send(self, action, headers=(), callback=None):
         """Send without waiting; callback(pending) runs in the reader thread."""
@@ -6983,10 +6993,12 @@ class LogLimiter(object):
     def __init__(self, burst=5, every=60.0, clock=monotonic):
         self.burst, self.every, self.clock = burst, every, clock
         self._windows = {}     # kind -> [window start, lines logged, lines held back]
-        self._lock = threading.Lock()
+        self._lock = None      # made at the first line: REFUSALS exists in every command
 
     def log(self, level, kind, fmt, *args):
         now = self.clock()
+        if self._lock is None:
+            self._lock = threading.Lock()
         with self._lock:
             window = self._windows.get(kind)
             held = 0
@@ -8943,7 +8955,7 @@ class WizardServer(Listener):
     PREFIX = "/config/master"
     sessions = {}
     failures = {}
-    _lock = threading.Lock()
+    _class_lock = []     # one lock for the class's sessions, made by the first server
 
     def __init__(self, wizard, user, password_hash, host="0.0.0.0", port=8078, cert="", key="", language="en",
                  check_config=None, live_status=None, status_token="", state_dir=None, metrics=None, metrics_token=""):
@@ -8965,7 +8977,9 @@ class WizardServer(Listener):
         # and the admin must stay logged in to see the results.
         self.sessions = WizardServer.sessions
         self.failures = WizardServer.failures
-        self._lock = WizardServer._lock
+        if not WizardServer._class_lock:
+            WizardServer._class_lock.append(threading.Lock())
+        self._lock = WizardServer._class_lock[0]
         owner = self
 
         class Handler(listener_classes().TlsRequestHandler):
