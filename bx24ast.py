@@ -1069,9 +1069,9 @@ class StateStore(object):
                 # NORMAL is durable against a crash of this process (kill -9); only a
                 # power cut can lose the last commits, and fsync per call is costly.
                 self.db.execute("PRAGMA synchronous=NORMAL")
-                # 256 kB of page cache, not 2 MB: the sender reads the heads of the
+                # 128 kB of page cache, not 2 MB: the sender reads the heads of the
                 # outbox and a call's row, which stay cached; RSS is what a PBX host counts
-                self.db.execute("PRAGMA cache_size=-256")
+                self.db.execute("PRAGMA cache_size=-128")
                 # The WAL is folded back every ~400 kB (not the default 4 MB) and
                 # truncated after that, not kept at its largest: on a small disk it
                 # grew to fill it and every write failed from then on.
@@ -2641,7 +2641,7 @@ class CallTracker(object):
         "BridgeLeave", "BridgeMerge", "BlindTransfer", "AttendedTransfer", "Hangup", "Rename",
         "Newstate", "Pickup", "OriginateResponse"))
 
-    GONE_KEPT = 4096
+    GONE_KEPT = 2048
 
     def __init__(self, rules=None, on_call_event=None):
         self.rules = rules or PbxRules()

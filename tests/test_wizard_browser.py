@@ -246,7 +246,7 @@ def walk_every_page(admin, pbx):
     admin.press("next")
     admin.open("/crm")
     admin.shot("06-crm")
-    assert "exten => s,1,AGI(agi://127.0.0.1:4573/responsible)" in admin.driver.find_element(By.TAG_NAME, "pre").text
+    assert "exten => s,1,AGI(agi://127.0.0.1:4573/responsible,${CALLERID(num)},${FROM_DID})" in admin.driver.find_element(By.TAG_NAME, "pre").text
     admin.open("/click_to_call")
     admin.choose("click_to_call.mode", "port")
     assert admin.visible("click_to_call.application_token") and admin.visible("click_to_call.tls_cert")
