@@ -33,6 +33,7 @@ Importing this module runs nothing.
 import argparse
 import collections
 import configparser
+import _thread
 import fcntl
 import importlib
 import itertools
@@ -1043,6 +1044,11 @@ CREATE TABLE IF NOT EXISTS clicks (
 """
 
 
+def sqlite_uri_path(path):
+    """A path as the file: URI of sqlite takes it: only %, ? and # mean something there."""
+    return path.replace("%", "%25").replace("?", "%3f").replace("#", "%23")
+
+
 class StorageError(Exception):
     """The state database cannot be opened or written."""
 
@@ -1081,7 +1087,8 @@ class StateStore(object):
             self._add_new_columns()
         except sqlite3.Error as exc:
             raise StorageError("cannot open the state database %s: %s" % (path, exc))
-        self.lock = threading.RLock()
+        # the C lock threading.RLock is: `check` reads the state without importing threading
+        self.lock = _thread.RLock()
         self.depth = 0
         self.error = None          # the last failed write, until one succeeds
         self.error_since = None
@@ -1338,8 +1345,19 @@ class Outbox(object):
 
     def __init__(self, store):
         self.store = store
-        self.wakeup = threading.Condition()
+        self._wakeup = None
+        self._wakeup_made = _thread.allocate_lock()
         self.done_count = 0      # requests this process marked done (housekeeping runs by it too)
+
+    @property
+    def wakeup(self):
+        """The condition the sender sleeps on, made at its first use (`check` reads the
+        outbox without importing threading)."""
+        if self._wakeup is None:
+            with self._wakeup_made:
+                if self._wakeup is None:
+                    self._wakeup = threading.Condition()
+        return self._wakeup
 
     def add(self, linkedid, kind, method, params, priority, not_before=0.0):
         now = time.time()
@@ -5793,7 +5811,7 @@ class SqliteCel(object):
             # a FIFO or a device would block the reading thread for ever
             raise CelError(say("[cel] sqlite_path %s is not a regular file", self.path))
         try:
-            db = sqlite3.connect("file:%s?mode=ro" % urllib.parse.quote(os.path.abspath(self.path)),
+            db = sqlite3.connect("file:%s?mode=ro" % sqlite_uri_path(os.path.abspath(self.path)),
                                  uri=True, timeout=5)
             db.execute("PRAGMA query_only = 1")
             cols = [r[1] for r in db.execute("PRAGMA table_info(%s)" % self.table)]
