@@ -8066,6 +8066,7 @@ WIZARD_TEXT = {
         # the names of the checks, as `check` prints them in English
         "check_daemon": "служба", "check_ami": "AMI", "check_bitrix24": "Битрикс24", "check_outbox": "запросы",
         "check_cel": "CEL", "check_storage": "хранилище", "check_listeners": "порты", "check_endpoints": "подключения",
+        "check_hooks": "хуки",
         "check_recordings": "записи", "check_users": "сотрудники", "check_configuration": "настройки",
         "check_database": "база CEL", "check_crm": "CRM", "check_click_to_call": "звонок из CRM",
         "units": (("день", "дня", "дней"), ("час", "часа", "часов"), ("минута", "минуты", "минут"),
@@ -8297,6 +8298,15 @@ WIZARD_TEXT = {
             "free disk space under [storage] state_dir (df -h) before writes fail":
                 "освободите место на диске [storage] state_dir (df -h), пока запись ещё работает",
             "state database writable%s": "база состояния доступна для записи%s",
+            "%s: %s loaded": "%s: загружено %s",
+            "%s cannot be loaded (%s): calls are reported as if there were no hooks":
+                "%s не загружается (%s): звонки передаются так, как будто хуков нет",
+            "fix the file, then systemctl reload bx24ast; try it with bx24ast hooks test CAPTURE":
+                "исправьте файл, затем systemctl reload bx24ast; проверьте его командой bx24ast hooks test CAPTURE",
+            "%s failed %d time(s) since the start (the calls went on without it)":
+                "%s не сработал %d раз с запуска (звонки прошли без него)",
+            "the log says why, once per hook (grep 'hooks:'); bx24ast hooks test CAPTURE replays a call through them":
+                "почему — сказано в журнале, по разу на хук (grep 'hooks:'); bx24ast hooks test CAPTURE прогонит звонок через них",
             "another program holds the port: change it in [routing]/[click_to_call] or stop that program":
                 "порт занят другой программой: смените его в [routing]/[click_to_call] или остановите ту программу",
             "%s on %s": "%s на %s",
@@ -10925,6 +10935,26 @@ def check_storage(beat, now=None):
     return CheckResult("OK", "storage", say("state database writable%s", free))
 
 
+def check_hooks(config, beat):
+    """The hooks file as the running daemon loaded it, and hooks that failed; None
+    without a hooks file or a running daemon."""
+    if not config.get("hooks", "file") or beat is None or beat.get("stopped_at") or not beat.get("hooks"):
+        return None
+    hooks = beat["hooks"]
+    if hooks.get("load_error"):
+        return CheckResult("WARNING", "hooks", say("%s cannot be loaded (%s): calls are reported as if there were no hooks",
+                                                   hooks.get("file"), hooks["load_error"]),
+                           say("fix the file, then systemctl reload bx24ast; try it with bx24ast hooks test CAPTURE"))
+    failed = sorted((name, n) for name, n in (hooks.get("errors") or {}).items() if n)
+    if failed:
+        return CheckResult("WARNING", "hooks", said_join(", ", (say("%s failed %d time(s) since the start (the calls "
+                                                                     "went on without it)", name, n)
+                                                                 for name, n in failed)),
+                           say("the log says why, once per hook (grep 'hooks:'); bx24ast hooks test CAPTURE replays "
+                               "a call through them"))
+    return CheckResult("OK", "hooks", say("%s: %s loaded", hooks.get("file"), ", ".join(hooks.get("loaded") or []) or "-"))
+
+
 def check_cel(config, now=None, pbx=""):
     """CEL of [cel], or [cel:NAME] of another PBX."""
     section = "cel:%s" % pbx if pbx else "cel"
@@ -10973,9 +11003,9 @@ def run_checks(config, now=None, timeout=3.0, probe=True):
     storage = check_storage(beat, now)
     if storage is not None:
         results.append(storage)
-    listeners = check_listeners(config, beat)
-    if listeners is not None:
-        results.append(listeners)
+    for extra in (check_listeners(config, beat), check_hooks(config, beat)):
+        if extra is not None:
+            results.append(extra)
     return results
 
 

@@ -257,3 +257,25 @@ def test_check_lists_every_pbx_and_its_cel(tmp_path):
             code, out = check(config)
             assert code == 2 and "CRITICAL ami: not connected to 127.0.0.1:%d (branch)" % branch.port in out
             assert "check [ami:branch] host/port/username/secret" in out
+
+
+def test_hooks_check_tells_a_broken_file_and_failing_hooks():
+    config = bx24ast.Config.from_text("[hooks]\nfile = /etc/bx24ast/hooks.py\n")
+    now = time.time()
+    beat = {"pid": os.getpid(), "time": now, "hooks": {"file": "/etc/bx24ast/hooks.py", "loaded": ["need_registration"],
+                                                       "load_error": None, "errors": {}}}
+    result = bx24ast.check_hooks(config, beat)
+    assert (result.level, str(result.message)) == ("OK", "/etc/bx24ast/hooks.py: need_registration loaded")
+    beat["hooks"]["errors"] = {"process_final_params": 3}
+    result = bx24ast.check_hooks(config, beat)
+    assert result.level == "WARNING" and "process_final_params failed 3 time(s)" in str(result.message)
+    beat["hooks"]["load_error"] = "SyntaxError: invalid syntax (hooks.py, line 2)"
+    result = bx24ast.check_hooks(config, beat)
+    assert result.level == "WARNING" and "cannot be loaded (SyntaxError" in str(result.message)
+    assert "hooks test" in str(result.advice)
+    # no hooks file, or no daemon: no line
+    assert bx24ast.check_hooks(bx24ast.Config.defaults(), beat) is None
+    assert bx24ast.check_hooks(config, None) is None
+    # the Russian results page has every word of it
+    t = bx24ast.WizardLanguage("ru")
+    assert "не загружается" in t.text(result.message) and "хуки" == t["check_hooks"]
