@@ -728,12 +728,13 @@ class Config(object):
     """Validated settings: config.get('ami', 'port') -> 5038; a named section as
     config.get('ami:branch', 'host'); lines as config.line_settings()."""
 
-    def __init__(self, values, path=None, maps=None, names=None, lines=None):
+    def __init__(self, values, path=None, maps=None, names=None, lines=None, pbx_lines=None):
         self._values = values
         self.path = path
         self.maps = maps or dict((name, collections.OrderedDict()) for name in FREEFORM_SECTIONS)
         self._names = names or {}
-        self._lines = lines or collections.OrderedDict()
+        self._lines = lines or collections.OrderedDict()      # (PBX or "", DID) -> (settings, keys written)
+        self._pbx_lines = pbx_lines or {}                       # PBX -> its [lines:NAME]
 
     def get(self, section, key):
         return self._values[(section, key)]
@@ -745,16 +746,26 @@ class Config(object):
         """The NAMEs of [kind:NAME] sections, in the file's order."""
         return list(self._names.get(kind, ()))
 
-    def line_settings(self):
-        """{DID: {source, responsible, create, deal_category, deal_stage, hours}} from
-        [line:DID] sections and [lines] (a source only)."""
+    def line_settings(self, pbx=""):
+        """{DID: {source, responsible, create, deal_category, deal_stage, hours}} of one
+        PBX's lines: [lines] (a source only) and [line:DID] sections, then for a named PBX
+        its own [lines:NAME] and [line:NAME:DID] over them (those come last, so that a
+        DID written another way still ends up with the PBX's own settings)."""
         out = collections.OrderedDict()
-        for did, source in self.maps.get("lines", {}).items():
-            out[did] = dict((key, convert(default)) for key, default, convert, _doc in LINE_SCHEMA)
-            out[did]["source"] = source
-        for did, settings in self._lines.items():
-            source = settings["source"] or (out.get(did) or {}).get("source") or ""
-            out[did] = dict(settings, source=source)
+        layers = [("", self.maps.get("lines", {}))] + ([(pbx, self._pbx_lines.get(pbx, {}))] if pbx else [])
+        for whose, sources in layers:
+            for did, source in sources.items():
+                settings = out.pop(did, None) or dict(
+                    (key, convert(default)) for key, default, convert, _doc in LINE_SCHEMA)
+                out[did] = dict(settings, source=source)
+            for (owner, did), (settings, written) in self._lines.items():
+                if owner != whose:
+                    continue
+                # a [line:NAME:DID] key left out is the [line:DID] one, as [pbx:NAME] is [pbx]'s
+                inherited = out.pop(did, None) or {}
+                merged = dict(inherited, **dict((k, v) for k, v in settings.items() if k in written or k not in inherited))
+                merged["source"] = settings["source"] or inherited.get("source") or ""
+                out[did] = merged
         return out
 
     @classmethod
@@ -786,23 +797,35 @@ class Config(object):
         maps = dict((name, collections.OrderedDict()) for name in FREEFORM_SECTIONS)
         names = collections.OrderedDict((kind, []) for kind in PBX_SECTIONS)
         lines = collections.OrderedDict()
+        pbx_lines = {}
+        line_owners = []    # (section, PBX) of [lines:NAME] and [line:NAME:DID], checked once PBXs are known
         for section in parser.sections():
-            if section in FREEFORM_SECTIONS:
-                convert = FREEFORM_SECTIONS[section][0]
+            kind, colon, name = section.partition(":")
+            if section in FREEFORM_SECTIONS or (colon and kind == "lines"):
+                if colon:
+                    if not _SECTION_NAME.match(name):
+                        raise ConfigError("%s: [%s]: a PBX's own lines are [lines:NAME], NAME as in [ami:NAME]"
+                                          % (path, section), section=section)
+                    line_owners.append((section, name))
+                target = pbx_lines.setdefault(name, collections.OrderedDict()) if colon else maps[section]
+                convert = FREEFORM_SECTIONS[kind][0]
                 for key in parser.options(section):
                     raw = parser.get(section, key)
                     try:
-                        maps[section][key] = convert(key, raw)
+                        target[key] = convert(key, raw)
                     except ValueError as exc:
                         raise ConfigError("%s: [%s] %s = %r is not allowed: expected %s"
                                           % (path, section, key, raw, exc),
                                           section=section, key=key, value=raw)
                 continue
-            kind, colon, name = section.partition(":")
             if colon and kind == "line":
-                if not re.match(r"^\+?[0-9A-Za-z_\-]{1,50}$", name):
-                    raise ConfigError("%s: [%s]: a line section is [line:<the number clients dial>], like [line:74951234567]"
+                owner, colon2, did = name.rpartition(":")
+                if not re.match(r"^\+?[0-9A-Za-z_\-]{1,50}$", did) or (colon2 and not _SECTION_NAME.match(owner)):
+                    raise ConfigError("%s: [%s]: a line section is [line:<the number clients dial>], like [line:74951234567], "
+                                      "or [line:NAME:<number>] for the lines of the PBX [ami:NAME]"
                                       % (path, section), section=section)
+                if owner:
+                    line_owners.append((section, owner))
                 schema = known_line
             elif colon and kind in PBX_SECTIONS:
                 if not _SECTION_NAME.match(name):
@@ -815,7 +838,8 @@ class Config(object):
             else:
                 raise ConfigError("%s: unknown section [%s]; known sections: %s"
                                   % (path, section, ", ".join(["[%s]" % s for s in list(known) + list(FREEFORM_SECTIONS)]
-                                                              + ["[ami:NAME]", "[pbx:NAME]", "[cel:NAME]", "[line:DID]"])),
+                                                              + ["[ami:NAME]", "[pbx:NAME]", "[cel:NAME]", "[line:DID]",
+                                                                 "[lines:NAME]", "[line:NAME:DID]"])),
                                   section=section)
             for key in parser.options(section):
                 if key not in schema:
@@ -846,13 +870,19 @@ class Config(object):
             if name not in names["ami"]:
                 raise ConfigError("%s: [pbx:%s] or [cel:%s] has no [ami:%s]: name the PBX's AMI connection first"
                                   % (path, name, name, name), section="ami:" + name)
+        for section, owner in line_owners:
+            if owner not in names["ami"]:
+                raise ConfigError("%s: [%s] names the PBX %s, which has no [ami:%s]"
+                                  % (path, section, owner, owner), section=section)
         for section in parser.sections():
-            kind, colon, did = section.partition(":")
+            kind, colon, name = section.partition(":")
             if colon and kind == "line":
-                lines[did] = dict((key, cls._convert(path, section, key, parser.get(section, key)
-                                                     if parser.has_option(section, key) else default, convert))
-                                  for key, (default, convert) in known_line.items())
-        return cls(values, path, maps, names, lines)
+                owner, _colon, did = name.rpartition(":")
+                lines[(owner, did)] = (dict((key, cls._convert(path, section, key, parser.get(section, key)
+                                                               if parser.has_option(section, key) else default, convert))
+                                            for key, (default, convert) in known_line.items()),
+                                       frozenset(parser.options(section)))
+        return cls(values, path, maps, names, lines, pbx_lines)
 
     @classmethod
     def load(cls, path, overrides=None):
@@ -982,8 +1012,11 @@ def example_config_text():
     out.extend(["", "# Another PBX reported by this daemon: [ami:NAME] with the keys of [ami]; [pbx:NAME] with",
                 "# those of [pbx] where it differs (the rest are [pbx]'s); [cel:NAME] with those of [cel]",
                 "# (off unless backend is set). Its calls share the outbox and the portal's rate limit.",
+                "# Its own lines: [lines:NAME] and [line:NAME:DID] over [lines] and [line:DID] (a key",
+                "# left out is [line:DID]'s).",
                 "# [ami:branch]", "# host = 10.0.2.5", "# username = bx24", "# secret = ...",
-                "# [cel:branch]", "# backend = mysql", "# mysql_host = 10.0.2.5"])
+                "# [cel:branch]", "# backend = mysql", "# mysql_host = 10.0.2.5",
+                "# [line:branch:78123334455]", "# responsible = 11"])
     return "\n".join(out) + "\n"
 
 
@@ -4466,8 +4499,8 @@ class Lines(object):
         self._by_key = dict((self.key(did), s) for did, s in settings.items())
 
     @classmethod
-    def from_config(cls, config, rules):
-        return cls(config.line_settings(), rules.number_plan, config.get("routing", "hours"))
+    def from_config(cls, config, rules, pbx=""):
+        return cls(config.line_settings(pbx), rules.number_plan, config.get("routing", "hours"))
 
     def key(self, did):
         number = clean_phone_number(did)
@@ -4519,7 +4552,7 @@ class CrmFlows(object):
         self.pbx = pbx
         # a line written 8 (495) 123-45-67, +74951234567 or 74951234567 is one line,
         # whichever way the trunk presents the DID
-        self.lines = Lines.from_config(config, rules)
+        self.lines = Lines.from_config(config, rules, pbx)
         # what hooks said of a call, asked once per call (bounded: a call's events come
         # within hours, and a restarted daemon asks again)
         self._decided = BoundedCache(5000)
@@ -6707,7 +6740,7 @@ class ResponsibleLookup(object):
 
     def __init__(self, client, users, rules, ami=None, budget=0.5, cache_seconds=600.0,
                  check_state=True, hint_context="from-internal", clock=monotonic, hooks=None,
-                 ami_for=None, records=None, sticky_days=0.0, lines=None, wall=time.time):
+                 ami_for=None, records=None, sticky_days=0.0, lines=None, wall=time.time, pbx_lines=None):
         self.client = client
         self.hooks = hooks or Hooks()
         self.users = users
@@ -6717,6 +6750,7 @@ class ResponsibleLookup(object):
         self.records = records          # who talked with a number lately (sticky routing)
         self.sticky_days = sticky_days
         self.lines = lines or Lines({}, rules.number_plan)
+        self.pbx_lines = pbx_lines or {}    # [ami:NAME] -> its lines ([line:NAME:DID] over [line:DID])
         self.wall = wall
         self.budget = budget
         self.cache_seconds = cache_seconds
@@ -6734,36 +6768,41 @@ class ResponsibleLookup(object):
         r = config.section("routing")
         return cls(client, users, rules, ami, r["budget_ms"] / 1000.0, r["cache_minutes"] * 60,
                    r["check_extension_state"], r["hint_context"], hooks=hooks, ami_for=ami_for,
-                   records=records, sticky_days=r["sticky_days"], lines=Lines.from_config(config, rules))
+                   records=records, sticky_days=r["sticky_days"], lines=Lines.from_config(config, rules),
+                   pbx_lines=dict((name, Lines.from_config(config, rules, name)) for name in config.names("ami")))
 
     ANSWER_KEYS = ("status", "number", "extension", "user_id", "crm_entity", "name")
     # When the CRM gives no reachable owner, these may still route the caller.
     NO_OWNER = frozenset(("NOT_FOUND", "NO_EXTENSION", "UNAVAILABLE", "TIMEOUT", "LIMITED", "ERROR"))
 
-    def lookup(self, number, line=None):
+    def knows_pbx(self, pbx):
+        return not pbx or pbx in self.pbx_lines
+
+    def lookup(self, number, line=None, pbx=""):
         """{"status", "number", "extension", "user_id", "crm_entity", "name"}; status is
         FOUND (the CRM's owner), STICKY (who talked with the caller last), LINE (the line's
         responsible), CLOSED (outside the line's working hours), NOT_FOUND, NO_EXTENSION,
-        UNAVAILABLE, TIMEOUT, LIMITED, ERROR or INVALID."""
+        UNAVAILABLE, TIMEOUT, LIMITED, ERROR or INVALID. line is read in the lines of the
+        PBX the call is on ("" is [ami])."""
         started = self.clock()
-        hours = self.lines.hours(line)
+        lines = self.pbx_lines.get(pbx, self.lines) if pbx else self.lines
+        hours = lines.hours(line)
         if hours is not None and not hours.is_open(self.wall()):
             key = self.rules.number_plan.normalize(clean_phone_number(number or "") or "")
             return self.customized(self.answer("CLOSED", key or number), line)
         found = self._lookup(number)
         if found["status"] in self.NO_OWNER:
-            found = self._no_owner(found, line, started + self.budget) or found
+            found = self._no_owner(found, lines.responsible(line), started + self.budget) or found
         return self.customized(found, line)
 
-    def _no_owner(self, found, line, deadline):
-        """The employee who talked with the caller last (within sticky_days), else the
-        line's responsible; each only while their phone is reachable."""
+    def _no_owner(self, found, user, deadline):
+        """The employee who talked with the caller last (within sticky_days), else user
+        (the line's responsible); each only while their phone is reachable."""
         candidates = []
         if self.sticky_days and self.records is not None and found["number"]:
             talker = self.records.last_talker(found["number"], self.wall() - self.sticky_days * 86400)
             if talker and self.rules.is_extension(talker):
                 candidates.append(("STICKY", talker, self.users.user_for(talker)))
-        user = self.lines.responsible(line)
         if user:
             ext = self.users.extension_of(user)
             if ext and self.rules.is_extension(ext):
@@ -6906,9 +6945,12 @@ class FastAgiServer(Listener):
     MAX_LINE = 4096
     MAX_ENV_LINES = 200
 
-    def __init__(self, lookup, host="127.0.0.1", port=4573, set_callerid_name=False):
+    def __init__(self, lookup, host="127.0.0.1", port=4573, set_callerid_name=False, pbx_by_address=None):
         self.lookup = lookup
         self.set_callerid_name = set_callerid_name
+        # several PBXs: which one a session comes from, when its script does not say
+        # (agi://.../responsible?pbx=NAME): the address of an [ami:NAME] host
+        self.pbx_by_address = pbx_by_address or {}
         server = self
         import socketserver
 
@@ -6954,14 +6996,15 @@ class FastAgiServer(Listener):
             env = self._read_env(rfile, peer)
             if env is None:
                 return
-            script = env.get("agi_network_script", "").split("?", 1)[0].strip("/")
+            script, _q, query = env.get("agi_network_script", "").partition("?")
+            script = script.strip("/")
             if script != "responsible":
                 log.warning("AGI from %s: unknown script %r (only agi://.../responsible)", peer[0], script)
                 self._command(rfile, wfile, 'VERBOSE "bx24ast: unknown AGI script" 1')
                 return
             number = env.get("agi_arg_1") or env.get("agi_callerid") or ""
             started = monotonic()
-            found = self.lookup.lookup(number, self._line(env))
+            found = self.lookup.lookup(number, self._line(env), self._pbx(query, peer))
             log.info("routing: AGI %s -> %s %s (%.0f ms)", _agi_text(number, 30), found["status"],
                      found["extension"] or "-", (monotonic() - started) * 1000)
             commands = [("BX24_RESPONSIBLE_EXT", found["extension"]), ("BX24_RESPONSIBLE_USER", found["user_id"]),
@@ -6974,6 +7017,19 @@ class FastAgiServer(Listener):
                     return
         except (OSError, socket.timeout) as exc:
             log.info("AGI from %s: connection lost: %s", peer[0], exc)
+
+    def _pbx(self, query, peer):
+        """The PBX whose lines the call is on: ?pbx=NAME in the AGI's URL, else the one
+        whose [ami:NAME] host the session comes from, else [ami]'s ("")."""
+        for part in query.split("&"):
+            key, _eq, value = part.partition("=")
+            if key == "pbx" and value:
+                if self.lookup.knows_pbx(value):
+                    return value
+                log.warning("AGI from %s: pbx=%s in the AGI's URL is no [ami:NAME] of the configuration; "
+                            "the lines of [ami] are used", peer[0], _agi_text(value, 32))
+                return ""
+        return self.pbx_by_address.get(peer[0], "")
 
     @staticmethod
     def _line(env):
@@ -7216,7 +7272,8 @@ def _is_loopback(address):
 
 
 class LookupHttpServer(Listener):
-    """GET /responsible?number=... on a local address, for dialplans using CURL()."""
+    """GET /responsible?number=...[&line=DID][&pbx=NAME] on a local address, for dialplans
+    using CURL()."""
 
     thread_name = "lookup-http"
     def __init__(self, lookup, host="127.0.0.1", port=4574):
@@ -7234,7 +7291,11 @@ class LookupHttpServer(Listener):
                 query = dict(urllib.parse.parse_qsl(url.query))
                 if not query.get("number"):
                     return _json_reply(self, 400, {"error": "the number parameter is missing"})
-                return _json_reply(self, 200, owner.lookup.lookup(query["number"], query.get("line")))
+                pbx = query.get("pbx") or ""
+                if not owner.lookup.knows_pbx(pbx):
+                    return _json_reply(self, 400, {"error": "the pbx parameter %r is no [ami:NAME] of the configuration"
+                                                            % pbx[:40]})
+                return _json_reply(self, 200, owner.lookup.lookup(query["number"], query.get("line"), pbx))
 
         # the dialplan's CURL() of every call, all from the PBX itself
         self.server = bounded(listener_classes().ThreadingHTTPServer((host, port), Handler), "routing http", 256, 256, 10.0)
@@ -10442,6 +10503,18 @@ class Daemon(object):
     def _ami_for(self, extension):
         return self.pbx_for_extension(extension).ami
 
+    def _pbx_by_address(self):
+        """Named PBXs by the address their AMI is reached at (written as an IP address):
+        a FastAGI session from there is a call on that PBX."""
+        found, shared = {}, set([self.config.get("ami", "host")])
+        for pbx in self.pbxs[1:]:
+            host = self.config.get(pbx.section("ami"), "host")
+            if host in found:
+                shared.add(host)    # two Asterisks on one host: only ?pbx=NAME tells them apart
+            found[host] = pbx.name
+        return dict((host, name) for host, name in found.items()
+                    if host not in shared and re.match(r"^[0-9.]+$|^[0-9a-fA-F:]+$", host))
+
     def _on_originate_response(self, msg):
         if self.click is not None:
             self.click.on_originate_response(msg)
@@ -10473,7 +10546,8 @@ class Daemon(object):
         wanted = []
         if self.lookup is not None and routing["agi_listen"]:
             wanted.append(("FastAGI ([routing] agi_listen)", routing["agi_listen"],
-                           lambda host, port: FastAgiServer(self.lookup, host, port, routing["set_callerid_name"])))
+                           lambda host, port: FastAgiServer(self.lookup, host, port, routing["set_callerid_name"],
+                                                            self._pbx_by_address())))
         if self.lookup is not None and routing["http_listen"]:
             wanted.append(("HTTP lookup ([routing] http_listen)", routing["http_listen"],
                            lambda host, port: LookupHttpServer(self.lookup, host, port)))

@@ -111,6 +111,27 @@ def test_line_sections_with_lines_map_merged():
     assert lines["+74959990000"]["source"] == "WEB"
 
 
+def test_a_pbx_has_its_own_line_map_over_the_common_one():
+    config = bx24ast.Config.from_text(
+        "[ami:branch]\nhost = 10.0.2.5\n"
+        "[lines]\n74951234567 = ADVERTISING\n74957654321 = PARTNER\n"
+        "[line:74951234567]\nresponsible = 7\ncreate = deal\ndeal_stage = C2:NEW\n"
+        "[lines:branch]\n74957654321 = WEB\n"
+        "[line:branch:74951234567]\nresponsible = 9\n"
+        "[line:branch:trunk-spb]\nsource = PARTNER\nhours = mon-fri 09:00-18:00\n")
+    office, branch = config.line_settings(), config.line_settings("branch")
+    assert set(office) == set(["74951234567", "74957654321"])
+    assert (office["74951234567"]["responsible"], office["74957654321"]["source"]) == (7, "PARTNER")
+    # a key the branch's section leaves out is the common section's; the source, [lines:branch]'s or [lines]'
+    assert branch["74951234567"] == dict(office["74951234567"], responsible=9)
+    assert branch["74957654321"]["source"] == "WEB" and branch["74957654321"]["create"] == "lead"
+    assert branch["trunk-spb"]["source"] == "PARTNER" and branch["trunk-spb"]["hours"] is not None
+    assert "trunk-spb" not in office
+    rules = bx24ast.PbxRules.defaults()
+    assert bx24ast.Lines.from_config(config, rules, "branch").responsible("+7 (495) 123-45-67") == 9
+    assert bx24ast.Lines.from_config(config, rules).responsible("+7 (495) 123-45-67") == 7
+
+
 def test_pbx_sections_inherit_pbx_and_default_cel_off():
     config = bx24ast.Config.from_text(
         "[pbx]\ncountry_code = 7\nextension_pattern = 1[0-9]{2}\n"
@@ -132,6 +153,11 @@ def test_pbx_sections_inherit_pbx_and_default_cel_off():
     ("[line:74951234567]\nhours = someday 09:00-18:00\n", ["[line:74951234567] hours", "'someday'"]),
     ("[routing]\nhours = mon 25:00-26:00\n", ["[routing] hours", "span of time"]),
     ("[ami:bad name]\nhost = x\n", ["[ami:bad name]", "letters, digits"]),
+    ("[line:branch:74951234567]\nsource = WEB\n", ["[line:branch:74951234567]", "no [ami:branch]"]),
+    ("[lines:branch]\n74951234567 = WEB\n", ["[lines:branch]", "no [ami:branch]"]),
+    ("[ami:branch]\n[lines:branch]\n74951234567 = a b\n", ["[lines:branch] 74951234567", "lead source"]),
+    ("[ami:branch]\n[line:bad name:74951234567]\n", ["[line:bad name:74951234567]", "[line:NAME:<number>]"]),
+    ("[ami:branch]\n[line:branch:]\n", ["[line:branch:]", "[line:74951234567]"]),
     ("[ami:branch]\nport = 0\n", ["[ami:branch] port", "1 to 65535"]),
     ("[pbx:branch]\ncountry_code = 7\n", ["[pbx:branch]", "no [ami:branch]"]),
     ("[users]\n101 = 7, 12\n", ["[users] 101", "mobile number"]),

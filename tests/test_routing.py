@@ -77,9 +77,10 @@ class Routing(object):
             self.ami = bx24ast.AmiConnection("127.0.0.1", ami_server.port, "bx24", "s3cret", lambda m: None)
             self.ami.start()
             assert self.ami.connected.wait(5)
+        pbx_by_address = lookup.pop("pbx_by_address", None)
         self.lookup = bx24ast.ResponsibleLookup(self.client, self.users, self.rules, self.ami, budget=budget,
                                                 cache_seconds=cache_seconds, **lookup)
-        self.agi = bx24ast.FastAgiServer(self.lookup, "127.0.0.1", 0, set_callerid_name)
+        self.agi = bx24ast.FastAgiServer(self.lookup, "127.0.0.1", 0, set_callerid_name, pbx_by_address)
         self.http = bx24ast.LookupHttpServer(self.lookup, "127.0.0.1", 0)
 
     def __enter__(self):
@@ -232,6 +233,33 @@ def test_sticky_routing_line_default_and_working_hours_over_fastagi(tmp_path):
             status, body = r.get("/responsible?number=89160000032&line=74951234567")
             assert status == 200 and body["status"] == "CLOSED"
     store.close()
+
+
+def test_each_pbx_routes_by_its_own_lines(tmp_path):
+    """[line:branch:DID]: a call on the branch's Asterisk (agi://...?pbx=branch, or a
+    session from the branch's AMI address) reads the line in the branch's map."""
+    config = bx24ast.Config.from_text(
+        "[ami:branch]\nhost = 10.0.2.5\n[line:74951234567]\nresponsible = 7\n"
+        "[line:branch:74951234567]\nresponsible = 5\n")
+    rules = bx24ast.PbxRules.defaults()
+    lines = dict(lines=bx24ast.Lines.from_config(config, rules),
+                 pbx_lines={"branch": bx24ast.Lines.from_config(config, rules, "branch")})
+    with Bitrix24Emulator() as emu, FakeAmiServer(extension_states={"101": "0", "102": "0"}) as ami:
+        with Routing(emu, ami, **lines) as r:
+            def ask(script, address=None):
+                r.agi.pbx_by_address = {"127.0.0.1": address} if address else {}
+                env = agi_env("89160000032", script=script, args=["89160000032", "74951234567"])
+                found = variables(agi_session(r.agi.address[1], env))
+                return found["BX24_RESPONSIBLE_EXT"], found["BX24_RESPONSIBLE_STATUS"]
+
+            assert ask("responsible") == ("102", "LINE")                     # user 7: the office's line
+            assert ask("responsible?pbx=branch") == ("101", "LINE")          # user 5: the branch's
+            assert ask("responsible", address="branch") == ("101", "LINE")
+            assert ask("responsible?pbx=nowhere") == ("102", "LINE")         # logged, the office's lines
+            status, body = r.get("/responsible?number=89160000032&line=74951234567&pbx=branch")
+            assert status == 200 and (body["extension"], body["status"]) == ("101", "LINE")
+            status, body = r.get("/responsible?number=89160000032&line=74951234567&pbx=nowhere")
+            assert status == 400 and "pbx" in body["error"] and "nowhere" in body["error"]
 
 
 @pytest.mark.parametrize("text, open_at, closed_at", [

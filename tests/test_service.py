@@ -353,6 +353,7 @@ def test_two_pbxs_share_one_outbox_and_the_portals_limit(tmp_path, caplog):
                 "[click_to_call]\nmode = port\nlisten = 127.0.0.1:0\napplication_token = tok\n"
                 "[metrics]\nlisten = 127.0.0.1:0\n[storage]\nstate_dir = %s\n[recordings]\npath = %s\n"
                 "settle_seconds = 0\n[crm]\nmissed_task = no\n"
+                "[lines]\n74951234567 = ADVERTISING\n74957654321 = PARTNER\n[lines:branch]\n74951234567 = WEB\n"
                 % (office.port, branch.port, emu.webhook_url, tmp_path, os.path.join(burst, "recordings")))
         daemon = bx24ast.Daemon(bx24ast.Config.from_text(text))
         thread = threading.Thread(target=daemon.run)
@@ -367,6 +368,13 @@ def test_two_pbxs_share_one_outbox_and_the_portals_limit(tmp_path, caplog):
                 assert mine["CALL_ID"] != theirs["CALL_ID"]
                 for rec in (mine, theirs):
                     assert rec["CALL_FAILED_CODE"] == ("200" if call["disposition"] == "ANSWERED" else "304")
+            # each PBX reads a DID in its own line map: the branch's 74951234567 is another line
+            sources = dict((e["params"]["EXTERNAL_CALL_ID"], e["params"].get("CRM_SOURCE")) for e in emu.journal
+                           if e["method"] == "telephony.externalcall.register")
+            for call in expected:
+                mine = {"74951234567": "ADVERTISING", "74957654321": "PARTNER"}[call["did"]]
+                theirs = {"74951234567": "WEB", "74957654321": "PARTNER"}[call["did"]]
+                assert (sources[call["linkedid"]], sources["branch:" + call["linkedid"]]) == (mine, theirs)
             finishes = [e for e in emu.journal if e["method"] == "telephony.externalcall.finish"]
             assert len(finishes) == len(set(e["params"]["CALL_ID"] for e in finishes)) == 2 * len(expected)
             assert emu.rejected_503 == 0 and emu.max_level <= emu.burst
@@ -408,6 +416,17 @@ def test_two_pbxs_share_one_outbox_and_the_portals_limit(tmp_path, caplog):
             daemon.stop()
             thread.join(20)
             daemon.bridge.store.close()
+
+
+def test_a_fastagi_session_from_a_branchs_address_is_that_pbxs_call(tmp_path):
+    import bx24ast
+    config = bx24ast.Config.from_text(
+        "[ami:branch]\nhost = 10.0.2.5\n[ami:old]\nhost = 10.0.2.6\n[ami:twin]\nhost = 10.0.2.6\n"
+        "[ami:local]\nhost = 127.0.0.1\n[ami:named]\nhost = pbx.example\n[cel]\nbackend = off\n")
+    daemon = bx24ast.Daemon(config)
+    # two Asterisks on one host, or one beside [ami]'s (127.0.0.1), are told apart only by
+    # agi://...?pbx=NAME; a host name is not resolved behind the admin's back
+    assert daemon._pbx_by_address() == {"10.0.2.5": "branch"}
 
 
 def test_sighup_loads_the_hooks_file_again(tmp_path):
