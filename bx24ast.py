@@ -8662,7 +8662,7 @@ class SetupWizard(object):
         if client.uses_oauth:
             # The daemon's tokens, read-only: the wizard must not spend its refresh token.
             try:
-                store = _read_only_store(config)
+                store = _existing_store(config)
                 client.store.set_setting(BitrixClient.TOKENS_KEY, store.get_setting(BitrixClient.TOKENS_KEY))
                 store.close()
             except StorageError:
@@ -9011,7 +9011,7 @@ class StatusReport(object):
         today = {"calls": 0, "reported": 0, "missed": 0, "waiting": 0}
         outbox = {"pending": 0, "parked": 0, "oldest_seconds": None}
         try:
-            store = _read_only_store(self.config)
+            store = _existing_store(self.config)
         except StorageError:
             return today, outbox
         try:
@@ -10878,7 +10878,7 @@ def check_bitrix24(config, beat, timeout=3.0, probe=True, now=None):
     if seen is not None:
         return seen
     try:
-        store = _read_only_store(config)
+        store = _existing_store(config)
     except StorageError:
         store = StateStore(":memory:")   # a webhook needs no tokens; OAuth then says it has none
     try:
@@ -10927,7 +10927,10 @@ def _bitrix24_seen_by_the_service(config, beat, now=None, fresh=3600.0):
                                              where, Span(max(0.0, now - answered))))
 
 
-def _read_only_store(config):
+def _existing_store(config):
+    """The daemon's state database, for a check or the status page: never made anew
+    here (an empty one would say "all is well"). Opened as the daemon opens it: a WAL
+    database read with mode=ro fails whenever its -shm is not writable."""
     path = os.path.join(config.get("storage", "state_dir"), "bx24ast.db")
     if not os.path.exists(path):
         raise StorageError(say("no state database yet at %s", path))
@@ -10939,7 +10942,7 @@ def check_outbox(config, now=None, backlog_warning=100, age_warning=600.0, beat=
     risk: registered and never finished, or finished with uncertain values."""
     now = time.time() if now is None else now
     try:
-        store = _read_only_store(config)
+        store = _existing_store(config)
     except StorageError as exc:
         return CheckResult("UNKNOWN", "outbox", said_of(exc))
     longest_call = config.get("pbx", "call_max_hours") * 3600
