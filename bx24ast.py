@@ -2072,9 +2072,11 @@ class AmiConnection(object):
     def next_action_id(self):
         return "bx24ast-%d-%d" % (os.getpid(), next(self._action_ids))
 
-    def send(self, action, headers=(), callback=None):
-        """Send without waiting; callback(pending) runs in the reader thread."""
-        action_id = self.next_action_id()
+    def send(self, action, headers=(), callback=None, action_id=None):
+        """Send without waiting; callback(pending) runs in the reader thread. A caller
+        that files what the answer is about before it can arrive takes action_id from
+        next_action_id() first."""
+        action_id = action_id or self.next_action_id()
         data = build_action(action, action_id, headers)
         pending = PendingAction(action, action_id, callback)
         sock = self._sock
@@ -2118,14 +2120,14 @@ class AmiConnection(object):
                                       ("Value", value)], timeout)
 
     def originate(self, channel, context, exten, priority=1, caller_id=None,
-                  variables=None, timeout_ms=30000, callback=None):
+                  variables=None, timeout_ms=30000, callback=None, action_id=None):
         headers = [("Channel", channel), ("Context", context), ("Exten", exten),
                    ("Priority", priority), ("Timeout", timeout_ms), ("Async", "true")]
         if caller_id:
             headers.append(("CallerID", caller_id))
         if variables:
             headers.append(("Variable", ["%s=%s" % (k, v) for k, v in sorted(variables.items())]))
-        return self.send("Originate", headers, callback)
+        return self.send("Originate", headers, callback, action_id)
 
     def core_show_channels(self, callback):
         return self.send("CoreShowChannels", (), callback)
@@ -7392,16 +7394,20 @@ class ClickToCall(object):
             self._last_by_user[user] = now
         params = self.originate_params(call_id, user, ext, number, source)
         channel, dial = params["Channel"], params["Exten"]
-        try:
-            ami = self.ami_for(ext) if self.ami_for is not None else self.ami
-            pending = ami.originate(
-                channel, params["Context"], dial, caller_id=params["CallerID"],
-                variables={"__" + self.rules.call_id_variable: call_id},
-                timeout_ms=params["Timeout"], callback=self._queued)
-        except AmiError as exc:
-            return self._refuse(call_id, user, number, "AMI: %s" % exc, close=True)
+        ami = self.ami_for(ext) if self.ami_for is not None else self.ami
+        # filed before it is sent: a phone Asterisk cannot reach at all fails at once, and
+        # its OriginateResponse may be read before this thread runs again
+        action_id = ami.next_action_id()
         with self._lock:
-            self._originating[pending.action_id] = (call_id, user)
+            self._originating[action_id] = (call_id, user)
+        try:
+            ami.originate(channel, params["Context"], dial, caller_id=params["CallerID"],
+                          variables={"__" + self.rules.call_id_variable: call_id},
+                          timeout_ms=params["Timeout"], callback=self._queued, action_id=action_id)
+        except AmiError as exc:
+            with self._lock:
+                self._originating.pop(action_id, None)
+            return self._refuse(call_id, user, number, "AMI: %s" % exc, close=True)
         self._outcome(call_id, "originated")
         log.info("click-to-call %s: user %d (extension %s) -> %s via %s (%s)", call_id, user, ext, dial,
                  channel, source)

@@ -345,12 +345,24 @@ def test_http_lookup_for_curl_dialplans():
 # -- click-to-call ---------------------------------------------------------------------------------
 
 class StubAmi(object):
-    def __init__(self):
-        self.originates = []
+    """An AMI that takes Originates; on_sent(action_id) plays what Asterisk answers in the
+    reader thread before the sender runs on (a phone it cannot reach fails at once)."""
 
-    def originate(self, channel, context, exten, **kw):
+    def __init__(self, on_sent=None):
+        self.originates = []
+        self.on_sent = on_sent
+        self._ids = 0
+
+    def next_action_id(self):
+        self._ids += 1
+        return "id-%d" % self._ids
+
+    def originate(self, channel, context, exten, action_id=None, **kw):
         self.originates.append(dict(kw, channel=channel, context=context, exten=exten))
-        return bx24ast.PendingAction("Originate", "id-%d" % len(self.originates), None)
+        action_id = action_id or self.next_action_id()
+        if self.on_sent is not None:
+            self.on_sent(action_id)
+        return bx24ast.PendingAction("Originate", action_id, None)
 
 
 def click_settings(**over):
@@ -735,6 +747,36 @@ def test_a_phone_that_never_answers_closes_the_card(tmp_path):
     click.on_originate_response(bx24ast.Message({"ActionID": "id-1", "Response": "Failure", "Reason": "5"},
                                                 True, "OriginateResponse"))
     assert len([r for r in bx24ast.Outbox(store).listing() if r.kind == "close"]) == 1
+
+
+def test_a_phone_that_fails_before_the_originate_returns_still_closes_the_card(tmp_path):
+    """chan_sip refuses SIP/101 with nobody registered at once: its OriginateResponse (and
+    the action's own answer) can be read before the thread that sent it runs again."""
+    click, ami, store = make_click(tmp_path)
+    ami.on_sent = lambda action_id: click.on_originate_response(bx24ast.Message(
+        {"ActionID": action_id, "Response": "Failure", "Reason": "0"}, True, "OriginateResponse"))
+    assert click.start({"CALL_ID": "externalCall.fast.1", "USER_ID": "5", "PHONE_NUMBER": "89161234567"}, "test")[0]
+    closes = [r for r in bx24ast.Outbox(store).listing() if r.kind == "close"]
+    assert len(closes) == 1 and closes[0].params["CALL_ID"] == "externalCall.fast.1"
+    assert click._originating == {}
+
+    # the same for a refused action: its callback runs in the reader thread
+    other = tmp_path / "other"
+    other.mkdir()
+    click2, ami2, store2 = make_click(other)
+    refused = bx24ast.Message({"ActionID": "id-1", "Response": "Error", "Message": "Extension does not exist."},
+                              False, "Error")
+
+    def answered(action_id):
+        pending = bx24ast.PendingAction("Originate", action_id, None)
+        pending.response = refused
+        click2._queued(pending)
+    ami2.on_sent = answered
+    assert click2.start({"CALL_ID": "externalCall.fast.2", "USER_ID": "5", "PHONE_NUMBER": "89161234567"}, "test")[0]
+    closes = [r for r in bx24ast.Outbox(store2).listing() if r.kind == "close"]
+    assert len(closes) == 1 and closes[0].params["STATUS_CODE"] == "603"
+    store.close()
+    store2.close()
 
 
 def make_poller(tmp_path, emu, webhook=False):
