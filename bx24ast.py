@@ -4179,6 +4179,8 @@ class Hooks(object):
             return default
         if result is None and edits and isinstance(first, dict):
             result = args[0]
+        if type(result) is type(default) and result == default:
+            return default   # handed back as given: never an error, even where bx24ast's own value is odd
         try:
             out = check(result)
         except HookSkipped:

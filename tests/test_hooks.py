@@ -386,3 +386,15 @@ def test_a_hook_stuck_for_good_keeps_one_thread_not_one_per_call(tmp_path):
     assert _threading.active_count() - before <= 1 and hooks.errors["process_client_phone"] == 20
     hooks = bx24ast.Hooks(hooks_file(tmp_path, "import sys\nsys.exit(3)\n", "exits.py"))
     assert hooks.load_error.startswith("SystemExit")
+
+
+def test_a_value_handed_back_as_given_is_never_an_error(tmp_path):
+    """`hooks test` on a capture named by a relative path: the recording's path is
+    relative, and a hook returning it untouched must not count as a broken hook."""
+    hooks = bx24ast.Hooks(hooks_file(tmp_path, "def process_record_file_path(path, call):\n"
+                                               "    return path if call['n'] == 1 else 'elsewhere/y.wav'\n"))
+    check = bx24ast.OutboxSender.a_recording
+    assert hooks.call("process_record_file_path", "rec/x.wav", ("rec/x.wav", {"n": 1}), check) == "rec/x.wav"
+    assert not hooks.errors
+    assert hooks.call("process_record_file_path", "rec/x.wav", ("rec/x.wav", {"n": 2}), check) == "rec/x.wav"
+    assert hooks.errors["process_record_file_path"] == 1
