@@ -5756,9 +5756,9 @@ class OutboxSender(object):
             log.warning("Bitrix24: %s is over its operating-time budget; pausing it for 60 s", req.method)
         elif isinstance(exc, BitrixOverloaded):
             self.paused_until = now + 600
-            self.alert = str(exc)
             self.outbox.retry(req, 600, str(exc))
             log.error("%s: REST is blocked by Bitrix24; all requests wait 10 minutes", exc)
+            self.alert = str(exc)   # last: whoever sees the alert sees the request put back too
         elif isinstance(exc, BitrixAuthExpired):
             self.outbox.retry(req, self._backoff(req), str(exc))
         elif req.kind == "finish" and exc.description.startswith("Call is not found") and self._uncertain(req):
@@ -5769,9 +5769,9 @@ class OutboxSender(object):
         elif req.kind == "record" and "not finished yet" in exc.description and req.attempts < 4:
             self.outbox.retry(req, 5 * req.attempts, str(exc))
         else:
+            self._park(req, str(exc))
             if isinstance(exc, BitrixAuthFailed):
                 self.alert = str(exc)
-            self._park(req, str(exc))
 
 
 ###############################################################################
