@@ -762,9 +762,10 @@ class Config(object):
                 if owner != whose:
                     continue
                 # a [line:NAME:DID] key left out is the [line:DID] one, as [pbx:NAME] is [pbx]'s
-                inherited = out.pop(did, None) or {}
-                merged = dict(inherited, **dict((k, v) for k, v in settings.items() if k in written or k not in inherited))
-                merged["source"] = settings["source"] or inherited.get("source") or ""
+                merged = out.pop(did, None) or {}
+                source = settings["source"] or merged.get("source") or ""
+                merged.update((k, v) for k, v in settings.items() if k in written or k not in merged)
+                merged["source"] = source
                 out[did] = merged
         return out
 
@@ -6789,7 +6790,7 @@ class ResponsibleLookup(object):
         UNAVAILABLE, TIMEOUT, LIMITED, ERROR or INVALID. line is read in the lines of the
         PBX the call is on ("" is [ami])."""
         started = self.clock()
-        lines = self.pbx_lines.get(pbx, self.lines) if pbx else self.lines
+        lines = self.pbx_lines.get(pbx, self.lines)
         hours = lines.hours(line)
         if hours is not None and not hours.is_open(self.wall()):
             key = self.rules.number_plan.normalize(clean_phone_number(number or "") or "")
@@ -7025,15 +7026,15 @@ class FastAgiServer(Listener):
     def _pbx(self, query, peer):
         """The PBX whose lines the call is on: ?pbx=NAME in the AGI's URL, else the one
         whose [ami:NAME] host the session comes from, else [ami]'s ("")."""
-        for part in query.split("&"):
-            key, _eq, value = part.partition("=")
-            if key == "pbx" and value:
-                if self.lookup.knows_pbx(value):
-                    return value
-                log.warning("AGI from %s: pbx=%s in the AGI's URL is no [ami:NAME] of the configuration; "
-                            "the lines of [ami] are used", peer[0], _agi_text(value, 32))
-                return ""
-        return self.pbx_by_address.get(peer[0], "")
+        named = dict(urllib.parse.parse_qsl(query)).get("pbx") if query else None
+        if not named:
+            return self.pbx_by_address.get(peer[0], "")
+        if self.lookup.knows_pbx(named):
+            return named
+        # a dialplan's mistake repeats on every call: said a few times a minute
+        REFUSALS.log(logging.WARNING, "routing: unknown pbx=", "AGI from %s: pbx=%s in the AGI's URL is no "
+                     "[ami:NAME] of the configuration; the lines of [ami] are used", peer[0], _agi_text(named, 32))
+        return ""
 
     @staticmethod
     def _line(env):
